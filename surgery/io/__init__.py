@@ -1,0 +1,10 @@
+"""Checkpoint I/O at the byte level: validated safetensors headers, positioned reads, sequential writes."""
+
+from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
+from .safetensors_file import DTYPE_BITS, CheckpointError, SafetensorsFile, TensorInfo, decode, nbytes
+from .writer import OutTensor, atomic_output_dir, write_safetensors
+
+__all__ = [
+    "Checkpoint", "CheckpointError", "SafetensorsFile", "TensorInfo", "OutTensor", "DTYPE_BITS",
+    "INDEX_NAME", "SINGLE_NAME", "atomic_output_dir", "decode", "nbytes", "write_safetensors",
+]
