@@ -42,6 +42,10 @@ class ArchSpec:
     router_module: str = "gate"
     scoring: str = "softmax"  # how router logits become probabilities p over all experts
     expert_math: str = "glu_halves"  # in-memory expert layout, see surgery.collect.expert_math
+    # On-disk fused gate/up: "out_in" = [E, 2I, H] (nn.Linear rows), "in_out" = [E, H, 2I];
+    # gate and up are halves of the 2I axis unless `interleaved` (gpt_oss: gate = ::2, up = 1::2).
+    fused_orientation: str = "out_in"
+    interleaved: bool = False
     # For tests: value that disables an expert's router logit in the *original* model.
     mask_value: float = float("-inf")
     notes: str = ""
@@ -87,6 +91,7 @@ SPECS: dict[str, ArchSpec] = {
         ),
         _qwen_like(
             "qwen3_vl_moe", ("num_experts", "num_local_experts"), config_path=("text_config",),
+            fused_orientation="in_out",
             prefixes=((r"model\.language_model\.layers\.(?P<layer>\d+)\.mlp", None),),
         ),
         _qwen_like("olmoe", ("num_experts", "num_local_experts")),
@@ -105,6 +110,7 @@ SPECS: dict[str, ArchSpec] = {
             "gpt_oss", ("num_local_experts", "num_experts"), ("num_experts_per_tok", "experts_per_token"),
             ((_MODEL_LAYERS + r"\.mlp", None),), (("router.weight", 0), ("router.bias", 0)),
             router_module="router", scoring="topk_softmax", expert_math="gpt_oss",
+            fused_orientation="in_out", interleaved=True,
             notes="fused experts with biases (bf16) or MXFP4 *_blocks/*_scales, all expert axis 0",
         ),
         ArchSpec(
@@ -116,7 +122,7 @@ SPECS: dict[str, ArchSpec] = {
         ArchSpec(
             "llama4_text", ("num_local_experts",), ("num_experts_per_tok",),
             ((_MODEL_LAYERS + r"\.feed_forward", None),), (("router.weight", 0),),
-            router_module="router", scoring="sigmoid", expert_math="llama4",
+            router_module="router", scoring="sigmoid", expert_math="llama4", fused_orientation="in_out",
             notes="top-1 with router weight applied to the expert input; shared expert untouched",
         ),
         ArchSpec(
@@ -124,7 +130,7 @@ SPECS: dict[str, ArchSpec] = {
             ((r"language_model\.model\.layers\.(?P<layer>\d+)\.feed_forward", None),
              (r"model\.language_model\.layers\.(?P<layer>\d+)\.feed_forward", None)),
             (("router.weight", 0),), config_path=("text_config",),
-            router_module="router", scoring="sigmoid", expert_math="llama4",
+            router_module="router", scoring="sigmoid", expert_math="llama4", fused_orientation="in_out",
         ),
     ]
 }
