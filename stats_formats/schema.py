@@ -63,3 +63,21 @@ def field_shape(field: str, num_experts: int, hidden_size: int, intermediate_siz
 
 def tensor_name(layer: int, field: str, holdout: bool = False) -> str:
     return f"{'holdout.' if holdout else ''}layers.{layer}.{field}"
+
+
+# Sums (or the maximum) of non-negative terms: a negative value can only come from corruption.
+NONNEGATIVE_FIELDS: frozenset[str] = frozenset({
+    "tokens", "count", "moment_g", "moment_p", "prob_sum", "out_sq_sum", "out_norm_max",
+    "inter_norm_sum", "in_sq_sum", "in_gsq_sum", "inter_sq_sum", "inter_gsq_sum", "coselect",
+})
+
+
+def field_table_markdown() -> str:
+    """The field table of docs/stats-format.md, generated from FIELDS so the two cannot disagree."""
+    rows = ["| field | shape | merge | non-negative | formula |", "|---|---|---|---|---|"]
+    for f in FIELDS:
+        shape = ", ".join(f.shape.split(","))
+        formula = f.formula.replace("|", "\\|")
+        nonneg = "yes" if f.name in NONNEGATIVE_FIELDS else "no"
+        rows.append(f"| `{f.name}` | [{shape}] | {f.merge} | {nonneg} | `{formula}` |")
+    return "\n".join(rows)

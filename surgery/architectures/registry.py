@@ -46,6 +46,8 @@ class ArchSpec:
     # gate and up are halves of the 2I axis unless `interleaved` (gpt_oss: gate = ::2, up = 1::2).
     fused_orientation: str = "out_in"
     interleaved: bool = False
+    # transformers 5 in-memory name fragment -> on-disk fragment (for --stream-layers loading)
+    memory_renames: tuple[tuple[str, str], ...] = ()
     # For tests: value that disables an expert's router logit in the *original* model.
     mask_value: float = float("-inf")
     notes: str = ""
@@ -76,10 +78,12 @@ SPECS: dict[str, ArchSpec] = {
         ArchSpec(
             "mixtral", ("num_local_experts", "num_experts"), ("num_experts_per_tok",),
             ((_MODEL_LAYERS + r"\.block_sparse_moe", None),), (("gate.weight", 0),),
+            memory_renames=((".mlp.", ".block_sparse_moe."),),
         ),
         ArchSpec(
             "phimoe", ("num_local_experts", "num_experts"), ("num_experts_per_tok",),
             ((_MODEL_LAYERS + r"\.block_sparse_moe", None),), (("gate.weight", 0),),
+            memory_renames=((".mlp.router.", ".block_sparse_moe.gate."), (".mlp.", ".block_sparse_moe.")),
             fixed_top_k=2, router_module="router", scoring="sparsemixer", mask_value=-1e9,
             notes="sparsemixer is hard-wired to top-2; masking with -inf gives NaN, so tests use -1e9",
         ),
@@ -118,6 +122,7 @@ SPECS: dict[str, ArchSpec] = {
             ((_MODEL_LAYERS + r"\.block_sparse_moe", None),), (("router.layer.weight", 0),),
             fused=("input_linear.weight", "output_linear.weight"),
             router_module="router", scoring="topk_softmax",
+            memory_renames=((".router.weight", ".router.layer.weight"),),
         ),
         ArchSpec(
             "llama4_text", ("num_local_experts",), ("num_experts_per_tok",),

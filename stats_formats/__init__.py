@@ -1,0 +1,51 @@
+"""The per-expert statistics file: schema (schema.py) and reading, writing, merging, export (file.py)."""
+
+from .file import (
+    SUMMARY_COLUMNS,
+    StatsError,
+    StatsFile,
+    StatsWriter,
+    atomic_write,
+    atomic_write_text,
+    expert_summary,
+    merge,
+    summary_table,
+    to_csv,
+    to_json,
+)
+from .schema import (
+    FIELD_BY_NAME,
+    FIELDS,
+    HOLDOUT_FIELDS,
+    METADATA_KEY,
+    NONNEGATIVE_FIELDS,
+    SCHEMA_NAME,
+    SCHEMA_VERSION,
+    Field,
+    field_shape,
+    tensor_name,
+)
+
+__all__ = [
+    "FIELD_BY_NAME",
+    "FIELDS",
+    "HOLDOUT_FIELDS",
+    "METADATA_KEY",
+    "NONNEGATIVE_FIELDS",
+    "SCHEMA_NAME",
+    "SCHEMA_VERSION",
+    "SUMMARY_COLUMNS",
+    "Field",
+    "StatsError",
+    "StatsFile",
+    "StatsWriter",
+    "atomic_write",
+    "atomic_write_text",
+    "expert_summary",
+    "field_shape",
+    "merge",
+    "summary_table",
+    "tensor_name",
+    "to_csv",
+    "to_json",
+]

@@ -1,0 +1,128 @@
+"""Instrument a transformers 5 MoE model: each experts module computes its output and our sums at once.
+
+Routing comes from the model itself: the experts module is called with the top-k ids and the
+combine weights the model applies. We replace its forward with one that computes each expert's
+h and f once, accumulates the statistics, and returns the same combined output; on the first
+batch the original forward also runs and the two outputs must agree (the self-check).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..architectures import ArchSpec
+from .accumulator import LayerAccumulator, holdout_accumulator
+from .expert_math import SUPPORTED, expert_forward, router_probs
+
+_LAYER_RE = re.compile(r"layers\.(\d+)\.")
+
+
+class SelfCheckError(Exception):
+    """Our recomputed expert outputs disagree with the model's own MoE output."""
+
+
+@dataclass
+class MoEBlock:
+    layer: int
+    name: str
+    experts: torch.nn.Module
+    router: torch.nn.Module
+
+
+def find_blocks(model: torch.nn.Module, spec: ArchSpec) -> list[MoEBlock]:
+    """MoE blocks are modules with an `experts` child and the registry's router child."""
+    blocks = []
+    for name, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        router = getattr(module, spec.router_module, None)
+        if isinstance(experts, torch.nn.Module) and isinstance(router, torch.nn.Module) and hasattr(experts, "down_proj"):
+            found = _LAYER_RE.findall(name + ".")
+            if found:
+                blocks.append(MoEBlock(int(found[-1]), name, experts, router))
+    return sorted(blocks, key=lambda b: b.layer)
+
+
+class Instrument:
+    """Holds one accumulator per layer and the patched experts modules."""
+
+    def __init__(self, model: torch.nn.Module, spec: ArchSpec, device, self_check_tol: float):
+        if spec.expert_math not in SUPPORTED:
+            raise SelfCheckError(f"collect does not support {spec.model_type} yet (expert formula {spec.expert_math!r})")
+        self.spec = spec
+        self.blocks = find_blocks(model, spec)
+        if not self.blocks:
+            raise SelfCheckError(f"no MoE blocks with an experts module found in the {spec.model_type} model")
+        self.device = device
+        self.tol = self_check_tol
+        self.holdout = False  # when True, sums go to the held-out accumulators
+        self.check_pending = {b.layer for b in self.blocks}
+        self.main: dict[int, LayerAccumulator] = {}
+        self.held: dict[int, LayerAccumulator] = {}
+        self._originals = {}
+        for b in self.blocks:
+            self._patch(b)
+
+    def dims(self, b: MoEBlock) -> tuple[int, int, int]:
+        e = b.experts.down_proj.shape[0]
+        if self.spec.expert_math == "gpt_oss":  # down_proj [E, I, H]
+            return e, b.experts.down_proj.shape[2], b.experts.down_proj.shape[1]
+        return e, b.experts.down_proj.shape[1], b.experts.down_proj.shape[2]
+
+    def _acc(self, b: MoEBlock) -> LayerAccumulator:
+        table, make = (self.held, holdout_accumulator) if self.holdout else (self.main, LayerAccumulator)
+        if b.layer not in table:
+            table[b.layer] = make(*self.dims(b), self.device)
+        return table[b.layer]
+
+    def _patch(self, b: MoEBlock) -> None:
+        original = b.experts.forward
+        self._originals[b.layer] = original
+
+        def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+            out = self._run(b, hidden_states, top_k_index, top_k_weights)
+            if b.layer in self.check_pending:
+                self._self_check(b, out, original(hidden_states, top_k_index, top_k_weights, *args, **kwargs))
+            return out
+
+        b.experts.forward = forward
+
+    def restore(self) -> None:
+        for b in self.blocks:
+            b.experts.forward = self._originals[b.layer]
+
+    @torch.no_grad()
+    def _run(self, b: MoEBlock, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        acc = self._acc(b)
+        num_experts = acc.E
+        full = acc.has("out_sum")
+        probs = router_probs(b.router, self.spec.scoring, x) if full else None
+        acc.add_tokens(probs, x.shape[0])
+        out = torch.zeros_like(x)
+        gated = torch.zeros(idx.shape[0], idx.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+        for e in torch.unique(idx).tolist():
+            if e >= num_experts:
+                continue
+            tok, slot = torch.where(idx == e)
+            xe = x[tok]
+            g = w[tok, slot]
+            h, f = expert_forward(b.experts, self.spec.expert_math, e, xe)
+            contrib = f * g[:, None].to(f.dtype)
+            out.index_add_(0, tok, contrib.to(out.dtype))
+            gated[tok, slot] = f.float() * g[:, None].float()
+            acc.add_expert(e, xe, g, probs[tok, e] if full else None, h, f)
+        acc.add_pairs(idx, gated)
+        return out
+
+    def _self_check(self, b: MoEBlock, ours: torch.Tensor, theirs: torch.Tensor) -> None:
+        self.check_pending.discard(b.layer)
+        denom = theirs.float().norm().clamp_min(1e-12)
+        err = ((ours.float() - theirs.float()).norm() / denom).item()
+        if not err <= self.tol:
+            raise SelfCheckError(
+                f"self-check failed at layer {b.layer} ({b.name}): our gated expert outputs differ from the model's "
+                f"MoE output by {err:.2e} (relative, tolerance {self.tol:.0e}); the {self.spec.model_type} expert "
+                "layout is being misread, so no statistics were written"
+            )

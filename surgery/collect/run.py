@@ -1,0 +1,195 @@
+"""One calibration pass → one statistics file, on one device or many (torch.distributed)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from stats_formats import StatsWriter
+from stats_formats.schema import FIELD_BY_NAME
+
+from ..architectures import resolve
+from ..config_edit import active_groups
+from ..data import build_sequences, cap_seq_len
+from ..fingerprint import config_sha256, router_sha256
+from ..io import Checkpoint
+from .accumulator import LayerAccumulator
+from .hooks import Instrument
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class CollectSummary:
+    tokens: int
+    holdout_tokens: int
+    seconds: float
+    dead_experts: dict[int, int] = field(default_factory=dict)
+    rank: int = 0
+
+    def lines(self) -> list[str]:
+        rate = self.tokens / self.seconds if self.seconds else 0.0
+        dead = ", ".join(f"{layer}:{n}" for layer, n in self.dead_experts.items() if n) or "none"
+        return [
+            f"Collected {self.tokens} tokens (+{self.holdout_tokens} held out) in {self.seconds:.1f} s ({rate:.0f} tokens/s).",
+            f"Dead experts (never routed) per layer: {dead}.",
+        ]
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _reduce(accs: dict[int, LayerAccumulator]) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    for layer in sorted(accs):
+        for name, t in accs[layer].sums.items():
+            op = dist.ReduceOp.MAX if FIELD_BY_NAME[name].merge == "max" else dist.ReduceOp.SUM
+            dist.all_reduce(t, op=op)
+
+
+def collect(
+    model_dir: str | Path,
+    data: list[str],
+    output: str | Path,
+    *,
+    samples: int = 256,
+    seq_len: int = 2048,
+    seed: int = 0,
+    batch_size: int = 4,
+    holdout: int = 32,
+    device: str | None = None,
+    dtype: str | None = None,
+    stream_layers: bool = False,
+    progress: bool = True,
+) -> CollectSummary:
+    """Run the calibration text through the model once and write the schema-v1 statistics file."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = str(model_dir)
+    ckpt = Checkpoint(model_dir)
+    layout = resolve(ckpt.config, ckpt.names())
+    identity = {"config_sha256": config_sha256(ckpt.config), "router_sha256": router_sha256(ckpt, layout)}
+    ckpt.close()
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    rank, world = _dist()
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    seq_len = cap_seq_len(layout.config, seq_len)
+    calib = build_sequences(list(data), tokenizer, samples + holdout, seq_len, seed)
+    ids = calib.input_ids
+    n_main = min(samples, ids.shape[0])
+    main_ids, held_ids = ids[:n_main], ids[n_main:]
+    mine = lambda t: t[rank::world]  # noqa: E731 - each rank takes a disjoint share
+    batches = [b for b in mine(main_ids).split(batch_size)] if n_main else []
+    held_batches = [b for b in mine(held_ids).split(batch_size)] if held_ids.shape[0] else []
+
+    config = AutoConfig.from_pretrained(model_dir)
+    tol = 1e-4 if dt == torch.float32 else 3e-2
+    start = time.perf_counter()
+    if stream_layers:
+        from .streaming import stream_forward
+
+        holder: dict = {}
+        for flag, bs in ((False, batches), (True, held_batches)):
+            if bs:
+                stream_forward(model_dir, config, layout, bs, dev, dt, progress=progress and rank == 0,
+                               on_model=lambda m, f=flag: holder.setdefault(f, _instrument(m, layout.spec, dev, tol, f)))
+        main_accs = holder[False].main if False in holder else {}
+        held_accs = holder[True].held if True in holder else {}
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).to(dev).eval()
+        inst = Instrument(model, layout.spec, dev, tol)
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        total = sum(b.numel() for b in batches) + sum(b.numel() for b in held_batches)
+        bar = tqdm(total=total, unit="tok", unit_scale=True, desc="Collecting", disable=not progress or rank != 0)
+        with torch.no_grad():
+            for flag, bs in ((False, batches), (True, held_batches)):
+                inst.holdout = flag
+                for b in bs:
+                    base(input_ids=b.to(dev), use_cache=False)
+                    bar.update(b.numel())
+        bar.close()
+        inst.restore()
+        main_accs, held_accs = inst.main, inst.held
+    seconds = time.perf_counter() - start
+    _reduce(main_accs)
+    _reduce(held_accs)
+
+    hidden, inter = _dims(main_accs)
+    model_meta = {
+        "model_type": layout.spec.model_type,
+        "num_hidden_layers": layout.num_hidden_layers,
+        "num_experts": layout.num_experts,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "top_k": layout.top_k,
+        "moe_layers": sorted(main_accs),
+        "n_group": active_groups(layout),
+        "min_group_size": layout.spec.min_group_size,
+        **identity,
+    }
+    if not main_accs:
+        raise ValueError("no calibration sequences reached the model")
+    n_tokens = int(main_accs[min(main_accs)].sums["tokens"].item())
+    n_held = int(held_accs[min(held_accs)].sums["tokens"].item()) if held_accs else 0
+    calibration = {
+        "sources": [str(p) for p in data],
+        "num_sequences": int(n_main),
+        "num_tokens": n_tokens,
+        "seq_len": int(seq_len),
+        "seed": int(seed),
+        "holdout_sequences": int(held_ids.shape[0]) if held_accs else 0,
+    }
+    summary = CollectSummary(n_tokens, n_held, seconds, rank=rank)
+    for layer, acc in main_accs.items():
+        summary.dead_experts[layer] = int((acc.sums["count"] == 0).sum().item())
+    if rank == 0:
+        writer = StatsWriter(model_meta, calibration)
+        for layer, acc in sorted(main_accs.items()):
+            for name, t in acc.sums.items():
+                writer.add(layer, name, t.cpu().numpy())
+        for layer, acc in sorted(held_accs.items()):
+            for name, t in acc.sums.items():
+                writer.add(layer, name, t.cpu().numpy(), holdout=True)
+        writer.save(output)
+    return summary
+
+
+def _instrument(model, spec, dev, tol, holdout_flag: bool) -> Instrument:
+    inst = Instrument(model, spec, dev, tol)
+    inst.holdout = holdout_flag
+    return inst
+
+
+def _dims(accs: dict[int, LayerAccumulator]) -> tuple[int, int]:
+    acc = next(iter(accs.values()))
+    return acc.H, acc.I

@@ -1,0 +1,135 @@
+"""Run a model one decoder layer at a time, materialising each layer's weights from the shards.
+
+The model is built on the meta device. One pass with every decoder layer replaced by an
+identity records the exact arguments the model passes to each layer (masks, rotary
+embeddings, positions) for each batch; then, layer by layer, weights are read from the
+safetensors shards, every batch goes through the layer, and the layer is freed. Hidden
+states between layers stay on the storage device (CPU by default). Peak accelerator memory
+is one decoder layer plus one batch of activations.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from ..architectures import MoELayout
+from ..expert_weights import read_expert
+from ..io import Checkpoint
+
+
+class StreamingError(Exception):
+    """The architecture cannot be streamed (a parameter has no on-disk tensor)."""
+
+
+def _decoder_layers(base: torch.nn.Module) -> torch.nn.ModuleList:
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise StreamingError(f"{type(base).__name__} has no `layers` list to stream")
+    return layers
+
+
+def _disk_name(ckpt: Checkpoint, name: str, renames: tuple[tuple[str, str], ...]) -> str | None:
+    if name in ckpt.weight_map:
+        return name
+    for mem, disk in renames:
+        cand = name.replace(mem, disk)
+        if cand in ckpt.weight_map:
+            return cand
+    return None
+
+
+def _load_params(module: torch.nn.Module, prefix: str, ckpt: Checkpoint, layout: MoELayout, layer: int | None,
+                 device, dtype) -> None:
+    """Fill every parameter and persistent buffer of `module` from disk (fused experts via read_expert)."""
+    spec = layout.spec
+    module.to_empty(device=device)
+    state = module.state_dict()
+    for key, target in state.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if layer is not None and spec.expert_math == "glu_halves" and key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            values = []
+            for e in range(target.shape[0]):
+                m = read_expert(ckpt, layout, layer, e)
+                values.append(torch.cat([torch.from_numpy(m["gate"]), torch.from_numpy(m["up"])])
+                              if key.endswith("gate_up_proj") else torch.from_numpy(m["down"]))
+            target.copy_(torch.stack(values).to(dtype))
+            continue
+        disk = _disk_name(ckpt, full, spec.memory_renames)
+        if disk is None:
+            raise StreamingError(f"{ckpt.dir}: no on-disk tensor for parameter {full!r}; --stream-layers cannot load it")
+        value = torch.from_numpy(ckpt.array(disk).copy())
+        if tuple(value.shape) != tuple(target.shape):
+            raise StreamingError(f"{ckpt.dir}: {disk} has shape {list(value.shape)}, the model expects {list(target.shape)}")
+        target.copy_(value.to(target.dtype))
+
+
+def _rebuild_meta_buffers(model: torch.nn.Module, config) -> None:
+    """Rotary embeddings compute their buffers at construction: rebuild those modules on the CPU."""
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding") and any(b.is_meta for b in module.buffers()):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            with torch.device("cpu"):
+                setattr(parent, attr, type(module)(config=config))
+
+
+def stream_forward(model_dir: str, config, layout: MoELayout, batches: list[torch.Tensor], device, dtype,
+                   on_model: Callable[[torch.nn.Module], None] | None = None, progress: bool = True) -> None:
+    """Push every batch through the model layer by layer (outputs are discarded: hooks collect)."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = Checkpoint(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    if on_model:
+        on_model(model)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    layers = _decoder_layers(base)
+    base_prefix = next(n for n, m in model.named_modules() if m is base)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    _rebuild_meta_buffers(model, text_config)
+    for name, child in base.named_children():
+        if child is not layers and any(True for _ in child.parameters()):
+            _load_params(child, f"{base_prefix}.{name}", ckpt, layout, None, device, dtype)
+    for name, buf in base.named_buffers():
+        if buf.is_meta:
+            raise StreamingError(f"buffer {name} of {type(base).__name__} cannot be rebuilt for --stream-layers")
+
+    # One cheap pass with identity layers records each layer's call arguments per batch.
+    calls: list[list[dict]] = [[] for _ in layers]
+    states: list[torch.Tensor] = []
+    originals = [layer.forward for layer in layers]
+
+    def recorder(i):
+        def forward(hidden_states, *args, **kwargs):
+            if i == 0:
+                states.append(hidden_states.to("cpu"))
+            calls[i].append({"args": args, "kwargs": kwargs})
+            return hidden_states
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    with torch.no_grad():
+        for ids in batches:
+            base(input_ids=ids.to(device), use_cache=False)
+    for layer, fwd in zip(layers, originals):
+        layer.forward = fwd
+
+    bar = tqdm(total=len(layers) * len(batches), desc="Layers × batches", disable=not progress)
+    for i, layer in enumerate(layers):
+        _load_params(layer, f"{base_prefix}.layers.{i}", ckpt, layout, i, device, dtype)
+        with torch.no_grad():
+            for b, call in enumerate(calls[i]):
+                out = layer(states[b].to(device), *call["args"], **call["kwargs"])
+                out = out[0] if isinstance(out, tuple) else out
+                states[b] = out.to("cpu")
+                bar.update(1)
+        layer.to("meta")
+        calls[i] = []
+    bar.close()
+    ckpt.close()

@@ -1,0 +1,30 @@
+"""Identity of a model for statistics files: hashes of config.json and of the router weights.
+
+The router hash reads only router tensors (kilobytes to megabytes), so checking that a stats
+file belongs to a checkpoint costs nothing next to the rewrite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .architectures import MoELayout
+from .io import Checkpoint
+
+# Keys that change when a config is merely re-saved, not when the model changes.
+VOLATILE_KEYS = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype", "use_cache")
+
+
+def config_sha256(config: dict) -> str:
+    stable = {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()
+
+
+def router_sha256(ckpt: Checkpoint, layout: MoELayout) -> str:
+    h = hashlib.sha256()
+    for layer, entry in layout.layers.items():
+        for name in sorted(entry.router):
+            h.update(f"{layer}:{name}:".encode())
+            h.update(ckpt.read_bytes(name))
+    return h.hexdigest()
