@@ -1,7 +1,12 @@
-"""The `moe-surgery` command line: one click group, every command a thin layer over the pipeline."""
+"""The `moe-surgery` command line: one click group, every command a thin layer over the pipeline.
+
+Commands living in other modules are imported only when used, so `prune` and `verify`
+never import torch (peak memory of a rewrite stays tens of MiB).
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -10,24 +15,40 @@ import click
 
 from . import __version__
 from .architectures import ArchitectureError, supported
-from .config_edit import PlanError
-from .io import CheckpointError
+from .errors import UserError
 
-USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, ArchitectureError, PlanError)
+LAZY_COMMANDS = {
+    "collect": ("surgery.cli_collect", "collect"),
+    "criteria": ("surgery.cli_score", "criteria_cmd"),
+    "score": ("surgery.cli_score", "score_cmd"),
+    "stats": ("surgery.cli_stats", "stats"),
+    "eval": ("surgery.cli_eval", "eval_cmd"),
+    "demo": ("surgery.cli_demo", "demo"),
+}
 
 
-def _register_user_error(exc: type[Exception]) -> None:
-    global USER_ERRORS
-    USER_ERRORS = USER_ERRORS + (exc,)
+def _user_errors() -> tuple[type[Exception], ...]:
+    from stats_formats import StatsError
+
+    return (UserError, ArchitectureError, StatsError)
 
 
 class SurgeryGroup(click.Group):
-    """Turns bad-input exceptions into one line on stderr and exit code 2."""
+    """Lazy subcommands; bad-input exceptions become one line on stderr and exit code 2."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY_COMMANDS:
+            module, attr = LAZY_COMMANDS[name]
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as e:
+        except _user_errors() as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(2)
 
@@ -45,25 +66,73 @@ def main() -> None:
 
 @main.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True,
-              help='JSON plan: {"keep": {"<layer>": [expert ids]}}; layers not named stay untouched.')
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True, help="New checkpoint folder.")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path),
+              help='Hand-made or `score`-made JSON plan: {"keep": {"<layer>": [expert ids]}}; layers not named stay untouched.')
+@click.option("--stats", "stats_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Statistics file from `collect` (with --criterion): score and rewrite in one command.")
+@click.option("--criterion", help="Criterion name (see `moe-surgery criteria`); aimer, weight_norm and random need no --stats.")
+@click.option("--ratio", type=float, help="Fraction of experts removed per MoE layer (0.25 removes 25%).")
+@click.option("--keep", "keep_k", type=int, help="Experts kept per MoE layer (instead of --ratio).")
+@click.option("--global", "global_rank", is_flag=True,
+              help="Rank experts across layers (implies a non-uniform plan; needs --allow-nonuniform).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the `random` criterion.")
+@click.option("--holdout-stats", type=click.Path(dir_okay=False, path_type=Path),
+              help="For `auto`: a second statistics file whose data serves as the held-out slice.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--allow-nonuniform", is_flag=True,
               help="Allow different expert counts per layer. config.json holds one count, so vanilla "
                    "transformers cannot load such a checkpoint; counts go to moe_surgery_experts_per_layer.")
-def prune(model_dir: Path, plan_path: Path, out_dir: Path, overwrite: bool, allow_nonuniform: bool) -> None:
-    """Write a checkpoint keeping only the experts named in a plan.
+@click.option("--no-hash", is_flag=True, help="Skip the sha256 of every source shard in pruning.json (saves one full read).")
+def prune(model_dir: Path, out_dir: Path, plan_path: Path | None, stats_path: Path | None, criterion: str | None,
+          ratio: float | None, keep_k: int | None, global_rank: bool, seed: int, holdout_stats: Path | None,
+          overwrite: bool, allow_nonuniform: bool, no_hash: bool) -> None:
+    """Write a checkpoint of MODEL_DIR keeping only some experts: from --plan, or from
+    --stats + --criterion + --ratio/--keep.
 
     Works on the bytes of the safetensors shards: kept experts are renumbered 0..k-1, fused
-    expert tensors and router rows are sliced, dtypes are never converted. Architectures:
+    expert tensors and router rows are sliced, dtypes are never converted, the model is never
+    loaded. Plans must keep the same number of experts in every MoE layer (one count in
+    config.json) unless --allow-nonuniform, and the same number in every router group for
+    group-limited routers (DeepSeek-V3, GLM-4.5 with n_group > 1). A statistics file collected
+    on a different model is refused. Architectures:
     """
     from .rewrite import load_plan, rewrite_checkpoint
 
-    keep, doc = load_plan(plan_path)
+    if (plan_path is None) == (criterion is None):
+        raise UserError("give either --plan PLAN.json or --criterion NAME (with --stats and --ratio/--keep)")
+    if plan_path is not None:
+        keep, doc = load_plan(plan_path)
+        source = str(plan_path)
+    else:
+        doc = _score(model_dir, stats_path, criterion, ratio, keep_k, global_rank, seed, holdout_stats)
+        keep = {int(layer): ids for layer, ids in doc["keep"].items()}
+        source = f"{criterion} plan"
     rewrite_checkpoint(model_dir, keep, out_dir, allow_nonuniform=allow_nonuniform, overwrite=overwrite,
-                       plan_doc=doc, plan_source=str(plan_path), progress=True)
+                       plan_doc=doc, plan_source=source, progress=True, hash_shards=not no_hash)
     _report_written(out_dir)
+
+
+def _score(model_dir: Path, stats_path: Path | None, criterion: str, ratio: float | None, keep_k: int | None,
+           global_rank: bool, seed: int, holdout_stats: Path | None) -> dict:
+    """Build the plan in memory, refusing statistics that belong to another model."""
+    from .cli_score import GLOBAL_WARNING, build_plan, load_source
+    from .criteria import CRITERIA
+    from .fingerprint import check_stats_match
+
+    if criterion not in CRITERIA:
+        raise UserError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    if (ratio is None) == (keep_k is None):
+        raise UserError("give exactly one of --ratio and --keep")
+    crit = CRITERIA[criterion]
+    weights_dir = model_dir if crit.needs == "weights" or stats_path is None else None
+    src = load_source(crit, stats_path, weights_dir)
+    if src.stats is not None:
+        check_stats_match(model_dir, src.stats)
+    if global_rank:
+        click.echo(GLOBAL_WARNING, err=True)
+    return build_plan(crit, src, ratio=ratio, keep=keep_k, global_rank=global_rank, seed=seed,
+                      holdout_stats=holdout_stats)
 
 
 prune.help = (prune.help or "") + " " + ", ".join(supported()) + "."
@@ -91,69 +160,12 @@ def verify(model_dir: Path) -> None:
     click.echo(f"{model_dir}: OK")
 
 
-@main.command()
-@click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("-d", "--data", "data", multiple=True, required=True,
-              help="Calibration text: .jsonl (a `text` field), .txt (blank-line-separated documents) or a folder; repeatable.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Statistics file to write (.safetensors).")
-@click.option("--samples", default=256, show_default=True, help="Calibration sequences.")
-@click.option("--seq-len", default=2048, show_default=True, help="Tokens per sequence (capped by the model).")
-@click.option("--holdout", default=32, show_default=True,
-              help="Extra sequences kept aside for held-out error (used by the `auto` criterion); 0 disables.")
-@click.option("--seed", default=0, show_default=True, help="Shuffles documents before packing.")
-@click.option("--batch-size", default=4, show_default=True, help="Sequences per forward pass.")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda when present), cpu, cuda, cuda:1, ...")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="Model dtype; auto = bfloat16 on GPU, float32 on CPU. Sums are float64.")
-@click.option("--stream-layers", is_flag=True,
-              help="Materialise one decoder layer at a time from the shards: for models larger than RAM or GPU memory.")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-def collect(model_dir: Path, data: tuple[str, ...], output: Path, samples: int, seq_len: int, holdout: int, seed: int,
-            batch_size: int, device: str, dtype: str, stream_layers: bool, overwrite: bool) -> None:
-    """Run calibration text through MODEL_DIR once and write its per-expert statistics file.
-
-    Routing (top-k ids and applied gate weights) is taken from the model itself; a self-check
-    on the first batch compares our per-expert outputs with the MoE block's real output.
-    Under torchrun, each rank takes a disjoint share of the sequences and the sums are reduced.
-    """
-    from .collect import collect as run_collect
-
-    if output.exists() and not overwrite:
-        raise CheckpointError(f"{output}: already exists (use --overwrite to replace it)")
-    summary = run_collect(model_dir, list(data), output, samples=samples, seq_len=seq_len, seed=seed,
-                          batch_size=batch_size, holdout=holdout, device=device, dtype=dtype,
-                          stream_layers=stream_layers, progress=True)
-    if summary.rank == 0:
-        for line in summary.lines():
-            click.echo(line)
-        click.echo(f"Wrote {output}")
-
-
 @main.command("architectures")
 def architectures_cmd() -> None:
     """List the supported model_type values."""
     for name in supported():
         click.echo(name)
 
-
-def _register() -> None:
-    """Attach the commands and bad-input exceptions of the other modules."""
-    from stats_formats import StatsError
-
-    from .cli_eval import eval_cmd
-    from .cli_score import criteria_cmd, score_cmd
-    from .cli_stats import stats
-    from .collect import SelfCheckError, StreamingError
-    from .data import DataError
-
-    for exc in (StatsError, DataError, SelfCheckError, StreamingError):
-        _register_user_error(exc)
-    for cmd in (stats, eval_cmd, criteria_cmd, score_cmd):
-        main.add_command(cmd)
-
-
-_register()
 
 if __name__ == "__main__":
     main()

@@ -6,10 +6,7 @@ import copy
 import re
 
 from .architectures import MoELayout
-
-
-class PlanError(Exception):
-    """A plan that would produce an invalid or unloadable checkpoint."""
+from .plan import PlanError
 
 
 def active_groups(layout: MoELayout) -> int | None:

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 SUFFIXES = (".jsonl", ".txt")
 _TOKENIZE_CHUNK = 256  # documents per tokenizer call: batched for speed, bounded for memory
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Bad input text: the message is one line naming the file and the problem."""
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-from .architectures import MoELayout
+from .architectures import MoELayout, resolve
+from .errors import UserError
 from .io import Checkpoint
 
 # Keys that change when a config is merely re-saved, not when the model changes.
@@ -28,3 +29,17 @@ def router_sha256(ckpt: Checkpoint, layout: MoELayout) -> str:
             h.update(f"{layer}:{name}:".encode())
             h.update(ckpt.read_bytes(name))
     return h.hexdigest()
+
+
+def check_stats_match(model_dir, stats) -> None:
+    """Refuse a statistics file whose router hash differs from the checkpoint's."""
+    ckpt = Checkpoint(model_dir)
+    layout = resolve(ckpt.config, ckpt.names())
+    ours = router_sha256(ckpt, layout)
+    ckpt.close()
+    theirs = stats.model.get("router_sha256")
+    if theirs != ours:
+        raise UserError(
+            f"{stats.label}: statistics were collected on a different model (router hash {str(theirs)[:12]}…, "
+            f"{model_dir} has {ours[:12]}…)"
+        )

@@ -165,6 +165,7 @@ def rewrite_checkpoint(
     plan_doc: dict | None = None,
     plan_source: str = "plan",
     progress: bool = False,
+    hash_shards: bool = True,
 ) -> Path:
     """Write the pruned checkpoint to `out_dir` atomically; returns `out_dir`."""
     ckpt = Checkpoint(model_dir)
@@ -191,7 +192,7 @@ def rewrite_checkpoint(
     config = rewrite_config(ckpt.config, layout, new_count, id_maps, None if uniform else counts)
 
     with ThreadPoolExecutor(max_workers=1) as pool, atomic_output_dir(out_dir, overwrite) as tmp:
-        hashes = pool.submit(lambda: {s: _sha256(ckpt.dir / s) for s in ckpt.shard_names})
+        hashes = pool.submit(lambda: {s: _sha256(ckpt.dir / s) for s in ckpt.shard_names} if hash_shards else None)
         weight_map: dict[str, str] = {}
         total_size = 0
         total_params = 0

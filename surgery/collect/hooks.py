@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import torch
 
 from ..architectures import ArchSpec
+from ..errors import UserError
 from .accumulator import LayerAccumulator, holdout_accumulator
 from .expert_math import SUPPORTED, expert_forward, router_probs
 
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
 
-class SelfCheckError(Exception):
+class SelfCheckError(UserError):
     """Our recomputed expert outputs disagree with the model's own MoE output."""
 
 

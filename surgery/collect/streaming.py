@@ -16,11 +16,12 @@ import torch
 from tqdm import tqdm
 
 from ..architectures import MoELayout
+from ..errors import UserError
 from ..expert_weights import read_expert
 from ..io import Checkpoint
 
 
-class StreamingError(Exception):
+class StreamingError(UserError):
     """The architecture cannot be streamed (a parameter has no on-disk tensor)."""
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
+
 # Bits per element of every dtype the safetensors format defines (0.8).
 DTYPE_BITS: dict[str, int] = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
@@ -32,7 +34,7 @@ _NUMPY = {
 MAX_HEADER = 100 * 1024 * 1024
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """Bad input: the message is one line naming the file and the problem."""
 
 

@@ -1,0 +1,48 @@
+"""`moe-surgery collect`: one calibration pass writes the statistics file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+
+@click.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-d", "--data", "data", multiple=True, required=True,
+              help="Calibration text: .jsonl (a `text` field), .txt (blank-line-separated documents) or a folder; repeatable.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Statistics file to write (.safetensors).")
+@click.option("--samples", default=256, show_default=True, help="Calibration sequences.")
+@click.option("--seq-len", default=2048, show_default=True, help="Tokens per sequence (capped by the model).")
+@click.option("--holdout", default=32, show_default=True,
+              help="Extra sequences kept aside for held-out error (used by the `auto` criterion); 0 disables.")
+@click.option("--seed", default=0, show_default=True, help="Shuffles documents before packing.")
+@click.option("--batch-size", default=4, show_default=True, help="Sequences per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Model dtype; auto = bfloat16 on GPU, float32 on CPU. Sums are float64.")
+@click.option("--stream-layers", is_flag=True,
+              help="Materialise one decoder layer at a time from the shards: for models larger than RAM or GPU memory.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def collect(model_dir: Path, data: tuple[str, ...], output: Path, samples: int, seq_len: int, holdout: int, seed: int,
+            batch_size: int, device: str, dtype: str, stream_layers: bool, overwrite: bool) -> None:
+    """Run calibration text through MODEL_DIR once and write its per-expert statistics file.
+
+    Routing (top-k ids and applied gate weights) is taken from the model itself; a self-check
+    on the first batch compares our per-expert outputs with the MoE block's real output.
+    Under torchrun, each rank takes a disjoint share of the sequences and the sums are reduced.
+    """
+    from .collect.run import collect as run_collect
+
+    if output.exists() and not overwrite:
+        raise UserError(f"{output}: already exists (use --overwrite to replace it)")
+    summary = run_collect(model_dir, list(data), output, samples=samples, seq_len=seq_len, seed=seed,
+                          batch_size=batch_size, holdout=holdout, device=device, dtype=dtype,
+                          stream_layers=stream_layers, progress=True)
+    if summary.rank == 0:
+        for line in summary.lines():
+            click.echo(line)
+        click.echo(f"Wrote {output}")

@@ -1,0 +1,88 @@
+"""The criterion interface: what a criterion reads and how it ranks one layer's experts.
+
+Convention: a higher score means a more important expert, i.e. one to keep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..plan import Selector as LayerSelector
+
+Layer = Mapping[str, np.ndarray]  # one layer's schema fields (float64), see stats_formats.schema
+ExpertWeights = Callable[[int], dict[str, np.ndarray]]  # expert id -> {"gate", "up", "down"} matrices
+NEEDS = ("stats", "weights", "none")
+
+
+@dataclass(frozen=True)
+class LayerInput:
+    """Everything a criterion may read about one MoE layer."""
+
+    index: int  # checkpoint layer index (seeds `random` per layer)
+    num_experts: int
+    stats: Layer | None = None
+    weights: ExpertWeights | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A named criterion.
+
+    `score` ranks experts; `select`, when present, picks the kept set directly for a keep count
+    (set objectives such as `recon` are not a sum of per-expert scores). `score` is None only for
+    `auto`, which works on the whole statistics file (see surgery.criteria.auto).
+    """
+
+    name: str
+    formula: str
+    needs: str
+    score: Callable[[LayerInput], np.ndarray] | None
+    select: Callable[[LayerInput, int, int | None], list[int]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.needs not in NEEDS:
+            raise ValueError(f"criterion {self.name}: needs must be one of {NEEDS}, not {self.needs!r}")
+
+    def ranker(self, inp: LayerInput, scores: np.ndarray) -> np.ndarray | LayerSelector:
+        """What surgery.plan.make_plan takes for this layer: the selector if any, else the scores."""
+        if self.select is None:
+            return scores
+        select = self.select
+        return lambda num_keep, n_group: select(inp, num_keep, n_group)
+
+    def layer_scores(self, inp: LayerInput) -> np.ndarray:
+        """Per-expert scores of one layer (for selectors too: the plan records them)."""
+        if self.score is None:
+            raise ValueError(f"criterion {self.name} ranks whole statistics files, not single layers")
+        return self.score(inp)
+
+
+def from_stats(fn: Callable[[Layer], np.ndarray]) -> Callable[[LayerInput], np.ndarray]:
+    """Adapt a function of the layer's statistics to the LayerInput interface."""
+
+    def score(inp: LayerInput) -> np.ndarray:
+        if inp.stats is None:
+            raise ValueError("this criterion needs a statistics file")
+        return fn(inp.stats)
+
+    return score
+
+
+def from_weights(fn: Callable[[ExpertWeights, int], np.ndarray]) -> Callable[[LayerInput], np.ndarray]:
+    """Adapt a function of the experts' weight matrices to the LayerInput interface."""
+
+    def score(inp: LayerInput) -> np.ndarray:
+        if inp.weights is None:
+            raise ValueError("this criterion needs the model's weights (--model)")
+        return fn(inp.weights, inp.num_experts)
+
+    return score
+
+
+def lowest_where(values: np.ndarray, undefined: np.ndarray) -> np.ndarray:
+    """-inf where the statistic is undefined (e.g. a mean over no routed token): such experts rank last."""
+    return np.where(undefined, -np.inf, values)

@@ -1,0 +1,42 @@
+"""Every criterion by name, with its one-line formula and what it reads."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from .activation import MONE_FORMULA, mone
+from .auto import AUTO_FORMULA, CANDIDATES
+from .base import Criterion, from_stats, from_weights
+from .baseline import RANDOM_FORMULA, random_scores
+from .family import PRESETS, formula, unified
+from .reconstruction import LOO_FORMULA, RECON_FORMULA, loo, recon_scores, recon_select
+from .weights import AIMER_FORMULA, WEIGHT_NORM_FORMULA, aimer, weight_norm
+
+AUTO = "auto"
+
+
+def _family() -> list[Criterion]:
+    return [
+        Criterion(name, formula(*mab), "stats", from_stats(partial(unified, m=mab[0], a=mab[1], b=mab[2])))
+        for name, mab in PRESETS.items()
+    ]
+
+
+CRITERIA: dict[str, Criterion] = {
+    c.name: c
+    for c in [
+        *_family(),
+        Criterion("mone", MONE_FORMULA, "stats", from_stats(mone)),
+        Criterion("loo", LOO_FORMULA, "stats", loo),
+        Criterion("recon", RECON_FORMULA, "stats", recon_scores, select=recon_select),
+        Criterion(AUTO, AUTO_FORMULA, "stats", None),
+        Criterion("weight_norm", WEIGHT_NORM_FORMULA, "weights", from_weights(weight_norm)),
+        Criterion("aimer", AIMER_FORMULA, "weights", from_weights(aimer)),
+        Criterion("random", RANDOM_FORMULA, "none", random_scores),
+    ]
+}
+
+
+def auto_candidates(global_rank: bool) -> dict[str, Criterion]:
+    """The criteria auto compares; set selectors (recon) have no cross-layer scores, so not under --global."""
+    return {n: CRITERIA[n] for n in CANDIDATES if not (global_rank and CRITERIA[n].select is not None)}
