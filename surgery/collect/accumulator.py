@@ -6,7 +6,7 @@ import torch
 
 from stats_formats.schema import FIELDS, HOLDOUT_FIELDS
 
-GRAM_CHUNK = 4096
+GRAM_CHUNK = 1024
 
 
 class LayerAccumulator:
@@ -63,8 +63,8 @@ class LayerAccumulator:
         s["inter_sq_sum"][e] += h2.sum(0)
         s["inter_gsq_sum"][e] += (g2 * h2).sum(0)
 
-    def add_pairs(self, idx: torch.Tensor, gated: torch.Tensor) -> None:
-        """Co-selection and Gram over each token's selected experts: idx [T, k], gated = g·f [T, k, H]."""
+    def add_pairs(self, idx: torch.Tensor, gates: torch.Tensor, outs: torch.Tensor) -> None:
+        """Co-selection and Gram over each token's selected experts: ids [T, k], gates [T, k], outputs f [T, k, H]."""
         valid = (idx < self.E).double()
         idx = idx.clamp(max=self.E - 1)
         rows = idx[:, :, None].expand(-1, -1, idx.shape[1])
@@ -73,7 +73,7 @@ class LayerAccumulator:
         if self.has("coselect"):
             self.sums["coselect"].index_put_((rows.reshape(-1), cols.reshape(-1)), vv.reshape(-1), accumulate=True)
         for start in range(0, idx.shape[0], GRAM_CHUNK):
-            y = gated[start:start + GRAM_CHUNK].double()
+            y = outs[start:start + GRAM_CHUNK].double() * gates[start:start + GRAM_CHUNK, :, None].double()
             dots = torch.bmm(y, y.transpose(1, 2)) * vv[start:start + GRAM_CHUNK]
             self.sums["gram"].index_put_(
                 (rows[start:start + GRAM_CHUNK].reshape(-1), cols[start:start + GRAM_CHUNK].reshape(-1)),

@@ -102,7 +102,8 @@ class Instrument:
         probs = router_probs(b.router, self.spec.scoring, x) if full else None
         acc.add_tokens(probs, x.shape[0])
         out = torch.zeros_like(x)
-        gated = torch.zeros(idx.shape[0], idx.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+        # f in the model's dtype (exactly as computed) and gates apart: half the memory of float32 g·f in bf16.
+        outs = torch.zeros(idx.shape[0], idx.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
         for e in torch.unique(idx).tolist():
             if e >= num_experts:
                 continue
@@ -112,9 +113,9 @@ class Instrument:
             h, f = expert_forward(b.experts, self.spec.expert_math, e, xe)
             contrib = f * g[:, None].to(f.dtype)
             out.index_add_(0, tok, contrib.to(out.dtype))
-            gated[tok, slot] = f.float() * g[:, None].float()
+            outs[tok, slot] = f.to(outs.dtype)
             acc.add_expert(e, xe, g, probs[tok, e] if full else None, h, f)
-        acc.add_pairs(idx, gated)
+        acc.add_pairs(idx, w, outs)
         return out
 
     def _self_check(self, b: MoEBlock, ours: torch.Tensor, theirs: torch.Tensor) -> None:

@@ -1,0 +1,116 @@
+"""Collector benchmark on a GPU (issue 4): plain forward vs `collect`, and streaming memory.
+
+Builds a randomly initialised Qwen3-MoE of about 2.7B parameters in bf16, saves it, then on
+the same batches measures
+  1. tokens/s of a plain forward of the base model (transformers' default experts kernel),
+  2. tokens/s of the same forward instrumented by the collector (statistics accumulated),
+  3. peak GPU memory of the full model vs `collect --stream-layers`, next to one decoder
+     layer's parameter bytes.
+
+  python bench/collect_gpu.py --data DIR_OR_JSONL --tokenizer DIR --workdir /tmp/cb --out $OUT/collect_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+
+def build(workdir: Path, tokenizer_dir: Path, layers: int, experts: int) -> Path:
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    path = workdir / "model"
+    if (path / "config.json").exists():
+        return path
+    cfg = Qwen3MoeConfig(
+        vocab_size=8192, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4, head_dim=128,
+        num_experts=experts, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(path, max_shard_size="2GB")
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, path / f.name)
+    del model
+    torch.cuda.empty_cache()
+    return path
+
+
+def timed_loop(fn, batches: list[torch.Tensor]) -> float:
+    """Tokens/s over all batches but the first (warm-up)."""
+    fn(batches[0])
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for b in batches[1:]:
+        fn(b)
+    torch.cuda.synchronize()
+    return sum(b.numel() for b in batches[1:]) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", nargs="+", required=True)
+    ap.add_argument("--tokenizer", type=Path, required=True)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/collect-bench"))
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--experts", type=int, default=48)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from surgery.architectures import get_spec
+    from surgery.collect.hooks import Instrument
+    from surgery.collect.run import collect
+    from surgery.data import build_sequences
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    path = build(args.workdir, args.tokenizer, args.layers, args.experts)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = build_sequences(args.data, tok, args.samples, args.seq_len, 0).input_ids
+    batches = [b.cuda() for b in ids.split(args.batch_size)]
+    result: dict = {"gpu": torch.cuda.get_device_name(), "samples": len(ids), "seq_len": args.seq_len,
+                    "batch_size": args.batch_size}
+
+    torch.cuda.reset_peak_memory_stats()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    result["params"] = sum(p.numel() for p in model.parameters())
+    base = model.get_decoder()
+    layer_bytes = sum(p.numel() * p.element_size() for p in base.layers[0].parameters())
+    result["decoder_layer_mib"] = layer_bytes / 2**20
+    with torch.no_grad():
+        result["plain_tokens_per_s"] = timed_loop(lambda b: base(input_ids=b, use_cache=False), batches)
+        result["full_peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        inst = Instrument(model, get_spec("qwen3_moe"), torch.device("cuda"), 3e-2)
+        result["collect_tokens_per_s"] = timed_loop(lambda b: base(input_ids=b, use_cache=False), batches)
+        inst.restore()
+    result["collect_over_plain"] = result["collect_tokens_per_s"] / result["plain_tokens_per_s"]
+    del model, base, inst
+    torch.cuda.empty_cache()
+
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    collect(path, args.data, args.workdir / "stream.safetensors", samples=args.samples, seq_len=args.seq_len,
+            batch_size=args.batch_size, holdout=0, device="cuda", dtype="bfloat16", stream_layers=True, progress=False)
+    result["stream_seconds"] = time.perf_counter() - t0
+    result["stream_peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    result["stream_peak_over_layer"] = result["stream_peak_gpu_mib"] / result["decoder_layer_mib"]
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
