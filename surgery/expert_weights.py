@@ -70,7 +70,7 @@ def read_expert(ckpt: Checkpoint, layout: MoELayout, layer: int, expert: int) ->
 def expert_matrices(model_dir: str | Path) -> tuple[list[int], int, int, int | None, Callable[[int], Callable[[int], Matrices]]]:
     """(MoE layers, experts per layer, top-k, n_group or None, layer -> (expert -> matrices))."""
     ckpt = Checkpoint(model_dir)
-    layout = resolve(ckpt.config, ckpt.names())
+    layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
 
     def for_layer(layer: int) -> Callable[[int], Matrices]:
         return lambda expert: read_expert(ckpt, layout, layer, expert)

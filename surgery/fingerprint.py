@@ -34,7 +34,7 @@ def router_sha256(ckpt: Checkpoint, layout: MoELayout) -> str:
 def check_stats_match(model_dir, stats) -> None:
     """Refuse a statistics file whose router hash differs from the checkpoint's."""
     ckpt = Checkpoint(model_dir)
-    layout = resolve(ckpt.config, ckpt.names())
+    layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
     ours = router_sha256(ckpt, layout)
     ckpt.close()
     theirs = stats.model.get("router_sha256")

@@ -169,7 +169,7 @@ def rewrite_checkpoint(
 ) -> Path:
     """Write the pruned checkpoint to `out_dir` atomically; returns `out_dir`."""
     ckpt = Checkpoint(model_dir)
-    layout = resolve(ckpt.config, ckpt.names())
+    layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
     problems = check_shapes(layout, {n: ckpt.info(n).shape for n in ckpt.names()})
     if problems:
         raise PlanError(f"{ckpt.dir}: source checkpoint disagrees with its config: {problems[0]}")

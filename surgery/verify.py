@@ -12,7 +12,7 @@ def verify_checkpoint(path: str | Path) -> list[str]:
     """Problems found (empty when the checkpoint is consistent); unreadable input raises CheckpointError."""
     ckpt = Checkpoint(path)
     problems: list[str] = []
-    layout = resolve(ckpt.config, ckpt.names())
+    layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
     per_layer = layout.config.get("moe_surgery_experts_per_layer")
     shapes = {n: ckpt.info(n).shape for n in ckpt.names()}
     if per_layer:

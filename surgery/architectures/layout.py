@@ -46,38 +46,41 @@ class MoELayout:
         return [layer for layer in self.layers if layer >= self.num_hidden_layers]
 
 
-def sub_config(config: dict, spec: ArchSpec) -> dict:
+def sub_config(config: dict, spec: ArchSpec, where: str = "config.json") -> dict:
     cfg = config
     for key in spec.config_path:
         if not isinstance(cfg.get(key), dict):
-            raise ArchitectureError(f"config.json: model_type {spec.model_type} needs a {key!r} object")
+            raise ArchitectureError(f"{where}: model_type {spec.model_type} needs a {key!r} object")
         cfg = cfg[key]
     return cfg
 
 
-def first_key(cfg: dict, keys: tuple[str, ...], what: str) -> int:
+def first_key(cfg: dict, keys: tuple[str, ...], what: str, where: str = "config.json") -> int:
     for key in keys:
         if key in cfg and cfg[key] is not None:
             return int(cfg[key])
-    raise ArchitectureError(f"config.json: no {what} (looked for {', '.join(keys)})")
+    raise ArchitectureError(f"{where}: no {what} (looked for {', '.join(keys)})")
 
 
-def spec_for(config: dict) -> ArchSpec:
+def spec_for(config: dict, where: str = "config.json") -> ArchSpec:
     model_type = config.get("model_type")
     spec = get_spec(model_type) if model_type else None
     if spec is None:
         raise ArchitectureError(
-            f"config.json: model_type {model_type!r} is not supported; supported: {', '.join(supported())}"
+            f"{where}: model_type {model_type!r} is not supported; supported: {', '.join(supported())}"
         )
     return spec
 
 
-def resolve(config: dict, tensor_names: list[str]) -> MoELayout:
-    """Classify every tensor of the checkpoint; layers are MoE layers iff router tensors exist."""
-    spec = spec_for(config)
-    cfg = sub_config(config, spec)
-    num_experts = first_key(cfg, spec.expert_keys, "routed-expert count")
-    top_k = first_key(cfg, spec.top_k_keys, "experts-per-token count")
+def resolve(config: dict, tensor_names: list[str], where: str = "config.json") -> MoELayout:
+    """Classify every tensor of the checkpoint; layers are MoE layers iff router tensors exist.
+
+    `where` names the config file in error messages.
+    """
+    spec = spec_for(config, where)
+    cfg = sub_config(config, spec, where)
+    num_experts = first_key(cfg, spec.expert_keys, "routed-expert count", where)
+    top_k = first_key(cfg, spec.top_k_keys, "experts-per-token count", where)
     num_hidden = int(cfg.get("num_hidden_layers", config.get("num_hidden_layers", 0)))
     patterns = [(re.compile(p + r"\.(?P<rest>.+)$"), off) for p, off in spec.prefixes]
     router_axes = dict(spec.router)
@@ -116,7 +119,7 @@ def resolve(config: dict, tensor_names: list[str]) -> MoELayout:
         del layers[layer]
     if not layers:
         raise ArchitectureError(
-            f"no MoE router tensors found for model_type {spec.model_type} "
+            f"{where}: no MoE router tensors found for model_type {spec.model_type} "
             f"(expected names like {spec.prefixes[0][0]}.{spec.router[0][0]})"
         )
     return MoELayout(spec, cfg, num_experts, top_k, num_hidden, dict(sorted(layers.items())), owner)

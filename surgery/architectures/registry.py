@@ -10,6 +10,9 @@ Tensor classification inside an MoE block (the text after a block prefix):
 - `experts.<name>` without an id, and each name in `fused`, is a fused tensor, expert axis 0;
 - each name in `router` is sliced along the given axis;
 - everything else (shared experts, their gates, norms) is copied untouched.
+Prefixes and router names list both the Hub spelling and the transformers-5 in-memory
+spelling, which `save_pretrained(save_original_format=False)` writes (e.g. Mixtral
+`block_sparse_moe.gate` vs `mlp.gate`, PhiMoE `gate` vs `router`, Granite `router.layer` vs `router`).
 """
 
 from __future__ import annotations
@@ -77,12 +80,13 @@ SPECS: dict[str, ArchSpec] = {
     for s in [
         ArchSpec(
             "mixtral", ("num_local_experts", "num_experts"), ("num_experts_per_tok",),
-            ((_MODEL_LAYERS + r"\.block_sparse_moe", None),), (("gate.weight", 0),),
+            ((_MODEL_LAYERS + r"\.block_sparse_moe", None), (_MODEL_LAYERS + r"\.mlp", None)), (("gate.weight", 0),),
             memory_renames=((".mlp.", ".block_sparse_moe."),),
         ),
         ArchSpec(
             "phimoe", ("num_local_experts", "num_experts"), ("num_experts_per_tok",),
-            ((_MODEL_LAYERS + r"\.block_sparse_moe", None),), (("gate.weight", 0),),
+            ((_MODEL_LAYERS + r"\.block_sparse_moe", None), (_MODEL_LAYERS + r"\.mlp", None)),
+            (("gate.weight", 0), ("router.weight", 0)),
             memory_renames=((".mlp.router.", ".block_sparse_moe.gate."), (".mlp.", ".block_sparse_moe.")),
             fixed_top_k=2, router_module="router", scoring="sparsemixer", mask_value=-1e9,
             notes="sparsemixer is hard-wired to top-2; masking with -inf gives NaN, so tests use -1e9",
@@ -108,7 +112,8 @@ SPECS: dict[str, ArchSpec] = {
         _qwen_like(
             "ernie4_5_moe", ("moe_num_experts", "num_experts"),
             top_k_keys=("moe_k", "num_experts_per_tok"),
-            router=(("gate.weight", 0), ("moe_statics.e_score_correction_bias", 1)),
+            router=(("gate.weight", 0), ("moe_statics.e_score_correction_bias", 1),
+                    ("gate.moe_statics.e_score_correction_bias", 1)),
         ),
         ArchSpec(
             "gpt_oss", ("num_local_experts", "num_experts"), ("num_experts_per_tok", "experts_per_token"),
@@ -119,7 +124,7 @@ SPECS: dict[str, ArchSpec] = {
         ),
         ArchSpec(
             "granitemoe", ("num_local_experts",), ("num_experts_per_tok",),
-            ((_MODEL_LAYERS + r"\.block_sparse_moe", None),), (("router.layer.weight", 0),),
+            ((_MODEL_LAYERS + r"\.block_sparse_moe", None),), (("router.layer.weight", 0), ("router.weight", 0)),
             fused=("input_linear.weight", "output_linear.weight"),
             router_module="router", scoring="topk_softmax",
             memory_renames=((".router.weight", ".router.layer.weight"),),

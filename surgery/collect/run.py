@@ -95,7 +95,7 @@ def collect(
 
     model_dir = str(model_dir)
     ckpt = Checkpoint(model_dir)
-    layout = resolve(ckpt.config, ckpt.names())
+    layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
     identity = {"config_sha256": config_sha256(ckpt.config), "router_sha256": router_sha256(ckpt, layout)}
     ckpt.close()
     dev = pick_device(device)

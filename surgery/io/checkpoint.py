@@ -26,7 +26,7 @@ class Checkpoint:
         self.dir = Path(path)
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.dir}: not a checkpoint folder (no such directory)")
-        cfg_path = self.dir / "config.json"
+        cfg_path = self.config_path = self.dir / "config.json"
         if not cfg_path.is_file():
             raise CheckpointError(f"{cfg_path}: missing; a checkpoint folder needs config.json")
         try:
