@@ -11,7 +11,6 @@ import hashlib
 import json
 import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,7 +19,10 @@ from tqdm import tqdm
 from . import __version__
 from .architectures import MoELayout, check_shapes, resolve
 from .config_edit import PlanError, check_keep, rewrite_config
-from .io import INDEX_NAME, Checkpoint, OutTensor, TensorInfo, atomic_output_dir, nbytes, write_safetensors
+from .io import (
+    INDEX_NAME, Checkpoint, OutTensor, TensorInfo, atomic_output_dir, nbytes, write_safetensors,
+    write_safetensors_hashing,
+)
 from .io.safetensors_file import SafetensorsFile
 
 _SHARD_RE = re.compile(r"^(?P<stem>.*?)(?P<idx>\d+)-of-(?P<total>\d+)\.safetensors$")
@@ -191,17 +193,25 @@ def rewrite_checkpoint(
     id_maps = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in keep.items()}
     config = rewrite_config(ckpt.config, layout, new_count, id_maps, None if uniform else counts)
 
-    with ThreadPoolExecutor(max_workers=1) as pool, atomic_output_dir(out_dir, overwrite) as tmp:
-        hashes = pool.submit(lambda: {s: _sha256(ckpt.dir / s) for s in ckpt.shard_names} if hash_shards else None)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        hashes: dict[str, str] = {}
         weight_map: dict[str, str] = {}
         total_size = 0
         total_params = 0
         bar = tqdm(total=sum(t.nbytes for ts in per_shard.values() for t in ts), unit="B", unit_scale=True,
                    desc="Writing shards", disable=not progress)
-        for shard in nonempty:
+        for shard in ckpt.shard_names:
             tensors = per_shard[shard]
+            if not tensors:
+                if hash_shards:
+                    hashes[shard] = _sha256(ckpt.dir / shard)
+                continue
             meta = ckpt.files[shard].metadata or {"format": "pt"}
-            total_size += write_safetensors(tmp / names[shard], tensors, meta)
+            if hash_shards:
+                size, hashes[shard] = write_safetensors_hashing(tmp / names[shard], tensors, meta, ckpt.files[shard])
+            else:
+                size = write_safetensors(tmp / names[shard], tensors, meta)
+            total_size += size
             for t in tensors:
                 weight_map[t.name] = names[shard]
                 n = 1
@@ -225,7 +235,7 @@ def rewrite_checkpoint(
             "tool": "moe-surgery",
             "tool_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": {"path": str(ckpt.dir.resolve()), "shards_sha256": hashes.result()},
+            "source": {"path": str(ckpt.dir.resolve()), "shards_sha256": hashes or None},
             "model_type": layout.spec.model_type,
             "num_experts_before": layout.num_experts,
             "num_experts_after": new_count,

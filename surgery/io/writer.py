@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -57,8 +58,8 @@ def _copy_range(src: SafetensorsFile, begin: int, end: int, dst_fd: int) -> None
         remaining -= len(buf)
 
 
-def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> int:
-    """Write one safetensors file sequentially; returns the data-section size in bytes."""
+def _header_bytes(tensors: list[OutTensor], metadata: dict[str, str] | None) -> tuple[bytes, int]:
+    """The serialised header (8-byte length + JSON padded to 8 bytes) and the data-section size."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = metadata
@@ -72,9 +73,15 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, 
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the reference implementation aligns data to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw, offset
+
+
+def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> int:
+    """Write one safetensors file sequentially; returns the data-section size in bytes."""
+    head, size = _header_bytes(tensors, metadata)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, struct.pack("<Q", len(raw)) + raw)
+        os.write(fd, head)
         for t in tensors:
             if t.data is not None:
                 os.write(fd, t.data)
@@ -83,7 +90,46 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, 
                     _copy_range(src, b, e, fd)
     finally:
         os.close(fd)
-    return offset
+    return size
+
+
+def write_safetensors_hashing(path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None,
+                              source: SafetensorsFile) -> tuple[int, str]:
+    """Like write_safetensors for tensors cut from one source file, reading that file once, in order,
+    and returning its sha256 too: provenance costs no second read of the input.
+
+    Every range must come from `source` and ranges must ascend (the rewriter keeps source order).
+    """
+    head, size = _header_bytes(tensors, metadata)
+    ranges = [(b, e) for t in tensors for src, b, e in t.ranges if src is source]
+    if any(t.data is not None or any(src is not source for src, _, _ in t.ranges) for t in tensors) or any(
+        e0 > b1 for (_, e0), (b1, _) in zip(ranges, ranges[1:])
+    ):
+        raise ValueError("write_safetensors_hashing needs ascending byte ranges of one source file")
+    digest = hashlib.sha256()
+    sfd = source.fileno()
+    end_of_file = os.fstat(sfd).st_size
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, head)
+        pos, i = 0, 0
+        while pos < end_of_file:
+            buf = os.pread(sfd, min(CHUNK, end_of_file - pos), pos)
+            if not buf:
+                raise CheckpointError(f"{source.path}: unexpected end of file at byte {pos}")
+            digest.update(buf)
+            end = pos + len(buf)
+            while i < len(ranges) and ranges[i][0] < end:
+                b, e = ranges[i]
+                lo, hi = max(b, pos), min(e, end)
+                os.write(fd, memoryview(buf)[lo - pos:hi - pos])
+                if e > end:
+                    break
+                i += 1
+            pos = end
+    finally:
+        os.close(fd)
+    return size, digest.hexdigest()
 
 
 @contextlib.contextmanager
