@@ -24,6 +24,8 @@ LAZY_COMMANDS = {
     "stats": ("surgery.cli_stats", "stats"),
     "eval": ("surgery.cli_eval", "eval_cmd"),
     "demo": ("surgery.cli_demo", "demo"),
+    "push": ("surgery.cli_push", "push"),
+    "sparsify": ("surgery.cli_sparsify", "sparsify"),
 }
 
 

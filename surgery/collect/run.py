@@ -107,6 +107,9 @@ def collect(
     calib = build_sequences(list(data), tokenizer, samples + holdout, seq_len, seed)
     ids = calib.input_ids
     n_main = min(samples, ids.shape[0])
+    if holdout and ids.shape[0] < samples + holdout:
+        # Text ran out: keep a share aside anyway so that `auto` still has held-out data.
+        n_main = ids.shape[0] - min(holdout, max(1, ids.shape[0] // 8))
     main_ids, held_ids = ids[:n_main], ids[n_main:]
     mine = lambda t: t[rank::world]  # noqa: E731 - each rank takes a disjoint share
     batches = [b for b in mine(main_ids).split(batch_size)] if n_main else []

@@ -9,6 +9,7 @@ import os
 import shutil
 import struct
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +17,7 @@ from typing import Iterator
 from .safetensors_file import CheckpointError, SafetensorsFile, nbytes
 
 CHUNK = 64 * 1024 * 1024
+HASH_CHUNK = 16 * 1024 * 1024
 
 
 @dataclass
@@ -110,23 +112,35 @@ def write_safetensors_hashing(path: Path, tensors: list[OutTensor], metadata: di
     sfd = source.fileno()
     end_of_file = os.fstat(sfd).st_size
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    state = {"i": 0}
+
+    def write_kept(buf: bytes, pos: int) -> None:
+        end, i = pos + len(buf), state["i"]
+        while i < len(ranges) and ranges[i][0] < end:
+            b, e = ranges[i]
+            lo, hi = max(b, pos), min(e, end)
+            os.write(fd, memoryview(buf)[lo - pos:hi - pos])
+            if e > end:
+                break
+            i += 1
+        state["i"] = i
+
+    # Read, hash and write overlap (each releases the GIL): time is the slowest of the three, not their sum.
     try:
         os.write(fd, head)
-        pos, i = 0, 0
-        while pos < end_of_file:
-            buf = os.pread(sfd, min(CHUNK, end_of_file - pos), pos)
-            if not buf:
-                raise CheckpointError(f"{source.path}: unexpected end of file at byte {pos}")
-            digest.update(buf)
-            end = pos + len(buf)
-            while i < len(ranges) and ranges[i][0] < end:
-                b, e = ranges[i]
-                lo, hi = max(b, pos), min(e, end)
-                os.write(fd, memoryview(buf)[lo - pos:hi - pos])
-                if e > end:
-                    break
-                i += 1
-            pos = end
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            pos, pending = 0, []
+            buf = os.pread(sfd, min(HASH_CHUNK, end_of_file), 0)
+            while buf:
+                for f in pending:
+                    f.result()
+                pending = [pool.submit(digest.update, buf), pool.submit(write_kept, buf, pos)]
+                pos += len(buf)
+                buf = os.pread(sfd, min(HASH_CHUNK, end_of_file - pos), pos) if pos < end_of_file else b""
+            for f in pending:
+                f.result()
+        if pos != end_of_file:
+            raise CheckpointError(f"{source.path}: unexpected end of file at byte {pos}")
     finally:
         os.close(fd)
     return size, digest.hexdigest()
