@@ -10,7 +10,8 @@ import click
 @click.command()
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("repo_id")
-@click.option("--private", is_flag=True, help="Create the repository as private (an existing one keeps its visibility).")
+@click.option("--private", is_flag=True,
+              help="Create the repository as private (an existing one keeps its visibility).")
 @click.option("--revision", help="Branch to commit to, created from main if missing (default: main).")
 @click.option("--commit-message", help="Commit title (default: 'Upload pruned checkpoint (moe-surgery VERSION)').")
 @click.option("--include-stats", type=click.Path(dir_okay=False, path_type=Path),

@@ -13,7 +13,8 @@ from .sparsify import METHODS, check_sparsity, sparsify_checkpoint
 
 @click.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True, help="New checkpoint folder.")
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="New checkpoint folder.")
 @click.option("--stats", "stats_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Statistics file from `collect` (moe-pruner and wanda; also for --criterion).")
 @click.option("--sparsity", type=float,
@@ -21,10 +22,12 @@ from .sparsify import METHODS, check_sparsity, sparsify_checkpoint
 @click.option("--pattern", default="unstructured", show_default=True,
               help="unstructured, or N:M (2:4, 4:8): at most N non-zeros in every M consecutive inputs of a row.")
 @click.option("--method", type=click.Choice(METHODS), default="moe-pruner", show_default=True,
-              help="Score |W| × router-weighted input norm (moe-pruner), × plain input norm (wanda), or |W| (magnitude).")
+              help="Score |W| × router-weighted input norm (moe-pruner), × plain input norm (wanda), "
+                   "or |W| (magnitude).")
 @click.option("--include-shared", is_flag=True,
               help="Also sparsify shared experts (gate/up scored with the plain input norm, down by magnitude).")
-@click.option("--remove-ratio", type=float, help="First remove this fraction of experts per MoE layer (with --criterion).")
+@click.option("--remove-ratio", type=float,
+              help="First remove this fraction of experts per MoE layer (with --criterion).")
 @click.option("--criterion", help="Expert-removal criterion for --remove-ratio (see `moe-surgery criteria`).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 def sparsify(model_dir: Path, out_dir: Path, stats_path: Path | None, sparsity: float | None, pattern: str,
@@ -52,9 +55,10 @@ def sparsify(model_dir: Path, out_dir: Path, stats_path: Path | None, sparsity: 
     if remove_ratio is None:
         section = sparsify_checkpoint(model_dir, sparsity_stats, out_dir, **options)
     else:
-        section = _remove_then_sparsify(model_dir, stats_path, sparsity_stats, out_dir, remove_ratio, criterion, options)
-    click.echo(f"Wrote {out_dir}: {section['achieved']:.1%} of {len(section['tensors'])} expert weight tensors in "
-               f"{len(section['layers'])} MoE layers are zero ({method}, {pattern}).")
+        section = _remove_then_sparsify(model_dir, stats_path, sparsity_stats, out_dir, remove_ratio, criterion,
+                                        options)
+    click.echo(f"Wrote {out_dir}: {section['achieved']:.1%} of the weights in {len(section['tensors'])} expert tensors "
+               f"({len(section['layers'])} MoE layers) are now zero ({method}, {pattern}).")
 
 
 def _remove_then_sparsify(model_dir: Path, stats_path: Path | None, sparsity_stats: Path | None, out_dir: Path,

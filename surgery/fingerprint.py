@@ -25,8 +25,9 @@ def config_sha256(config: dict) -> str:
 def router_sha256(ckpt: Checkpoint, layout: MoELayout) -> str:
     h = hashlib.sha256()
     for layer, entry in layout.layers.items():
-        for name in sorted(entry.router):
-            h.update(f"{layer}:{name}:".encode())
+        # By layer and router role, not tensor name: per-expert and fused saves of one model agree.
+        for name in sorted(entry.router, key=lambda n: n.rsplit(".", 2)[-2:]):
+            h.update(f"{layer}:".encode())
             h.update(ckpt.read_bytes(name))
     return h.hexdigest()
 

@@ -63,7 +63,7 @@ def resolve_model(model: str, *, revision: str | None = None, purpose: str) -> P
             raise HubError(f"{model}: --revision applies to Hub repo ids, not to local folders")
         return Path(model)
     repo_id, rev = _pick_revision(model, revision)
-    with hub_errors(repo_id, rev):
+    with _hub_errors(repo_id, rev):
         first = Path(snapshot_download(repo_id, revision=rev, allow_patterns=["config.json", INDEX_NAME]))
         if not (first / "config.json").is_file():
             raise HubError(f"{repo_id}: no config.json in the repository; not a transformers checkpoint")
@@ -113,10 +113,11 @@ def push_folder(
 ) -> str:
     """Upload a verified checkpoint folder to `repo_id` in one commit; returns the commit URL.
 
-    `create_commit` uploads every file's content first (resumable, deduplicated by Xet) and
-    only then writes one commit, so a failed push leaves the repository as it was. This is the
-    large-folder path too: huggingface_hub 2.x has no `upload_large_folder`, and its
-    `upload_folder` splits big folders into several commits. A commit holds up to 25k LFS files.
+    `create_commit` uploads every file's content first and only then writes one commit, so a
+    failed push leaves the repository as it was (Xet deduplication makes a re-run skip what was
+    already sent). This is the large-folder path too: huggingface_hub 2.x has no
+    `upload_large_folder`, and its `upload_folder` splits big folders into several commits.
+    One commit takes up to 25k LFS files, far more than any checkpoint's shards.
     """
     folder = Path(folder)
     check_can_push(repo_id)
@@ -124,7 +125,7 @@ def push_folder(
     operations = _operations(folder, Path(include_stats) if include_stats else None)
     api = api or HfApi()
     message = commit_message or f"Upload pruned checkpoint (moe-surgery {__version__})"
-    with hub_errors(repo_id, revision):
+    with _hub_errors(repo_id, revision):
         # private=None keeps the namespace's default visibility (some organisations force private).
         api.create_repo(repo_id, private=private or None, exist_ok=True)
         if revision not in (None, "main"):
@@ -161,7 +162,7 @@ def _hidden(rel: Path) -> bool:
 
 
 @contextmanager
-def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
+def _hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
     """Turn huggingface_hub and network exceptions into one-line HubErrors naming the repo."""
     try:
         yield
@@ -191,7 +192,8 @@ def _describe(e: Exception, repo_id: str, revision: str | None) -> str:
         if status == 401:
             return "unauthorised (HTTP 401): HF_TOKEN is missing, invalid or expired"
         if status == 403:
-            return f"forbidden (HTTP 403): this token has no write access to {repo_id.split('/')[0]}"
+            namespace = repo_id.split("/")[0]
+            return f"forbidden (HTTP 403): the token lacks permission (a push needs write access to {namespace})"
         return f"Hugging Face Hub error (HTTP {status}): {_first_line(e)}"
     return f"cannot reach the Hugging Face Hub ({type(e).__name__}: {_first_line(e)}); check the network"
 

@@ -287,8 +287,8 @@ def _reproduce_section(command: str, provenance: dict) -> str:
         command,
         "```",
         "",
-        f"Written by moe-surgery {provenance['tool_version']} on {provenance['created']}; "
-        "`pruning.json` also records the sha256 of every source shard.",
+        f"Written by moe-surgery {provenance['tool_version']} on {provenance['created']}; `pruning.json` holds "
+        "the full plan" + (" and the sha256 of every source shard." if provenance["source"]["shards_sha256"] else "."),
     ])
 
 

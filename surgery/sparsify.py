@@ -191,8 +191,9 @@ def find_targets(ckpt: Checkpoint, layout: MoELayout, layers: list[int], include
         by_prefix = {layout.layers[layer].prefix: layer for layer in layers}
         for name in ckpt.names():
             m = SHARED_RE.search(name)
-            if m and name[: m.start()] in by_prefix:
-                out[name] = Target(by_prefix[name[: m.start()]], "inter" if m[1] == "down_proj" else "in", 1, shared=True)
+            layer = by_prefix.get(name[: m.start()]) if m else None
+            if layer is not None:
+                out[name] = Target(layer, "inter" if m[1] == "down_proj" else "in", 1, shared=True)
     for name in out:
         _refuse_dtype(ckpt, name)
     return out
@@ -280,11 +281,11 @@ def stats_expert_map(ckpt: Checkpoint, layout: MoELayout, stats: StatsFile) -> d
     try:
         check_stats_match(ckpt.dir, stats)
         return {}
-    except UserError as direct:
+    except UserError:
         doc = read_pruning_json(ckpt.dir)
         source = (doc.get("source") or {}).get("path")
         if not doc.get("expert_map") or not source:
-            raise direct
+            raise
     try:
         check_stats_match(source, stats)
     except UserError:
@@ -483,9 +484,10 @@ def check_nm(model_dir: str | Path) -> list[str]:
     """Tensors named in pruning.json's sparsity section that break its N:M pattern (empty if none apply)."""
     model_dir = Path(model_dir)
     section = read_pruning_json(model_dir).get("sparsity")
-    if not section or parse_pattern(section["pattern"]) is None:
+    nm = parse_pattern(section["pattern"]) if section else None
+    if nm is None:
         return []
-    n, m = parse_pattern(section["pattern"])
+    n, m = nm
     ckpt = Checkpoint(model_dir)
     problems = []
     for name, entry in section["tensors"].items():

@@ -114,6 +114,7 @@ SPECS: dict[str, ArchSpec] = {
             top_k_keys=("moe_k", "num_experts_per_tok"),
             router=(("gate.weight", 0), ("moe_statics.e_score_correction_bias", 1),
                     ("gate.moe_statics.e_score_correction_bias", 1)),
+            memory_renames=((".gate.moe_statics.", ".moe_statics."),),
         ),
         ArchSpec(
             "gpt_oss", ("num_local_experts", "num_experts"), ("num_experts_per_tok", "experts_per_token"),

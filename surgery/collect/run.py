@@ -134,14 +134,16 @@ def collect(
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         total = sum(b.numel() for b in batches) + sum(b.numel() for b in held_batches)
         bar = tqdm(total=total, unit="tok", unit_scale=True, desc="Collecting", disable=not progress or rank != 0)
-        with torch.no_grad():
-            for flag, bs in ((False, batches), (True, held_batches)):
-                inst.holdout = flag
-                for b in bs:
-                    base(input_ids=b.to(dev), use_cache=False)
-                    bar.update(b.numel())
-        bar.close()
-        inst.restore()
+        try:
+            with torch.no_grad():
+                for flag, bs in ((False, batches), (True, held_batches)):
+                    inst.holdout = flag
+                    for b in bs:
+                        base(input_ids=b.to(dev), use_cache=False)
+                        bar.update(b.numel())
+        finally:
+            bar.close()
+            inst.restore()
         main_accs, held_accs = inst.main, inst.held
     seconds = time.perf_counter() - start
     _reduce(main_accs)
