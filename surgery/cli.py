@@ -67,7 +67,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("model")
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True, help="New checkpoint folder.")
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path),
               help='Hand-made or `score`-made JSON plan: {"keep": {"<layer>": [expert ids]}}; layers not named stay untouched.')
@@ -85,12 +85,20 @@ def main() -> None:
 @click.option("--allow-nonuniform", is_flag=True,
               help="Allow different expert counts per layer. config.json holds one count, so vanilla "
                    "transformers cannot load such a checkpoint; counts go to moe_surgery_experts_per_layer.")
-@click.option("--no-hash", is_flag=True, help="Skip the sha256 of every source shard in pruning.json (saves one full read).")
-def prune(model_dir: Path, out_dir: Path, plan_path: Path | None, stats_path: Path | None, criterion: str | None,
+@click.option("--no-hash", is_flag=True, help="Skip the sha256 of every source shard in pruning.json (less CPU).")
+@click.option("--revision", help="Branch, tag or commit when MODEL is a Hub repo id (or write org/name@REV).")
+@click.option("--push-to-hub", "push_repo", metavar="REPO_ID", help="Then upload OUT_DIR to this Hub repo in one commit.")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repository as private.")
+def prune(model: str, out_dir: Path, plan_path: Path | None, stats_path: Path | None, criterion: str | None,
           ratio: float | None, keep_k: int | None, global_rank: bool, seed: int, holdout_stats: Path | None,
-          overwrite: bool, allow_nonuniform: bool, no_hash: bool) -> None:
+          overwrite: bool, allow_nonuniform: bool, no_hash: bool, revision: str | None, push_repo: str | None,
+          private: bool) -> None:
     """Write a checkpoint of MODEL_DIR keeping only some experts: from --plan, or from
     --stats + --criterion + --ratio/--keep.
+
+    MODEL is a local folder or a Hub repo id (org/name[@revision]); from the Hub only config,
+    index, tokenizer files and the shards are downloaded. A model card (README.md) is written
+    unless the folder holds one you edited.
 
     Works on the bytes of the safetensors shards: kept experts are renumbered 0..k-1, fused
     expert tensors and router rows are sliced, dtypes are never converted, the model is never
@@ -99,10 +107,17 @@ def prune(model_dir: Path, out_dir: Path, plan_path: Path | None, stats_path: Pa
     group-limited routers (DeepSeek-V3, GLM-4.5 with n_group > 1). A statistics file collected
     on a different model is refused. Architectures:
     """
+    import shlex
+
+    from .hub import check_can_push, push_folder, resolve_model
+    from .model_card import keep_user_card, write_model_card
     from .rewrite import load_plan, rewrite_checkpoint
 
+    if push_repo:
+        check_can_push(push_repo)  # no token / offline: fail before the rewrite
     if (plan_path is None) == (criterion is None):
         raise UserError("give either --plan PLAN.json or --criterion NAME (with --stats and --ratio/--keep)")
+    model_dir = resolve_model(model, revision=revision, purpose="prune")
     if plan_path is not None:
         keep, doc = load_plan(plan_path)
         source = str(plan_path)
@@ -110,9 +125,21 @@ def prune(model_dir: Path, out_dir: Path, plan_path: Path | None, stats_path: Pa
         doc = _score(model_dir, stats_path, criterion, ratio, keep_k, global_rank, seed, holdout_stats)
         keep = {int(layer): ids for layer, ids in doc["keep"].items()}
         source = f"{criterion} plan"
-    rewrite_checkpoint(model_dir, keep, out_dir, allow_nonuniform=allow_nonuniform, overwrite=overwrite,
-                       plan_doc=doc, plan_source=source, progress=True, hash_shards=not no_hash)
+    with keep_user_card(out_dir, model_dir):
+        rewrite_checkpoint(model_dir, keep, out_dir, allow_nonuniform=allow_nonuniform, overwrite=overwrite,
+                           plan_doc=doc, plan_source=source, progress=True, hash_shards=not no_hash)
+    provenance = json.loads((out_dir / "pruning.json").read_text())
+    calibration = None
+    if stats_path is not None:
+        from stats_formats import StatsFile
+
+        calibration = StatsFile(stats_path).calibration
+    if not write_model_card(out_dir, model, provenance, calibration=calibration,
+                            command=shlex.join(["moe-surgery", *sys.argv[1:]])):
+        click.echo(f"Kept the edited {out_dir / 'README.md'}; its numbers may describe an earlier prune.", err=True)
     _report_written(out_dir)
+    if push_repo:
+        click.echo(f"Pushed to {push_repo}: {push_folder(out_dir, push_repo, private=private)}")
 
 
 def _score(model_dir: Path, stats_path: Path | None, criterion: str, ratio: float | None, keep_k: int | None,

@@ -10,7 +10,7 @@ from .errors import UserError
 
 
 @click.command()
-@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("model")
 @click.option("-d", "--data", "data", multiple=True, required=True,
               help="Calibration text: .jsonl (a `text` field), .txt (blank-line-separated documents) or a folder; repeatable.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -27,9 +27,10 @@ from .errors import UserError
 @click.option("--stream-layers", is_flag=True,
               help="Materialise one decoder layer at a time from the shards: for models larger than RAM or GPU memory.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-def collect(model_dir: Path, data: tuple[str, ...], output: Path, samples: int, seq_len: int, holdout: int, seed: int,
-            batch_size: int, device: str, dtype: str, stream_layers: bool, overwrite: bool) -> None:
-    """Run calibration text through MODEL_DIR once and write its per-expert statistics file.
+@click.option("--revision", help="Branch, tag or commit when MODEL is a Hub repo id (or write org/name@REV).")
+def collect(model: str, data: tuple[str, ...], output: Path, samples: int, seq_len: int, holdout: int, seed: int,
+            batch_size: int, device: str, dtype: str, stream_layers: bool, overwrite: bool, revision: str | None) -> None:
+    """Run calibration text through MODEL (a folder or a Hub repo id) once and write its per-expert statistics file.
 
     Routing (top-k ids and applied gate weights) is taken from the model itself; a self-check
     on the first batch compares our per-expert outputs with the MoE block's real output.
@@ -39,6 +40,9 @@ def collect(model_dir: Path, data: tuple[str, ...], output: Path, samples: int, 
 
     if output.exists() and not overwrite:
         raise UserError(f"{output}: already exists (use --overwrite to replace it)")
+    from .hub import resolve_model
+
+    model_dir = resolve_model(model, revision=revision, purpose="collect")
     summary = run_collect(model_dir, list(data), output, samples=samples, seq_len=seq_len, seed=seed,
                           batch_size=batch_size, holdout=holdout, device=device, dtype=dtype,
                           stream_layers=stream_layers, progress=True)

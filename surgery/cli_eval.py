@@ -14,7 +14,7 @@ from .evaluate import evaluate, format_report, load_model, load_tokenizer
 
 
 @click.command("eval")
-@click.argument("model", type=click.Path())
+@click.argument("model")
 @click.option(
     "-d", "--data", "data", multiple=True, required=True, type=click.Path(),
     help="Evaluation text: .jsonl (a 'text' field per line), .txt (blank-line separated "
@@ -36,25 +36,31 @@ from .evaluate import evaluate, format_report, load_model, load_tokenizer
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="Weights dtype; auto keeps the checkpoint's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
-def eval_cmd(model, data, reference, max_tokens, seq_len, batch_size, device, dtype, as_json):
-    """Measure the perplexity of MODEL (a local checkpoint folder with its tokenizer) on each
+@click.option("--revision", help="Branch, tag or commit when MODEL is a Hub repo id.")
+def eval_cmd(model, data, reference, max_tokens, seq_len, batch_size, device, dtype, as_json, revision):
+    """Measure the perplexity of MODEL (a local checkpoint folder or a Hub repo id) on each
     DATA file, plus the geometric mean over files.
 
     Each file is read in order and cut into non-overlapping windows of --seq-len tokens,
     up to --max-tokens per file. With --reference, also reports how far MODEL's next-token
     distributions moved from the reference's (both use MODEL's tokenizer).
     """
+    from .hub import is_repo_id, resolve_model
+    from .model_card import update_card_eval
+
     try:
-        for folder in [model] + ([reference] if reference else []):
+        model_dir = resolve_model(model, revision=revision, purpose="eval")
+        ref_dir = resolve_model(reference, purpose="eval") if reference else None
+        for folder in [model_dir] + ([ref_dir] if ref_dir else []):
             if not Path(folder).is_dir():
                 raise DataError(f"{folder}: no such model folder")
         for path in data:
             read_documents(path)  # fail on bad data before spending minutes loading a model
         device = _resolve_device(device)
         dtype = None if dtype == "auto" else dtype
-        tokenizer = load_tokenizer(model)
-        lm = load_model(model, device, dtype)
-        ref = load_model(reference, device, dtype) if reference else None
+        tokenizer = load_tokenizer(model_dir)
+        lm = load_model(model_dir, device, dtype)
+        ref = load_model(ref_dir, device, dtype) if ref_dir else None
         result = evaluate(lm, tokenizer, list(data), seq_len=seq_len, max_tokens=max_tokens,
                           batch_size=batch_size, reference=ref, device=device)
     except (DataError, OSError, ValueError) as e:
@@ -62,6 +68,8 @@ def eval_cmd(model, data, reference, max_tokens, seq_len, batch_size, device, dt
         click.echo(f"Error: {message}", err=True)
         sys.exit(2)
     click.echo(json.dumps(result, indent=2) if as_json else format_report(result))
+    if not is_repo_id(model) and update_card_eval(Path(model), result):
+        click.echo(f"Added the results to {model}/README.md", err=True)
 
 
 def _resolve_device(device: str) -> str:

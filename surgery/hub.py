@@ -13,11 +13,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import httpx2
 from huggingface_hub import CommitOperationAdd, HfApi, get_token, is_offline_mode, snapshot_download
 from huggingface_hub import errors as hf_errors
 
 from . import __version__
+
+try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
+    from httpx2 import TransportError
+except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
+    from httpx import TransportError
 from .errors import UserError
 from .io import INDEX_NAME, SINGLE_NAME
 
@@ -167,7 +171,7 @@ def _hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
     try:
         yield
     except (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, hf_errors.LocalTokenNotFoundError,
-            httpx2.TransportError, ConnectionError, TimeoutError) as e:
+            TransportError, ConnectionError, TimeoutError) as e:
         raise HubError(f"{repo_id}: {_describe(e, repo_id, revision)}") from None
 
 
