@@ -15,7 +15,7 @@ import torch
 
 from ..architectures import ArchSpec
 from ..errors import UserError
-from .accumulator import LayerAccumulator, holdout_accumulator
+from .accumulator import Assignments, LayerAccumulator, holdout_accumulator
 from .expert_math import SUPPORTED, expert_forward, router_probs
 
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
@@ -96,25 +96,33 @@ class Instrument:
 
     @torch.no_grad()
     def _run(self, b: MoEBlock, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The experts' combined output, computing each expert once on its tokens (sorted by expert)."""
         acc = self._acc(b)
-        num_experts = acc.E
+        num_experts, k = acc.E, idx.shape[1]
         full = acc.has("out_sum")
         probs = router_probs(b.router, self.spec.scoring, x) if full else None
         acc.add_tokens(probs, x.shape[0])
-        out = torch.zeros_like(x)
-        # f in the model's dtype (exactly as computed) and gates apart: half the memory of float32 g·f in bf16.
-        outs = torch.zeros(idx.shape[0], idx.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
-        for e in torch.unique(idx).tolist():
-            if e >= num_experts:
-                continue
-            tok, slot = torch.where(idx == e)
-            xe = x[tok]
-            g = w[tok, slot]
-            h, f = expert_forward(b.experts, self.spec.expert_math, e, xe)
-            contrib = f * g[:, None].to(f.dtype)
-            out.index_add_(0, tok, contrib.to(out.dtype))
-            outs[tok, slot] = f.to(outs.dtype)
-            acc.add_expert(e, xe, g, probs[tok, e] if full else None, h, f)
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        order = order[flat[order] < num_experts]  # ids == E mark masked slots in some routers
+        tok, slot = order // k, order % k
+        expert = flat[order]
+        counts = torch.bincount(expert, minlength=num_experts)
+        xs = x[tok]
+        g = w.reshape(-1)[order]
+        hs = xs.new_empty(xs.shape[0], acc.I)
+        fs = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                h, f = expert_forward(b.experts, self.spec.expert_math, e, xs[start:start + n])
+                hs[start:start + n], fs[start:start + n] = h, f
+                start += n
+        out = torch.zeros_like(x).index_add_(0, tok, (fs * g[:, None].to(fs.dtype)).to(x.dtype))
+        # Outputs in the model's dtype (exactly as computed) and gates apart: half the memory of float32 g·f.
+        outs = x.new_zeros(idx.shape[0], k, x.shape[1])
+        outs[tok, slot] = fs.to(x.dtype)
+        acc.add_assignments(Assignments(expert, counts, xs, g, probs[tok, expert] if full else None, hs, fs))
         acc.add_pairs(idx, w, outs)
         return out
 
