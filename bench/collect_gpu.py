@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -73,7 +75,6 @@ def main() -> None:
 
     from surgery.architectures import get_spec
     from surgery.collect.hooks import Instrument
-    from surgery.collect.run import collect
     from surgery.data import build_sequences
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -98,15 +99,19 @@ def main() -> None:
         inst.restore()
     result["collect_over_plain"] = result["collect_tokens_per_s"] / result["plain_tokens_per_s"]
     del model, base, inst
-    torch.cuda.empty_cache()
-
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    collect(path, args.data, args.workdir / "stream.safetensors", samples=args.samples, seq_len=args.seq_len,
-            batch_size=args.batch_size, holdout=0, device="cuda", dtype="bfloat16", stream_layers=True, progress=False)
-    result["stream_seconds"] = time.perf_counter() - t0
-    result["stream_peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    # Streaming runs in a fresh process so that its peak memory is its own.
+    code = (
+        "import json, sys, time, torch; from surgery.collect.run import collect; t0 = time.perf_counter(); "
+        f"collect({str(path)!r}, {args.data!r}, {str(args.workdir / 'stream.safetensors')!r}, samples={args.samples}, "
+        f"seq_len={args.seq_len}, batch_size={args.batch_size}, holdout=0, device='cuda', dtype='bfloat16', "
+        "stream_layers=True, progress=False); "
+        "print(json.dumps({'stream_seconds': time.perf_counter() - t0, "
+        "'stream_peak_gpu_mib': torch.cuda.max_memory_allocated() / 2**20}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    result.update(json.loads(out.strip().splitlines()[-1]))
     result["stream_peak_over_layer"] = result["stream_peak_gpu_mib"] / result["decoder_layer_mib"]
+    result["activations_mib_per_batch"] = args.batch_size * args.seq_len * 2048 * 2 / 2**20
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
