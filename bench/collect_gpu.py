@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--profile", action="store_true", help="Print the top GPU ops of one instrumented batch.")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -96,6 +97,13 @@ def main() -> None:
         result["full_peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         inst = Instrument(model, get_spec("qwen3_moe"), torch.device("cuda"), 3e-2)
         result["collect_tokens_per_s"] = timed_loop(lambda b: base(input_ids=b, use_cache=False), batches)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                base(input_ids=batches[1], use_cache=False)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
         inst.restore()
     result["collect_over_plain"] = result["collect_tokens_per_s"] / result["plain_tokens_per_s"]
     del model, base, inst

@@ -1,8 +1,8 @@
 """Float64 running sums of every schema field for one MoE layer (see stats_formats.schema).
 
-One batch is handled at once for all experts: the (token, expert) assignments arrive sorted by
-expert, so every per-expert sum is one segmented reduction instead of a Python loop over
-experts. Per-batch partial sums use float64 on the CPU and float32 on accelerators (where
+One batch is handled at once for all experts: every per-expert sum over the (token, expert)
+assignments is one product with the assignments' one-hot expert matrix (a GEMM, fast on
+accelerators) instead of a Python loop over experts. Per-batch partial sums use float64 on the CPU and float32 on accelerators (where
 float64 is slow), and are added into float64 accumulators.
 """
 
@@ -14,7 +14,7 @@ import torch
 
 from stats_formats.schema import FIELDS, HOLDOUT_FIELDS
 
-CHUNK = 16384  # assignments per reduction step: bounds the temporary [chunk, H] tensors
+CHUNK = 8192  # assignments per reduction step: bounds the temporary [chunk, H] tensors
 GRAM_CHUNK = 1024  # tokens per batched k×k Gram product
 
 
@@ -54,9 +54,6 @@ class LayerAccumulator:
         if probs is not None and self.has("prob_sum"):
             self.sums["prob_sum"] += probs.to(self.cd).sum(0).double()
 
-    def _seg(self, values: torch.Tensor, counts: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
-        kw = {"initial": 0.0} if reduce == "max" else {}
-        return torch.segment_reduce(values, reduce, lengths=counts, axis=0, **kw)
 
     def add_assignments(self, a: Assignments) -> None:
         """Every per-expert field, from assignments sorted by expert."""
@@ -65,34 +62,37 @@ class LayerAccumulator:
         for start in range(0, a.expert.numel(), CHUNK):
             sl = slice(start, start + CHUNK)
             e = a.expert[sl]
-            counts = torch.bincount(e, minlength=self.E)
+            onehot = torch.nn.functional.one_hot(e, self.E).T.to(cd)  # [E, A]
+            seg = lambda v: (onehot @ v).double()  # noqa: E731 - per-expert sums of rows of v
             f = a.f[sl].to(cd)
             g = a.g[sl].to(cd)
             norm = f.norm(dim=-1)
             ones = torch.ones_like(g)
-            powers_n = torch.stack([ones, norm, norm * norm])  # [3, A]
-            gp = torch.stack([ones, g, g * g])
-            s["moment_g"] += self._seg((gp[:, None] * powers_n[None]).permute(2, 0, 1).contiguous(), counts).permute(1, 2, 0).double()
+            powers_n = torch.stack([ones, norm, norm * norm], 1)  # [A, 3]
+            gp = torch.stack([ones, g, g * g], 1)
+            s["moment_g"] += seg((gp[:, :, None] * powers_n[:, None, :]).reshape(-1, 9)).T.reshape(3, 3, self.E)
             if not self.has("out_sum"):
                 continue
             p = a.p[sl].to(cd)
-            pp = torch.stack([ones, p, p * p])
-            s["moment_p"] += self._seg((pp[:, None] * powers_n[None]).permute(2, 0, 1).contiguous(), counts).permute(1, 2, 0).double()
-            s["out_sum"] += self._seg(f, counts).double()
-            s["out_sq_sum"] += self._seg(f * f, counts).double()
+            pp = torch.stack([ones, p, p * p], 1)
+            s["moment_p"] += seg((pp[:, :, None] * powers_n[:, None, :]).reshape(-1, 9)).T.reshape(3, 3, self.E)
             safe = torch.where(norm > 0, norm, ones)
-            s["out_unit_sum"] += self._seg(f / safe[:, None], counts).double()
-            s["out_norm_max"] = torch.maximum(s["out_norm_max"], self._seg(norm, counts, "max").double())
+            s["out_sum"] += seg(f)
+            s["out_sq_sum"] += seg(f * f)
+            s["out_unit_sum"] += seg(f / safe[:, None])
+            peak = torch.zeros(self.E, dtype=cd, device=norm.device).scatter_reduce_(0, e, norm, "amax")
+            s["out_norm_max"] = torch.maximum(s["out_norm_max"], peak.double())
+            del f
             g2 = (g * g)[:, None]
-            x = a.x[sl].to(cd)
-            x2 = x * x
-            s["in_sq_sum"] += self._seg(x2, counts).double()
-            s["in_gsq_sum"] += self._seg(g2 * x2, counts).double()
+            x2 = a.x[sl].to(cd).square_()  # in place: the gathered inputs are not used after this
+            s["in_sq_sum"] += seg(x2)
+            s["in_gsq_sum"] += seg(x2.mul_(g2))
+            del x2
             h = a.h[sl].to(cd)
-            h2 = h * h
-            s["inter_norm_sum"] += self._seg(h.norm(dim=-1), counts).double()
-            s["inter_sq_sum"] += self._seg(h2, counts).double()
-            s["inter_gsq_sum"] += self._seg(g2 * h2, counts).double()
+            s["inter_norm_sum"] += seg(h.norm(dim=-1)[:, None])[:, 0]
+            h2 = h.square_()
+            s["inter_sq_sum"] += seg(h2)
+            s["inter_gsq_sum"] += seg(h2.mul_(g2))
 
     def add_pairs(self, idx: torch.Tensor, gates: torch.Tensor, outs: torch.Tensor) -> None:
         """Co-selection and Gram over each token's selected experts: ids [T, k], gates [T, k], outputs f [T, k, H]."""

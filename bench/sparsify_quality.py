@@ -1,0 +1,104 @@
+"""Quality of weight sparsity inside experts: magnitude vs Wanda vs MoE-Pruner, unstructured and N:M.
+
+For each pattern and method: sparsify the checkpoint, then evaluate perplexity per eval file,
+the geometric mean, and KL / top-1 agreement against the dense model. The paper's claim to
+check is moe-pruner < wanda < magnitude in perplexity. Writes JSON lines (one per run) and
+prints a Markdown table.
+
+  python bench/sparsify_quality.py --model ../shared/fixtures/qwen3-moe-tiny --stats stats.safetensors \
+      --eval ../shared/data/eval [--patterns unstructured 2:4] [--out results.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from surgery.evaluate import evaluate, load_model, load_tokenizer
+from surgery.sparsify import METHODS, sparsify_checkpoint
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    eval_files = sorted(str(p) for p in Path(args.eval).glob("*.jsonl")) if Path(args.eval).is_dir() else [args.eval]
+    tokenizer = load_tokenizer(args.model)
+    reference = load_model(args.model, device=args.device, dtype=torch.float32)
+    kw = dict(seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device,
+              progress=False)
+    base = evaluate(reference, tokenizer, eval_files, **kw)
+    rows = [{"pattern": "dense", "method": "-", "achieved": 0.0, **_flat(base, base)}]
+    _emit(rows[-1], args.out)
+    work = Path(tempfile.mkdtemp(prefix="sparsify-quality-", dir=args.tmp))
+    try:
+        for pattern in args.patterns:
+            for method in args.methods:
+                t0 = time.perf_counter()
+                out = work / f"{method}-{pattern.replace(':', 'of')}"
+                section = sparsify_checkpoint(args.model, None if method == "magnitude" else args.stats, out,
+                                              sparsity=args.sparsity if pattern == "unstructured" else None,
+                                              pattern=pattern, method=method)
+                model = load_model(out, device=args.device, dtype=torch.float32)
+                r = evaluate(model, tokenizer, eval_files, reference=reference, **kw)
+                rows.append({"pattern": pattern, "method": method, "achieved": section["achieved"],
+                             **_flat(r, base), "seconds": time.perf_counter() - t0})
+                _emit(rows[-1], args.out)
+                del model
+                shutil.rmtree(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def _flat(r: dict, base: dict) -> dict:
+    out = {"geomean_ppl": r["geomean_ppl"], "delta": r["geomean_ppl"] / base["geomean_ppl"] - 1,
+           "ppl": {f["domain"]: f["ppl"] for f in r["files"]}}
+    if "kl" in r:
+        out.update(kl=r["kl"], top1=r["top1"])
+    return out
+
+
+def _emit(row: dict, out: Path | None) -> None:
+    line = json.dumps(row)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def markdown(rows: list[dict]) -> str:
+    """One row per (pattern, method): achieved sparsity, geomean ppl, Δ, KL, top-1, then ppl per domain."""
+    domains = list(rows[0]["ppl"])
+    head = ["pattern", "method", "zeros", "geomean ppl", "Δ ppl", "KL", "top-1", *domains]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["pattern"], r["method"], f"{r['achieved']:.1%}", f"{r['geomean_ppl']:.3f}", f"{r['delta']:+.1%}",
+                 f"{r.get('kl', 0):.4f}", f"{r.get('top1', 1):.3f}", *(f"{r['ppl'][d]:.3f}" for d in domains)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--stats", required=True, help="Statistics file collected on --model.")
+    ap.add_argument("--eval", required=True, help="Folder of eval .jsonl files (or one file).")
+    ap.add_argument("--sparsity", type=float, default=0.5, help="Unstructured sparsity (N:M implies its own).")
+    ap.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"])
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=["magnitude", "wanda", "moe-pruner"])
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=8192, help="Tokens per eval file.")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, help="Append JSON lines here.")
+    ap.add_argument("--tmp", default=None, help="Where sparsified checkpoints are written (deleted after each run).")
+    args = ap.parse_args()
+    print(markdown(run(args)))
+
+
+if __name__ == "__main__":
+    main()
