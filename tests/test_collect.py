@@ -281,13 +281,13 @@ def test_bad_data_exits_2(name: str, model, root: Path, tmp_path: Path, cli) -> 
 def _wrong_expert_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     import surgery.collect.hooks as hooks
 
-    real = hooks.expert_forward
+    real = hooks.grouped_forward
 
-    def wrong(experts, kind, e, x):
-        h, f = real(experts, kind, e, x)
+    def wrong(experts, kind, x, expert, counts):
+        h, f = real(experts, kind, x, expert, counts)
         return h, f * 1.5
 
-    monkeypatch.setattr(hooks, "expert_forward", wrong)
+    monkeypatch.setattr(hooks, "grouped_forward", wrong)
 
 
 @pytest.mark.parametrize("stream_layers", [False, True], ids=["plain", "stream"])

@@ -15,7 +15,7 @@ import torch
 from stats_formats.schema import FIELDS, HOLDOUT_FIELDS
 
 CHUNK = 8192  # assignments per reduction step: bounds the temporary [chunk, H] tensors
-GRAM_CHUNK = 1024  # tokens per batched k×k Gram product
+GRAM_CHUNK = 2048  # tokens per batched k×k Gram product
 
 
 @dataclass
@@ -95,21 +95,24 @@ class LayerAccumulator:
             s["inter_gsq_sum"] += seg(h2.mul_(g2))
 
     def add_pairs(self, idx: torch.Tensor, gates: torch.Tensor, outs: torch.Tensor) -> None:
-        """Co-selection and Gram over each token's selected experts: ids [T, k], gates [T, k], outputs f [T, k, H]."""
-        valid = (idx < self.E).to(self.cd)
-        idx = idx.clamp(max=self.E - 1)
-        k = idx.shape[1]
-        rows = idx[:, :, None].expand(-1, -1, k)
-        cols = idx[:, None, :].expand(-1, k, -1)
-        vv = valid[:, :, None] * valid[:, None, :]
-        if self.has("coselect"):
-            self.sums["coselect"].index_put_((rows.reshape(-1), cols.reshape(-1)), vv.reshape(-1).double(), accumulate=True)
+        """Co-selection and Gram over each token's selected experts: ids [T, k], gates [T, k], outputs f [T, k, H].
+
+        With O the tokens' one-hot expert matrix [T, k, E] and D_t = Y_t Y_tᵀ the k×k dot products of
+        the gated outputs, K = Σ_t O_tᵀ D_t O_t and C = Σ_t (Σ_k O_t)ᵀ(Σ_k O_t): GEMMs, no scattered atomics.
+        """
+        cd = self.cd
+        valid = (idx < self.E).to(cd)
+        onehot = torch.nn.functional.one_hot(idx.clamp(max=self.E - 1), self.E).to(cd) * valid[:, :, None]
         for start in range(0, idx.shape[0], GRAM_CHUNK):
             sl = slice(start, start + GRAM_CHUNK)
-            y = outs[sl].to(self.cd) * gates[sl, :, None].to(self.cd)
-            dots = torch.bmm(y, y.transpose(1, 2)) * vv[sl]
-            self.sums["gram"].index_put_((rows[sl].reshape(-1), cols[sl].reshape(-1)), dots.reshape(-1).double(),
-                                         accumulate=True)
+            o = onehot[sl]
+            if self.has("coselect"):
+                per_token = o.sum(1)
+                self.sums["coselect"] += (per_token.T @ per_token).double()
+            y = outs[sl].to(cd) * gates[sl, :, None].to(cd)
+            dots = torch.bmm(y, y.transpose(1, 2))
+            flat = o.reshape(-1, self.E)
+            self.sums["gram"] += (flat.T @ torch.bmm(dots, o).reshape(-1, self.E)).double()
 
 
 def holdout_accumulator(num_experts: int, hidden: int, inter: int, device) -> LayerAccumulator:

@@ -24,6 +24,37 @@ def expert_forward(experts: torch.nn.Module, kind: str, e: int, x: torch.Tensor)
     raise ValueError(f"no expert formula {kind!r}")
 
 
+def grouped_forward(experts: torch.nn.Module, kind: str, x: torch.Tensor, expert: torch.Tensor,
+                    counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, f) for assignments sorted by expert: grouped GEMMs (one kernel per projection) where
+    transformers provides them for this device and dtype, else one GEMM per expert."""
+    try:
+        from transformers.integrations.moe import _grouped_linear
+    except ImportError:
+        _grouped_linear = None
+    if _grouped_linear is None or kind not in SUPPORTED:
+        return _looped(experts, kind, x, counts)
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    if kind == "glu_halves":
+        gate, up = _grouped_linear(x, experts.gate_up_proj, offs).chunk(2, dim=-1)
+        h = experts.act_fn(gate) * up
+        return h, _grouped_linear(h, experts.down_proj, offs)
+    h = experts._apply_gate(_grouped_linear(x, experts.gate_up_proj, offs, bias=experts.gate_up_proj_bias[expert],
+                                            is_transposed=True))
+    return h, _grouped_linear(h, experts.down_proj, offs, bias=experts.down_proj_bias[expert], is_transposed=True)
+
+
+def _looped(experts: torch.nn.Module, kind: str, x: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    hs, fs, start = [], [], 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            h, f = expert_forward(experts, kind, e, x[start:start + n])
+            hs.append(h)
+            fs.append(f)
+            start += n
+    return torch.cat(hs), torch.cat(fs)
+
+
 def router_probs(router: torch.nn.Module, scoring: str, x: torch.Tensor) -> torch.Tensor:
     """p over all experts (float32): softmax of the logits, or sigmoid for sigmoid routers."""
     logits = F.linear(x.float(), router.weight.float(), None if getattr(router, "bias", None) is None else router.bias.float())
