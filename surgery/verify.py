@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .architectures import check_shapes, resolve
 from .io import Checkpoint
+from .sparsify import check_nm
 
 
 def verify_checkpoint(path: str | Path) -> list[str]:
@@ -28,6 +29,7 @@ def verify_checkpoint(path: str | Path) -> list[str]:
         if declared is not None and int(declared) != actual:
             problems.append(f"{ckpt.dir}/model.safetensors.index.json: total_size {declared} != {actual} bytes of tensors")
     ckpt.close()
+    problems += check_nm(path)
     return problems
 
 
