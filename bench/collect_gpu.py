@@ -58,6 +58,35 @@ def timed_loop(fn, batches: list[torch.Tensor]) -> float:
     return sum(b.numel() for b in batches[1:]) / (time.perf_counter() - t0)
 
 
+def compare_paths(inst) -> float:
+    """Largest relative difference between the Triton and the torch accumulation on random assignments."""
+    from surgery.collect import accumulator as accmod
+    from surgery.collect.accumulator import Assignments, LayerAccumulator
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    e, h, i, n = 48, 2048, 768, 20000
+    expert = torch.sort(torch.randint(0, e, (n,), device="cuda", generator=gen)).values
+    a = Assignments(expert, torch.bincount(expert, minlength=e),
+                    torch.randn(n, h, device="cuda", generator=gen).bfloat16(),
+                    torch.rand(n, device="cuda", generator=gen), torch.rand(n, device="cuda", generator=gen),
+                    torch.randn(n, i, device="cuda", generator=gen).bfloat16(),
+                    torch.randn(n, h, device="cuda", generator=gen).bfloat16())
+    fused = LayerAccumulator(e, h, i, "cuda")
+    fused.add_assignments(a)
+    plain = LayerAccumulator(e, h, i, "cuda")
+    saved = accmod.segment_sums.available
+    accmod.segment_sums.available = lambda device: False
+    try:
+        plain.add_assignments(a)
+    finally:
+        accmod.segment_sums.available = saved
+    worst = 0.0
+    for name, t in fused.sums.items():
+        ref = plain.sums[name]
+        worst = max(worst, ((t - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item())
+    return worst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", nargs="+", required=True)
@@ -106,6 +135,7 @@ def main() -> None:
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
         inst.restore()
     result["collect_over_plain"] = result["collect_tokens_per_s"] / result["plain_tokens_per_s"]
+    result["fused_vs_torch_max_rel_diff"] = compare_paths(inst)
     del model, base, inst
     # Streaming runs in a fresh process so that its peak memory is its own.
     code = (

@@ -14,6 +14,8 @@ import torch
 
 from stats_formats.schema import FIELDS, HOLDOUT_FIELDS
 
+from . import segment_sums
+
 CHUNK = 8192  # assignments per reduction step: bounds the temporary [chunk, H] tensors
 GRAM_CHUNK = 2048  # tokens per batched k×k Gram product
 
@@ -57,6 +59,9 @@ class LayerAccumulator:
 
     def add_assignments(self, a: Assignments) -> None:
         """Every per-expert field, from assignments sorted by expert."""
+        if self.has("out_sum") and segment_sums.available(self.device):
+            self._add_fused(a)
+            return
         s, cd = self.sums, self.cd
         s["count"] += a.counts.double()
         for start in range(0, a.expert.numel(), CHUNK):
@@ -93,6 +98,40 @@ class LayerAccumulator:
             h2 = h.square_()
             s["inter_sq_sum"] += seg(h2)
             s["inter_gsq_sum"] += seg(h2.mul_(g2))
+
+    def _add_fused(self, a: Assignments) -> None:
+        """The GPU path: vector fields in one Triton pass per matrix, scalar fields by one small GEMM."""
+        s = self.sums
+        s["count"] += a.counts.double()
+        f32 = torch.float32
+        norm = a.f.to(f32).norm(dim=-1)
+        g, p = a.g.to(f32), a.p.to(f32)
+        g2 = g * g
+        inv = 1.0 / torch.where(norm > 0, norm, torch.ones_like(norm))
+        fo = segment_sums.segment_sums(a.f, a.counts, a=inv, with_sum=True)
+        xo = segment_sums.segment_sums(a.x, a.counts, b=g2)
+        ho = segment_sums.segment_sums(a.h, a.counts, b=g2)
+        s["out_sum"] += fo["sum"].double()
+        s["out_sq_sum"] += fo["sq"].double()
+        s["out_unit_sum"] += fo["a"].double()
+        s["in_sq_sum"] += xo["sq"].double()
+        s["in_gsq_sum"] += xo["b"].double()
+        s["inter_sq_sum"] += ho["sq"].double()
+        s["inter_gsq_sum"] += ho["b"].double()
+        ones = torch.ones_like(g)
+        powers_n = torch.stack([ones, norm, norm * norm], 1)
+        gp = torch.stack([ones, g, g2], 1)
+        pp = torch.stack([ones, p, p * p], 1)
+        scalars = torch.cat([(gp[:, :, None] * powers_n[:, None, :]).reshape(-1, 9),
+                             (pp[:, :, None] * powers_n[:, None, :]).reshape(-1, 9),
+                             a.h.to(f32).norm(dim=-1)[:, None]], 1)  # [A, 19]
+        onehot = torch.nn.functional.one_hot(a.expert, self.E).T.to(f32)
+        sums = (onehot @ scalars).double()  # [E, 19]
+        s["moment_g"] += sums[:, :9].T.reshape(3, 3, self.E)
+        s["moment_p"] += sums[:, 9:18].T.reshape(3, 3, self.E)
+        s["inter_norm_sum"] += sums[:, 18]
+        peak = torch.zeros(self.E, dtype=f32, device=norm.device).scatter_reduce_(0, a.expert, norm, "amax")
+        s["out_norm_max"] = torch.maximum(s["out_norm_max"], peak.double())
 
     def add_pairs(self, idx: torch.Tensor, gates: torch.Tensor, outs: torch.Tensor) -> None:
         """Co-selection and Gram over each token's selected experts: ids [T, k], gates [T, k], outputs f [T, k, H].
