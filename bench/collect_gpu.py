@@ -137,19 +137,22 @@ def main() -> None:
     result["collect_over_plain"] = result["collect_tokens_per_s"] / result["plain_tokens_per_s"]
     result["fused_vs_torch_max_rel_diff"] = compare_paths(inst)
     del model, base, inst
-    # Streaming runs in a fresh process so that its peak memory is its own.
-    code = (
-        "import json, sys, time, torch; from surgery.collect.run import collect; t0 = time.perf_counter(); "
-        f"collect({str(path)!r}, {args.data!r}, {str(args.workdir / 'stream.safetensors')!r}, samples={args.samples}, "
-        f"seq_len={args.seq_len}, batch_size={args.batch_size}, holdout=0, device='cuda', dtype='bfloat16', "
-        "stream_layers=True, progress=False); "
-        "print(json.dumps({'stream_seconds': time.perf_counter() - t0, "
-        "'stream_peak_gpu_mib': torch.cuda.max_memory_allocated() / 2**20}))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    result.update(json.loads(out.strip().splitlines()[-1]))
-    result["stream_peak_over_layer"] = result["stream_peak_gpu_mib"] / result["decoder_layer_mib"]
-    result["activations_mib_per_batch"] = args.batch_size * args.seq_len * 2048 * 2 / 2**20
+    # Streaming runs in a fresh process so that its peak memory is its own; at the benchmark's batch size and at 1.
+    for bs, tag in ((args.batch_size, "stream"), (1, "stream_bs1")):
+        code = (
+            "import json, sys, time, torch; from surgery.collect.run import collect; t0 = time.perf_counter(); "
+            f"collect({str(path)!r}, {args.data!r}, {str(args.workdir / 'stream.safetensors')!r}, samples={args.samples}, "
+            f"seq_len={args.seq_len}, batch_size={bs}, holdout=0, device='cuda', dtype='bfloat16', "
+            "stream_layers=True, progress=False); "
+            "print(json.dumps({'seconds': time.perf_counter() - t0, "
+            "'peak_gpu_mib': torch.cuda.max_memory_allocated() / 2**20}))"
+        )
+        out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                        check=True).stdout.strip().splitlines()[-1])
+        result[f"{tag}_seconds"] = out["seconds"]
+        result[f"{tag}_peak_gpu_mib"] = out["peak_gpu_mib"]
+        result[f"{tag}_peak_over_layer"] = out["peak_gpu_mib"] / result["decoder_layer_mib"]
+        result[f"{tag}_hidden_states_mib_per_batch"] = bs * args.seq_len * 2048 * 2 / 2**20
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

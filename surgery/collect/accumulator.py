@@ -104,7 +104,7 @@ class LayerAccumulator:
         s = self.sums
         s["count"] += a.counts.double()
         f32 = torch.float32
-        norm = a.f.to(f32).norm(dim=-1)
+        norm = torch.linalg.vector_norm(a.f, dim=-1, dtype=f32)
         g, p = a.g.to(f32), a.p.to(f32)
         g2 = g * g
         inv = 1.0 / torch.where(norm > 0, norm, torch.ones_like(norm))
@@ -124,7 +124,7 @@ class LayerAccumulator:
         pp = torch.stack([ones, p, p * p], 1)
         scalars = torch.cat([(gp[:, :, None] * powers_n[:, None, :]).reshape(-1, 9),
                              (pp[:, :, None] * powers_n[:, None, :]).reshape(-1, 9),
-                             a.h.to(f32).norm(dim=-1)[:, None]], 1)  # [A, 19]
+                             torch.linalg.vector_norm(a.h, dim=-1, dtype=f32)[:, None]], 1)  # [A, 19]
         onehot = torch.nn.functional.one_hot(a.expert, self.E).T.to(f32)
         sums = (onehot @ scalars).double()  # [E, 19]
         s["moment_g"] += sums[:, :9].T.reshape(3, 3, self.E)

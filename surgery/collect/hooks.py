@@ -108,19 +108,20 @@ class Instrument:
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         order = order[flat[order] < num_experts]  # ids == E mark masked slots in some routers
-        tok, slot = order // k, order % k
+        tok = order // k
         expert = flat[order]
         counts = torch.bincount(expert, minlength=num_experts)
         xs = x[tok]
         g = w.reshape(-1)[order]
         hs, fs = grouped_forward(b.experts, self.spec.expert_math, xs, expert, counts)
-        out = torch.zeros_like(x).index_add_(0, tok, (fs * g[:, None].to(fs.dtype)).to(x.dtype))
-        # Outputs in the model's dtype (exactly as computed) and gates apart: half the memory of float32 g·f.
-        outs = x.new_zeros(idx.shape[0], k, x.shape[1])
-        outs[tok, slot] = fs.to(x.dtype)
+        # Outputs back in token order [T, k, H], in the model's dtype (exactly as computed), gates apart.
+        outs = x.new_zeros(idx.shape[0] * k, x.shape[1]).index_copy_(0, order, fs.to(x.dtype)).view(idx.shape[0], k, -1)
+        gates = torch.zeros(idx.shape[0] * k, dtype=w.dtype, device=w.device).index_copy_(0, order, g).view(-1, k)
         acc.add_assignments(Assignments(expert, counts, xs, g, probs[tok, expert] if full else None, hs, fs))
-        acc.add_pairs(idx, w, outs)
-        return out
+        del xs, hs, fs
+        acc.add_pairs(idx, gates, outs)
+        # Σ_k g·f per token as a batched (1×k)·(k×H) product: no scattered adds, no [T, k, H] temporary.
+        return torch.bmm(gates.to(x.dtype)[:, None, :], outs)[:, 0]
 
     def _self_check(self, b: MoEBlock, ours: torch.Tensor, theirs: torch.Tensor) -> None:
         self.check_pending.discard(b.layer)
