@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -194,32 +197,29 @@ def rewrite_checkpoint(
     config = rewrite_config(ckpt.config, layout, new_count, id_maps, None if uniform else counts)
 
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        hashes: dict[str, str] = {}
-        weight_map: dict[str, str] = {}
-        total_size = 0
-        total_params = 0
         bar = tqdm(total=sum(t.nbytes for ts in per_shard.values() for t in ts), unit="B", unit_scale=True,
                    desc="Writing shards", disable=not progress)
-        for shard in ckpt.shard_names:
+
+        def write_one(shard: str) -> tuple[int, str | None]:
+            """One output shard (and the source shard's sha256): shards are independent, so they run in parallel."""
             tensors = per_shard[shard]
             if not tensors:
-                if hash_shards:
-                    hashes[shard] = _sha256(ckpt.dir / shard)
-                continue
+                return 0, _sha256(ckpt.dir / shard) if hash_shards else None
             meta = ckpt.files[shard].metadata or {"format": "pt"}
             if hash_shards:
-                size, hashes[shard] = write_safetensors_hashing(tmp / names[shard], tensors, meta, ckpt.files[shard])
+                size, digest = write_safetensors_hashing(tmp / names[shard], tensors, meta, ckpt.files[shard])
             else:
-                size = write_safetensors(tmp / names[shard], tensors, meta)
-            total_size += size
-            for t in tensors:
-                weight_map[t.name] = names[shard]
-                n = 1
-                for d in t.shape:
-                    n *= d
-                total_params += n
-                bar.update(t.nbytes)
+                size, digest = write_safetensors(tmp / names[shard], tensors, meta), None
+            bar.update(sum(t.nbytes for t in tensors))
+            return size, digest
+
+        with ThreadPoolExecutor(max_workers=min(len(ckpt.shard_names), os.cpu_count() or 1, 8)) as pool:
+            results = dict(zip(ckpt.shard_names, pool.map(write_one, ckpt.shard_names)))
         bar.close()
+        hashes = {s: d for s, (_, d) in results.items() if d is not None}
+        total_size = sum(size for size, _ in results.values())
+        weight_map = {t.name: names[s] for s in nonempty for t in per_shard[s]}
+        total_params = sum(math.prod(t.shape) for s in nonempty for t in per_shard[s])
         if ckpt.index is not None or len(nonempty) > 1:
             index = dict(ckpt.index or {})
             metadata = dict(index.get("metadata") or {})
