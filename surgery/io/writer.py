@@ -17,7 +17,7 @@ from typing import Iterator
 from .safetensors_file import CheckpointError, SafetensorsFile, nbytes
 
 CHUNK = 64 * 1024 * 1024
-HASH_CHUNK = 16 * 1024 * 1024
+HASH_CHUNK = 8 * 1024 * 1024
 
 
 @dataclass
