@@ -26,10 +26,14 @@ from .errors import UserError
               show_default=True, help="Model dtype; auto = bfloat16 on GPU, float32 on CPU. Sums are float64.")
 @click.option("--stream-layers", is_flag=True,
               help="Materialise one decoder layer at a time from the shards: for models larger than RAM or GPU memory.")
+@click.option("--hidden-states", type=click.Choice(["auto", "gpu", "cpu", "disk"]), default="auto", show_default=True,
+              help="With --stream-layers: where the hidden states between layers are kept; auto = accelerator if "
+                   "they fit, else RAM, else a memory-mapped file beside OUTPUT.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--revision", help="Branch, tag or commit when MODEL is a Hub repo id (or write org/name@REV).")
 def collect(model: str, data: tuple[str, ...], output: Path, samples: int, seq_len: int, holdout: int, seed: int,
-            batch_size: int, device: str, dtype: str, stream_layers: bool, overwrite: bool, revision: str | None) -> None:
+            batch_size: int, device: str, dtype: str, stream_layers: bool, hidden_states: str, overwrite: bool,
+            revision: str | None) -> None:
     """Run calibration text through MODEL (a folder or a Hub repo id) once and write its per-expert statistics file.
 
     Routing (top-k ids and applied gate weights) is taken from the model itself; a self-check
@@ -45,7 +49,7 @@ def collect(model: str, data: tuple[str, ...], output: Path, samples: int, seq_l
     model_dir = resolve_model(model, revision=revision, purpose="collect")
     summary = run_collect(model_dir, list(data), output, samples=samples, seq_len=seq_len, seed=seed,
                           batch_size=batch_size, holdout=holdout, device=device, dtype=dtype,
-                          stream_layers=stream_layers, progress=True)
+                          stream_layers=stream_layers, hidden_states=hidden_states, progress=True)
     if summary.rank == 0:
         for line in summary.lines():
             click.echo(line)

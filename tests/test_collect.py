@@ -381,3 +381,14 @@ def test_stream_layers_same_file(model_type: str, layout: str, model, data_file:
     aligned()
     plain_aligned = run_collect(src, [data_file], root / f"plain-aligned-{name}.safetensors")
     same_file(streamed, plain_aligned, SAME_TOL)
+
+
+@pytest.mark.parametrize("where", ["cpu", "disk"])
+def test_stream_hidden_states_placement(where: str, model, data_file: Path, root: Path, tmp_path: Path) -> None:
+    """Hidden states kept in RAM or in a memory-mapped file give the same statistics, and no spill file remains."""
+    src = model("qwen3_moe", "per-expert")
+    out = tmp_path / "stats.safetensors"
+    got = run_collect(src, [data_file], out, stream_layers=True, hidden_states=where)
+    ref = run_collect(src, [data_file], root / f"stream-ref-{where}.safetensors", stream_layers=True, hidden_states="cpu")
+    same_file(got, ref, SAME_TOL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.safetensors"]

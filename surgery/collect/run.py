@@ -20,6 +20,7 @@ from ..fingerprint import config_sha256, router_sha256
 from ..io import Checkpoint
 from .accumulator import LayerAccumulator
 from .hooks import Instrument
+from .progressive import RouterMask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -88,9 +89,15 @@ def collect(
     device: str | None = None,
     dtype: str | None = None,
     stream_layers: bool = False,
+    hidden_states: str = "auto",
     progress: bool = True,
+    progressive: dict[int, list[int]] | None = None,
 ) -> CollectSummary:
-    """Run the calibration text through the model once and write the schema-v1 statistics file."""
+    """Run the calibration text through the model once and write the schema-v1 statistics file.
+
+    `progressive` ({layer: kept expert ids}): those layers behave as pruned while collecting
+    (see surgery.collect.progressive); their dropped experts get zero statistics.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     model_dir = str(model_dir)
@@ -98,6 +105,7 @@ def collect(
     layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
     identity = {"config_sha256": config_sha256(ckpt.config), "router_sha256": router_sha256(ckpt, layout)}
     ckpt.close()
+    masked = _progressive_layers(layout, progressive)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     rank, world = _dist()
@@ -125,12 +133,14 @@ def collect(
         for flag, bs in ((False, batches), (True, held_batches)):
             if bs:
                 stream_forward(model_dir, config, layout, bs, dev, dt, progress=progress and rank == 0,
-                               on_model=lambda m, f=flag: holder.setdefault(f, _instrument(m, layout.spec, dev, tol, f)))
+                               hidden_states=hidden_states, spill_dir=Path(output).resolve().parent,
+                               on_model=lambda m, f=flag: holder.setdefault(f, _instrument(m, layout.spec, dev, tol, f, masked)))
         main_accs = holder[False].main if False in holder else {}
         held_accs = holder[True].held if True in holder else {}
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).to(dev).eval()
         inst = Instrument(model, layout.spec, dev, tol)
+        mask = RouterMask(model, layout.spec, masked)
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         total = sum(b.numel() for b in batches) + sum(b.numel() for b in held_batches)
         bar = tqdm(total=total, unit="tok", unit_scale=True, desc="Collecting", disable=not progress or rank != 0)
@@ -143,6 +153,7 @@ def collect(
                         bar.update(b.numel())
         finally:
             bar.close()
+            mask.restore()
             inst.restore()
         main_accs, held_accs = inst.main, inst.held
     seconds = time.perf_counter() - start
@@ -174,6 +185,8 @@ def collect(
         "seed": int(seed),
         "holdout_sequences": int(held_ids.shape[0]) if held_accs else 0,
     }
+    if masked:
+        calibration["progressive_plan"] = {str(layer): ids for layer, ids in sorted(masked.items())}
     summary = CollectSummary(n_tokens, n_held, seconds, rank=rank)
     for layer, acc in main_accs.items():
         summary.dead_experts[layer] = int((acc.sums["count"] == 0).sum().item())
@@ -189,10 +202,21 @@ def collect(
     return summary
 
 
-def _instrument(model, spec, dev, tol, holdout_flag: bool) -> Instrument:
+def _instrument(model, spec, dev, tol, holdout_flag: bool, masked: dict[int, list[int]]) -> Instrument:
     inst = Instrument(model, spec, dev, tol)
     inst.holdout = holdout_flag
+    RouterMask(model, spec, masked)  # the streamed model is discarded afterwards: nothing to restore
     return inst
+
+
+def _progressive_layers(layout, keep: dict[int, list[int]] | None) -> dict[int, list[int]]:
+    """The validated plan restricted to layers transformers runs (MTP layers are never built)."""
+    if not keep:
+        return {}
+    from ..rewrite import complete_plan
+
+    full = complete_plan(layout, keep, "progressive plan")
+    return {layer: ids for layer, ids in full.items() if layer < layout.num_hidden_layers}
 
 
 def _dims(accs: dict[int, LayerAccumulator]) -> tuple[int, int]:

@@ -4,12 +4,15 @@ The model is built on the meta device. One pass with every decoder layer replace
 identity records the exact arguments the model passes to each layer (masks, rotary
 embeddings, positions) for each batch; then, layer by layer, weights are read from the
 safetensors shards, every batch goes through the layer, and the layer is freed. Hidden
-states between layers stay on the storage device (CPU by default). Peak accelerator memory
-is one decoder layer plus one batch of activations.
+states between layers stay where space allows (`HiddenStore`): on the accelerator, in RAM,
+or in a memory-mapped file on disk. Peak accelerator memory is one decoder layer plus one
+batch of activations (plus the stored hidden states when they are kept on the accelerator).
 """
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -23,6 +26,70 @@ from ..io import Checkpoint
 
 class StreamingError(UserError):
     """The architecture cannot be streamed (a parameter has no on-disk tensor)."""
+
+
+class HiddenStore:
+    """Hidden states of every batch between two layers, on "gpu", "cpu" or "disk" (a memory-mapped file).
+
+    "auto" picks the first place where all of them fit with room to spare: accelerator memory,
+    then available RAM, then a temporary file next to the statistics output.
+    """
+
+    def __init__(self, where: str, device: torch.device, total_bytes: int, spill_dir: Path):
+        self.where = _choose(where, device, total_bytes)
+        self.device = device
+        self.spill_dir = spill_dir
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.items: list[torch.Tensor] = []
+
+    def _disk_tensor(self, like: torch.Tensor, index: int) -> torch.Tensor:
+        if self._tmp is None:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            self._tmp = tempfile.TemporaryDirectory(prefix=".hidden-", dir=self.spill_dir)
+        path = Path(self._tmp.name) / f"batch{index}.bin"
+        path.write_bytes(b"")
+        return torch.from_file(str(path), shared=True, size=like.numel(), dtype=like.dtype).view(like.shape)
+
+    def put(self, index: int, value: torch.Tensor) -> None:
+        if self.where == "gpu":
+            stored = value.to(self.device)
+        elif self.where == "cpu":
+            stored = value.to("cpu")
+        else:
+            stored = self.items[index] if index < len(self.items) else self._disk_tensor(value, index)
+            stored.copy_(value)
+        if index < len(self.items):
+            self.items[index] = stored
+        else:
+            self.items.append(stored)
+
+    def get(self, index: int) -> torch.Tensor:
+        return self.items[index].to(self.device)
+
+    def close(self) -> None:
+        self.items = []
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _available_ram() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _choose(where: str, device: torch.device, total_bytes: int) -> str:
+    if where != "auto":
+        return where
+    if device.type == "cuda" and total_bytes < 0.3 * torch.cuda.mem_get_info(device)[0]:
+        return "gpu"
+    if total_bytes < 0.5 * _available_ram():
+        return "cpu"
+    return "disk"
 
 
 def _decoder_layers(base: torch.nn.Module) -> torch.nn.ModuleList:
@@ -78,8 +145,12 @@ def _rebuild_meta_buffers(model: torch.nn.Module, config) -> None:
 
 
 def stream_forward(model_dir: str, config, layout: MoELayout, batches: list[torch.Tensor], device, dtype,
-                   on_model: Callable[[torch.nn.Module], None] | None = None, progress: bool = True) -> None:
-    """Push every batch through the model layer by layer (outputs are discarded: hooks collect)."""
+                   on_model: Callable[[torch.nn.Module], None] | None = None, progress: bool = True,
+                   hidden_states: str = "auto", spill_dir: Path | None = None) -> str:
+    """Push every batch through the model layer by layer (outputs are discarded: hooks collect).
+
+    Returns where the hidden states were kept ("gpu", "cpu" or "disk").
+    """
     from transformers import AutoModelForCausalLM
 
     ckpt = Checkpoint(model_dir)
@@ -102,13 +173,16 @@ def stream_forward(model_dir: str, config, layout: MoELayout, batches: list[torc
 
     # One cheap pass with identity layers records each layer's call arguments per batch.
     calls: list[list[dict]] = [[] for _ in layers]
-    states: list[torch.Tensor] = []
+    hidden = text_config.hidden_size
+    elem = torch.empty((), dtype=dtype).element_size()
+    store = HiddenStore(hidden_states, torch.device(device), sum(b.numel() for b in batches) * hidden * elem,
+                        spill_dir or Path(tempfile.gettempdir()))
     originals = [layer.forward for layer in layers]
 
     def recorder(i):
         def forward(hidden_states, *args, **kwargs):
             if i == 0:
-                states.append(hidden_states.to("cpu"))
+                store.put(len(store.items), hidden_states)
             calls[i].append({"args": args, "kwargs": kwargs})
             return hidden_states
         return forward
@@ -126,11 +200,13 @@ def stream_forward(model_dir: str, config, layout: MoELayout, batches: list[torc
         _load_params(layer, f"{base_prefix}.layers.{i}", ckpt, layout, i, device, dtype)
         with torch.no_grad():
             for b, call in enumerate(calls[i]):
-                out = layer(states[b].to(device), *call["args"], **call["kwargs"])
-                out = out[0] if isinstance(out, tuple) else out
-                states[b] = out.to("cpu")
+                out = layer(store.get(b), *call["args"], **call["kwargs"])
+                store.put(b, out[0] if isinstance(out, tuple) else out)
                 bar.update(1)
         layer.to("meta")
         calls[i] = []
     bar.close()
     ckpt.close()
+    where = store.where
+    store.close()
+    return where
