@@ -114,7 +114,7 @@ def run(gb: float, work: Path) -> dict:
     cp_s, cp_rss = timed(["cp", "-r", str(src), str(work / "cp-out")])
     shutil.rmtree(work / "cp-out", ignore_errors=True)
     out = {"size_gb": du(src) / 1e9, "cp_s": cp_s, "cp_peak_rss_mib": cp_rss / 1024, "cold_cache": cold}
-    for label, extra in (("prune", []), ("prune_nohash", ["--no-hash"])):
+    for label, extra in (("prune", []), ("prune_hash", ["--hash-shards"])):
         drop_caches()
         pr_s, pr_rss = timed([sys.executable, "-m", "surgery.cli", "prune", str(src), "--plan", str(src / "plan.json"),
                               "-o", str(work / "prune-out"), *extra])

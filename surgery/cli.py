@@ -81,20 +81,41 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the `random` criterion.")
 @click.option("--holdout-stats", type=click.Path(dir_okay=False, path_type=Path),
               help="For `auto`: a second statistics file whose data serves as the held-out slice.")
+@click.option("-d", "--data", multiple=True,
+              help="Calibration text (as for `collect`; repeatable): collect here instead of --stats; --seed also "
+                   "shuffles it.")
+@click.option("--rounds", type=int,
+              help="With -d: N rounds of collect → score → remove (E-K)/N experts, each collecting on the model "
+                   "pruned so far; pruning.json records every round and maps kept experts to original ids.")
+@click.option("--progressive", "progressive_mode", is_flag=True,
+              help="With -d: the rounds prune blocks of MoE layers top to bottom instead, each block scored with "
+                   "the blocks above it pruned in memory while collecting.")
+@click.option("--samples", default=256, show_default=True, help="With -d: calibration sequences.")
+@click.option("--seq-len", default=2048, show_default=True, help="With -d: tokens per sequence.")
+@click.option("--holdout", default=32, show_default=True, help="With -d: held-out sequences (for `auto`).")
+@click.option("--batch-size", default=4, show_default=True, help="With -d: sequences per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="With -d: auto, cpu, cuda, cuda:1, ...")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="With -d: model dtype while collecting.")
+@click.option("--stream-layers", is_flag=True, help="With -d: collect one decoder layer at a time.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--allow-nonuniform", is_flag=True,
               help="Allow different expert counts per layer. config.json holds one count, so vanilla "
                    "transformers cannot load such a checkpoint; counts go to moe_surgery_experts_per_layer.")
-@click.option("--no-hash", is_flag=True, help="Skip the sha256 of every source shard in pruning.json (less CPU).")
+@click.option("--hash-shards", is_flag=True,
+              help="Record the sha256 of every source shard in pruning.json (one more pass over the input's bytes, "
+                   "CPU-bound; free for Hub-cache inputs, whose blobs are named by it). Header hashes are always recorded.")
 @click.option("--revision", help="Branch, tag or commit when MODEL is a Hub repo id (or write org/name@REV).")
 @click.option("--push-to-hub", "push_repo", metavar="REPO_ID", help="Then upload OUT_DIR to this Hub repo in one commit.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repository as private.")
 def prune(model: str, out_dir: Path, plan_path: Path | None, stats_path: Path | None, criterion: str | None,
           ratio: float | None, keep_k: int | None, global_rank: bool, seed: int, holdout_stats: Path | None,
-          overwrite: bool, allow_nonuniform: bool, no_hash: bool, revision: str | None, push_repo: str | None,
-          private: bool) -> None:
+          overwrite: bool, allow_nonuniform: bool, hash_shards: bool, revision: str | None, push_repo: str | None,
+          private: bool, data: tuple[str, ...], rounds: int | None, progressive_mode: bool,
+          **collect_options) -> None:
     """Write a checkpoint of MODEL_DIR keeping only some experts: from --plan, or from
-    --stats + --criterion + --ratio/--keep.
+    --stats + --criterion + --ratio/--keep, or from -d DATA + --criterion (collecting first, in
+    --rounds N steps, or --progressive by layer blocks).
 
     MODEL is a local folder or a Hub repo id (org/name[@revision]); from the Hub only config,
     index, tokenizer files and the shards are downloaded. A model card (README.md) is written
@@ -118,18 +139,28 @@ def prune(model: str, out_dir: Path, plan_path: Path | None, stats_path: Path | 
     if (plan_path is None) == (criterion is None):
         raise UserError("give either --plan PLAN.json or --criterion NAME (with --stats and --ratio/--keep)")
     model_dir = resolve_model(model, revision=revision, purpose="prune")
-    if plan_path is not None:
+    iterate = bool(data or rounds or progressive_mode)
+    if iterate and (plan_path is not None or stats_path is not None or global_rank):
+        raise UserError("-d/--rounds/--progressive collect their own statistics: drop --plan, --stats and --global")
+    if iterate:
+        keep, doc, source = {}, None, ""
+    elif plan_path is not None:
         keep, doc = load_plan(plan_path)
         source = str(plan_path)
     else:
         doc = _score(model_dir, stats_path, criterion, ratio, keep_k, global_rank, seed, holdout_stats)
         keep = {int(layer): ids for layer, ids in doc["keep"].items()}
         source = f"{criterion} plan"
-    with keep_user_card(out_dir, model_dir):
-        rewrite_checkpoint(model_dir, keep, out_dir, allow_nonuniform=allow_nonuniform, overwrite=overwrite,
-                           plan_doc=doc, plan_source=source, progress=True, hash_shards=not no_hash)
-    provenance = json.loads((out_dir / "pruning.json").read_text())
     calibration = None
+    with keep_user_card(out_dir, model_dir):
+        if iterate:
+            calibration = _prune_rounds(model_dir, out_dir, list(data), rounds, progressive_mode, criterion, ratio,
+                                        keep_k, seed, holdout_stats, collect_options, overwrite=overwrite,
+                                        hash_shards=hash_shards)
+        else:
+            rewrite_checkpoint(model_dir, keep, out_dir, allow_nonuniform=allow_nonuniform, overwrite=overwrite,
+                               plan_doc=doc, plan_source=source, progress=True, hash_shards=hash_shards)
+    provenance = json.loads((out_dir / "pruning.json").read_text())
     if stats_path is not None:
         from stats_formats import StatsFile
 
@@ -162,6 +193,23 @@ def _score(model_dir: Path, stats_path: Path | None, criterion: str, ratio: floa
         click.echo(GLOBAL_WARNING, err=True)
     return build_plan(crit, src, ratio=ratio, keep=keep_k, global_rank=global_rank, seed=seed,
                       holdout_stats=holdout_stats)
+
+
+def _prune_rounds(model_dir: Path, out_dir: Path, data: list[str], rounds: int | None, progressive_mode: bool,
+                  criterion: str, ratio: float | None, keep_k: int | None, seed: int, holdout_stats: Path | None,
+                  collect_options: dict, **rewrite_kw) -> dict | None:
+    """Collect, score and rewrite in rounds (surgery.rounds); returns the first round's calibration record."""
+    from .rounds import prune_in_rounds
+
+    def score(model: Path, stats: Path | None, keep: int) -> dict:
+        return _score(model, stats, criterion, None, keep, False, seed, holdout_stats)
+
+    result, calibration = prune_in_rounds(model_dir, out_dir, data=data, rounds=rounds, progressive_mode=progressive_mode,
+                                          criterion=criterion, ratio=ratio, keep=keep_k, score=score,
+                                          collect_options=collect_options, seed=seed, **rewrite_kw)
+    for line in result.lines():
+        click.echo(line, err=True)
+    return calibration
 
 
 prune.help = (prune.help or "") + " " + ", ".join(supported()) + "."

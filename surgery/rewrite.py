@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -152,6 +153,25 @@ def _output_names(shards: list[str], nonempty: list[str]) -> dict[str, str]:
     return names
 
 
+def _known_sha256(ckpt: Checkpoint) -> dict[str, str]:
+    """Content hashes that cost nothing: in the Hugging Face cache each shard links to a blob named by its sha256."""
+    known = {}
+    for shard in ckpt.shard_names:
+        target = (ckpt.dir / shard).resolve().name
+        if (ckpt.dir / shard).is_symlink() and re.fullmatch(r"[0-9a-f]{64}", target):
+            known[shard] = target
+    return known if len(known) == len(ckpt.shard_names) else {}
+
+
+def _header_sha256(ckpt: Checkpoint) -> dict[str, str]:
+    """sha256 of each shard's header (every tensor's name, dtype, shape and offsets): cheap structural identity."""
+    out = {}
+    for shard, f in ckpt.files.items():
+        (hlen,) = struct.unpack("<Q", f.read_range(0, 8))
+        out[shard] = hashlib.sha256(f.read_range(0, 8 + hlen)).hexdigest()
+    return out
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -170,7 +190,7 @@ def rewrite_checkpoint(
     plan_doc: dict | None = None,
     plan_source: str = "plan",
     progress: bool = False,
-    hash_shards: bool = True,
+    hash_shards: bool = False,
 ) -> Path:
     """Write the pruned checkpoint to `out_dir` atomically; returns `out_dir`."""
     ckpt = Checkpoint(model_dir)
@@ -190,12 +210,39 @@ def rewrite_checkpoint(
     if out_dir.resolve() == ckpt.dir.resolve():
         raise PlanError(f"{out_dir}: output folder must differ from the input checkpoint")
     per_shard = plan_tensors(ckpt, layout, keep)
-    nonempty = [s for s in ckpt.shard_names if per_shard[s]]
-    names = _output_names(ckpt.shard_names, nonempty)
     new_count = max(counts.values())
     id_maps = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in keep.items()}
     config = rewrite_config(ckpt.config, layout, new_count, id_maps, None if uniform else counts)
+    record = {
+        "model_type": layout.spec.model_type,
+        "num_experts_before": layout.num_experts,
+        "num_experts_after": new_count,
+        "experts_per_layer": {str(k): v for k, v in counts.items()},
+        "layout": {str(k): v.layout for k, v in layout.layers.items()},
+        "expert_map": {str(layer): ids for layer, ids in sorted(keep.items())},
+        "plan": plan_doc if plan_doc is not None else {"keep": {str(k): v for k, v in keep.items()}},
+    }
+    write_checkpoint(ckpt, per_shard, config, record, out_dir, overwrite=overwrite, progress=progress,
+                     hash_shards=hash_shards)
+    ckpt.close()
+    return out_dir
 
+
+def write_checkpoint(
+    ckpt: Checkpoint,
+    per_shard: dict[str, list[OutTensor]],
+    config: dict,
+    record: dict,
+    out_dir: Path,
+    *,
+    overwrite: bool,
+    progress: bool,
+    hash_shards: bool,
+) -> None:
+    """Write the planned shards, index, config.json, other files and pruning.json (tool, source, then
+    `record`) atomically; shared by the plain rewrite and the novice writer."""
+    nonempty = [s for s in ckpt.shard_names if per_shard[s]]
+    names = _output_names(ckpt.shard_names, nonempty)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         bar = tqdm(total=sum(t.nbytes for ts in per_shard.values() for t in ts), unit="B", unit_scale=True,
                    desc="Writing shards", disable=not progress)
@@ -206,17 +253,18 @@ def rewrite_checkpoint(
             if not tensors:
                 return 0, _sha256(ckpt.dir / shard) if hash_shards else None
             meta = ckpt.files[shard].metadata or {"format": "pt"}
-            if hash_shards:
+            if hash_shards and all(t.data is None for t in tensors):
                 size, digest = write_safetensors_hashing(tmp / names[shard], tensors, meta, ckpt.files[shard])
-            else:
-                size, digest = write_safetensors(tmp / names[shard], tensors, meta), None
+            else:  # new in-memory tensors (novice values) cannot ride on the single hashing read
+                size = write_safetensors(tmp / names[shard], tensors, meta)
+                digest = _sha256(ckpt.dir / shard) if hash_shards else None
             bar.update(sum(t.nbytes for t in tensors))
             return size, digest
 
         with ThreadPoolExecutor(max_workers=min(len(ckpt.shard_names), os.cpu_count() or 1, 8)) as pool:
             results = dict(zip(ckpt.shard_names, pool.map(write_one, ckpt.shard_names)))
         bar.close()
-        hashes = {s: d for s, (_, d) in results.items() if d is not None}
+        hashes = {s: d for s, (_, d) in results.items() if d is not None} or _known_sha256(ckpt)
         total_size = sum(size for size, _ in results.values())
         weight_map = {t.name: names[s] for s in nonempty for t in per_shard[s]}
         total_params = sum(math.prod(t.shape) for s in nonempty for t in per_shard[s])
@@ -235,18 +283,11 @@ def rewrite_checkpoint(
             "tool": "moe-surgery",
             "tool_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": {"path": str(ckpt.dir.resolve()), "shards_sha256": hashes or None},
-            "model_type": layout.spec.model_type,
-            "num_experts_before": layout.num_experts,
-            "num_experts_after": new_count,
-            "experts_per_layer": {str(k): v for k, v in counts.items()},
-            "layout": {str(k): v.layout for k, v in layout.layers.items()},
-            "expert_map": {str(layer): ids for layer, ids in sorted(keep.items())},
-            "plan": plan_doc if plan_doc is not None else {"keep": {str(k): v for k, v in keep.items()}},
+            "source": {"path": str(ckpt.dir.resolve()), "shards_sha256": hashes or None,
+                       "shards_header_sha256": _header_sha256(ckpt)},
+            **record,
         }
         (tmp / "pruning.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    ckpt.close()
-    return out_dir
 
 
 def _copy_other_files(ckpt: Checkpoint, dest: Path) -> None:

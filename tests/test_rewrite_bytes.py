@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import struct
 from pathlib import Path
 from typing import Callable
 
@@ -204,3 +205,37 @@ def test_single_file_checkpoint_stays_single_file(tmp_path: Path, cli: Callable[
     assert sorted(f.name for f in (tmp_path / "out").glob("*.safetensors")) == ["model.safetensors"]
     assert not (tmp_path / "out" / INDEX_NAME).exists()
     assert actual_output(tmp_path / "out") == expected_output(src, {"model.layers.1.mlp": keep}, {"gate.weight": 0})
+
+
+def test_provenance_hashes(tmp_path: Path, cli: Callable[..., Result]) -> None:
+    """Header hashes always; content hashes with --hash-shards, and for free from Hugging Face cache blob names."""
+    src = qwen_like_checkpoint(tmp_path / "src", "qwen3_moe")
+    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    content = {s: hashlib.sha256((src / s).read_bytes()).hexdigest() for s in shards}
+    keep = {1: [0, 2, 3, 6, 7]}
+
+    prune(cli, src, keep, tmp_path / "plain")
+    plain = json.loads((tmp_path / "plain" / "pruning.json").read_text())["source"]
+    assert plain["shards_sha256"] is None
+    for s in shards:
+        raw = (src / s).read_bytes()
+        (hlen,) = struct.unpack("<Q", raw[:8])
+        assert plain["shards_header_sha256"][s] == hashlib.sha256(raw[: 8 + hlen]).hexdigest()
+
+    plan = src.parent / f"{src.name}.plan.json"  # written by prune() above
+    result = cli("prune", str(src), "--plan", str(plan), "-o", str(tmp_path / "hashed"), "--hash-shards")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "hashed" / "pruning.json").read_text())["source"]["shards_sha256"] == content
+
+    cache = tmp_path / "cache"
+    (cache / "blobs").mkdir(parents=True)
+    (cache / "snapshot").mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            blob = cache / "blobs" / content[f.name]
+            blob.write_bytes(f.read_bytes())
+            (cache / "snapshot" / f.name).symlink_to(blob)
+        else:
+            (cache / "snapshot" / f.name).write_bytes(f.read_bytes())
+    prune(cli, cache / "snapshot", keep, tmp_path / "from-cache")
+    assert json.loads((tmp_path / "from-cache" / "pruning.json").read_text())["source"]["shards_sha256"] == content
