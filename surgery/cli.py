@@ -98,6 +98,9 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="With -d: model dtype while collecting.")
 @click.option("--stream-layers", is_flag=True, help="With -d: collect one decoder layer at a time.")
+@click.option("--novices", is_flag=True,
+              help="With --stats: replace each removed expert by its mean output (a MoNE novice); keeps expert "
+                   "ids, router and config expert count, in the format vLLM serves (approximate_experts).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--allow-nonuniform", is_flag=True,
               help="Allow different expert counts per layer. config.json holds one count, so vanilla "
@@ -111,7 +114,7 @@ def main() -> None:
 def prune(model: str, out_dir: Path, plan_path: Path | None, stats_path: Path | None, criterion: str | None,
           ratio: float | None, keep_k: int | None, global_rank: bool, seed: int, holdout_stats: Path | None,
           overwrite: bool, allow_nonuniform: bool, hash_shards: bool, revision: str | None, push_repo: str | None,
-          private: bool, data: tuple[str, ...], rounds: int | None, progressive_mode: bool,
+          private: bool, data: tuple[str, ...], rounds: int | None, progressive_mode: bool, novices: bool,
           **collect_options) -> None:
     """Write a checkpoint of MODEL_DIR keeping only some experts: from --plan, or from
     --stats + --criterion + --ratio/--keep, or from -d DATA + --criterion (collecting first, in
@@ -142,12 +145,12 @@ def prune(model: str, out_dir: Path, plan_path: Path | None, stats_path: Path | 
     iterate = bool(data or rounds or progressive_mode)
     if iterate and (plan_path is not None or stats_path is not None or global_rank):
         raise UserError("-d/--rounds/--progressive collect their own statistics: drop --plan, --stats and --global")
-    if iterate:
-        keep, doc, source = {}, None, ""
-    elif plan_path is not None:
+    if novices and stats_path is None and not iterate:
+        raise UserError("--novices needs --stats (or -d DATA): the novice vectors are the mean expert outputs it holds")
+    if plan_path is not None:
         keep, doc = load_plan(plan_path)
         source = str(plan_path)
-    else:
+    elif not iterate:
         doc = _score(model_dir, stats_path, criterion, ratio, keep_k, global_rank, seed, holdout_stats)
         keep = {int(layer): ids for layer, ids in doc["keep"].items()}
         source = f"{criterion} plan"
@@ -155,8 +158,11 @@ def prune(model: str, out_dir: Path, plan_path: Path | None, stats_path: Path | 
     with keep_user_card(out_dir, model_dir):
         if iterate:
             calibration = _prune_rounds(model_dir, out_dir, list(data), rounds, progressive_mode, criterion, ratio,
-                                        keep_k, seed, holdout_stats, collect_options, overwrite=overwrite,
-                                        hash_shards=hash_shards)
+                                        keep_k, seed, holdout_stats, collect_options, novices=novices,
+                                        overwrite=overwrite, hash_shards=hash_shards)
+        elif novices:
+            _write_novices(model_dir, keep, stats_path, out_dir, overwrite=overwrite, plan_doc=doc, plan_source=source,
+                           hash_shards=hash_shards)
         else:
             rewrite_checkpoint(model_dir, keep, out_dir, allow_nonuniform=allow_nonuniform, overwrite=overwrite,
                                plan_doc=doc, plan_source=source, progress=True, hash_shards=hash_shards)
@@ -171,6 +177,21 @@ def prune(model: str, out_dir: Path, plan_path: Path | None, stats_path: Path | 
     _report_written(out_dir)
     if push_repo:
         click.echo(f"Pushed to {push_repo}: {push_folder(out_dir, push_repo, private=private)}")
+
+
+def _write_novices(model_dir: Path, keep: dict[int, list[int]], stats_path: Path, out_dir: Path, **options) -> None:
+    """The --novices branch of prune: same plan, removed experts become mean-output constants."""
+    from stats_formats import StatsFile
+
+    from .fingerprint import check_stats_match
+    from .novices import write_novice_checkpoint
+
+    stats = StatsFile(stats_path)
+    check_stats_match(model_dir, stats)
+    write_novice_checkpoint(model_dir, keep, stats, out_dir, progress=True, **options)
+    memory = json.loads((out_dir / "pruning.json").read_text())["memory"]
+    click.echo(f"Novices: {memory['novice_params']} values added; parameters {memory['params_before']} → "
+               f"{memory['params_after']}, bytes {memory['bytes_before']} → {memory['bytes_after']}.")
 
 
 def _score(model_dir: Path, stats_path: Path | None, criterion: str, ratio: float | None, keep_k: int | None,
@@ -197,16 +218,17 @@ def _score(model_dir: Path, stats_path: Path | None, criterion: str, ratio: floa
 
 def _prune_rounds(model_dir: Path, out_dir: Path, data: list[str], rounds: int | None, progressive_mode: bool,
                   criterion: str, ratio: float | None, keep_k: int | None, seed: int, holdout_stats: Path | None,
-                  collect_options: dict, **rewrite_kw) -> dict | None:
+                  collect_options: dict, novices: bool, **rewrite_kw) -> dict | None:
     """Collect, score and rewrite in rounds (surgery.rounds); returns the first round's calibration record."""
     from .rounds import prune_in_rounds
 
     def score(model: Path, stats: Path | None, keep: int) -> dict:
         return _score(model, stats, criterion, None, keep, False, seed, holdout_stats)
 
-    result, calibration = prune_in_rounds(model_dir, out_dir, data=data, rounds=rounds, progressive_mode=progressive_mode,
-                                          criterion=criterion, ratio=ratio, keep=keep_k, score=score,
-                                          collect_options=collect_options, seed=seed, **rewrite_kw)
+    result, calibration = prune_in_rounds(model_dir, out_dir, data=data, rounds=rounds,
+                                          progressive_mode=progressive_mode, criterion=criterion, ratio=ratio,
+                                          keep=keep_k, score=score, collect_options={**collect_options, "progress": True}, seed=seed,
+                                          novices=novices, **rewrite_kw)
     for line in result.lines():
         click.echo(line, err=True)
     return calibration

@@ -29,10 +29,14 @@ from .errors import UserError
 @click.option("--hidden-states", type=click.Choice(["auto", "gpu", "cpu", "disk"]), default="auto", show_default=True,
               help="With --stream-layers: where the hidden states between layers are kept; auto = accelerator if "
                    "they fit, else RAM, else a memory-mapped file beside OUTPUT.")
+@click.option("--progressive", "progressive_plan", type=click.Path(dir_okay=False, path_type=Path),
+              help="Plan JSON (original ids): its layers are pruned in memory while collecting, so later layers see "
+                   "the pruned model's inputs; their dropped experts get zero statistics.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--revision", help="Branch, tag or commit when MODEL is a Hub repo id (or write org/name@REV).")
 def collect(model: str, data: tuple[str, ...], output: Path, samples: int, seq_len: int, holdout: int, seed: int,
-            batch_size: int, device: str, dtype: str, stream_layers: bool, hidden_states: str, overwrite: bool,
+            batch_size: int, device: str, dtype: str, stream_layers: bool, hidden_states: str,
+            progressive_plan: Path | None, overwrite: bool,
             revision: str | None) -> None:
     """Run calibration text through MODEL (a folder or a Hub repo id) once and write its per-expert statistics file.
 
@@ -47,9 +51,15 @@ def collect(model: str, data: tuple[str, ...], output: Path, samples: int, seq_l
     from .hub import resolve_model
 
     model_dir = resolve_model(model, revision=revision, purpose="collect")
+    progressive = None
+    if progressive_plan is not None:
+        from .rewrite import load_plan
+
+        progressive = load_plan(progressive_plan)[0]
     summary = run_collect(model_dir, list(data), output, samples=samples, seq_len=seq_len, seed=seed,
                           batch_size=batch_size, holdout=holdout, device=device, dtype=dtype,
-                          stream_layers=stream_layers, hidden_states=hidden_states, progress=True)
+                          stream_layers=stream_layers, hidden_states=hidden_states, progress=True,
+                          progressive=progressive)
     if summary.rank == 0:
         for line in summary.lines():
             click.echo(line)

@@ -19,9 +19,17 @@ from .data import cap_seq_len, eval_windows
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None):
-    """A causal LM from a local folder, in eval mode on `device` (dtype from config unless given)."""
+    """A causal LM from a local folder, in eval mode on `device` (dtype from config unless given).
+
+    MoNE novice checkpoints (config lists `approximate_experts`) go through `surgery.novice_loader`.
+    """
     # transformers is an optional extra and slow to import: only commands that run a model pay.
     from transformers import AutoModelForCausalLM
+
+    from .novice_loader import is_novice_checkpoint, load_model as load_novice_model
+
+    if is_novice_checkpoint(path):
+        return load_novice_model(path, device, dtype)
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
     return model.eval().to(device)

@@ -57,8 +57,11 @@ def checkpoint_numbers(path: str | Path) -> CheckpointNumbers:
         active = total
         experts: dict[int, int] = {}
         for layer, entry in layout.layers.items():
-            names = [n for ns in entry.per_expert.values() for n in ns] + entry.fused
-            count = len(entry.per_expert) or ckpt.info(entry.fused[0]).shape[0]
+            # MoNE novices keep only an `approx_value` vector: they are not stored experts.
+            real = {e: [n for n in ns if not n.endswith(".approx_value")] for e, ns in entry.per_expert.items()}
+            real = {e: ns for e, ns in real.items() if ns}
+            names = [n for ns in real.values() for n in ns] + entry.fused
+            count = len(real) or ckpt.info(entry.fused[0]).shape[0]
             expert_params = sum(numel[n] for n in names)
             active -= expert_params - min(layout.top_k, count) * (expert_params // count)
             experts[layer] = count
@@ -190,13 +193,21 @@ def _intro(title: str, source: str, repo_id: str | None, commit: str | None, pro
         origin = f"[{repo_id}](https://huggingface.co/{repo_id})" + (f" (commit `{commit[:12]}`)" if commit else "")
     else:
         origin = f"the local checkpoint `{source}` (not a Hub repository, so `base_model` is not set)"
-    lines = [
-        f"# {title}",
-        "",
-        f"{origin} with routed experts removed by moe-surgery: {before_count} → {after_count} experts per MoE layer.",
-        "The kept experts are byte-for-byte copies of the original ones, renumbered 0..k-1, and the router rows "
-        "were sliced to match; nothing was retrained.",
-    ]
+    if provenance.get("novices"):
+        what = [
+            f"{origin} with routed experts replaced by moe-surgery: {before_count} → {after_count} full experts per "
+            "MoE layer, the others replaced by constant MoNE \"novices\".",
+            "A novice keeps its router row and expert id and returns its mean calibration output times its gate "
+            "(config key `approximate_experts`, the layout vLLM serves); in transformers load it with "
+            "`surgery.novice_loader.load_model`. The kept experts are byte-for-byte copies; nothing was retrained.",
+        ]
+    else:
+        what = [
+            f"{origin} with routed experts removed by moe-surgery: {before_count} → {after_count} experts per MoE layer.",
+            "The kept experts are byte-for-byte copies of the original ones, renumbered 0..k-1, and the router rows "
+            "were sliced to match; nothing was retrained.",
+        ]
+    lines = [f"# {title}", "", *what]
     if len(set(after.experts.values())) > 1:
         lines += ["", "**Non-uniform:** MoE layers keep different numbers of experts (config key "
                   "`moe_surgery_experts_per_layer`); vanilla transformers cannot load this checkpoint."]

@@ -24,7 +24,7 @@ from tiny_models import (
 CASES = [pytest.param(mt, layout, id=f"{mt}-{layout}") for mt in ARCHS for layout in LAYOUTS[mt]]
 # Every spelling of the routed-expert count seen in configs (transformers attribute_map aliases).
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-OTHER_FILES = ("generation_config.json", "tokenizer_config.json", "README.md")
+OTHER_FILES = ("generation_config.json", "tokenizer_config.json")  # README.md becomes the model card (test_hub)
 TOL = 1e-5
 MIN_EFFECT = 1e-3
 

@@ -37,7 +37,7 @@ class RouterMask:
         missing = sorted(set(keep) - set(blocks))
         if missing:
             raise SelfCheckError(f"progressive plan names layers {missing} without a MoE block in the model")
-        self._routers: list[tuple[torch.nn.Module, Callable, bool]] = []
+        self._routers: list[tuple[torch.nn.Module, Callable, bool | None]] = []
         self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         for layer, ids in keep.items():
             self._wrap(blocks[layer].router, ids)
@@ -91,8 +91,9 @@ class RouterMask:
         for router, original, bias_registered in self._routers:
             router.forward = original
             if bias_registered is not None:
-                del router.bias
-                if bias_registered:
+                if getattr(router, "bias", None) is not None:  # the mask bias, once the router has run
+                    del router.bias
+                if bias_registered and "bias" not in router._parameters:
                     router.register_parameter("bias", None)
         self._routers.clear()
         self._saved.clear()

@@ -16,8 +16,10 @@ from stats_formats.schema import FIELD_BY_NAME
 from ..architectures import resolve
 from ..config_edit import active_groups
 from ..data import build_sequences, cap_seq_len
+from ..errors import UserError
 from ..fingerprint import config_sha256, router_sha256
 from ..io import Checkpoint
+from ..novice_loader import is_novice_checkpoint, load_model
 from .accumulator import LayerAccumulator
 from .hooks import Instrument
 from .progressive import RouterMask
@@ -98,7 +100,7 @@ def collect(
     `progressive` ({layer: kept expert ids}): those layers behave as pruned while collecting
     (see surgery.collect.progressive); their dropped experts get zero statistics.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     model_dir = str(model_dir)
     ckpt = Checkpoint(model_dir)
@@ -129,6 +131,9 @@ def collect(
     if stream_layers:
         from .streaming import stream_forward
 
+        if is_novice_checkpoint(model_dir):
+            raise UserError(f"{model_dir}: --stream-layers cannot load MoNE novice checkpoints; collect without it")
+
         holder: dict = {}
         for flag, bs in ((False, batches), (True, held_batches)):
             if bs:
@@ -138,7 +143,7 @@ def collect(
         main_accs = holder[False].main if False in holder else {}
         held_accs = holder[True].held if True in holder else {}
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt).to(dev).eval()
+        model = load_model(model_dir, dev, dt)  # novice checkpoints get their constant experts
         inst = Instrument(model, layout.spec, dev, tol)
         mask = RouterMask(model, layout.spec, masked)
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model

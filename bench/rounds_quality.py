@@ -1,0 +1,108 @@
+"""One-shot vs iterative (`--rounds N`) vs progressive (`--rounds N --progressive`) pruning: quality and wall time.
+
+For each criterion and mode: collect (once, N times on the pruned-so-far checkpoint, or N times
+with the layer blocks above pruned in memory), score, rewrite, then evaluate perplexity and KL /
+top-1 agreement against the unpruned model. Wall time covers collect + score + rewrite.
+
+  python bench/rounds_quality.py --model ../shared/fixtures/qwen3-moe-tiny --data ../shared/data/calib \
+      --eval ../shared/data/eval --criteria recon gated_sq --ratio 0.5 --rounds 4 \
+      --samples 64 --seq-len 512 --device cpu --out rounds.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality import _emit, _flat  # noqa: E402
+
+from surgery.cli import _score  # noqa: E402
+from surgery.evaluate import evaluate, load_model, load_tokenizer  # noqa: E402
+from surgery.rounds import prune_in_rounds  # noqa: E402
+
+
+def modes(rounds: int) -> list[tuple[str, int, bool]]:
+    """(label, rounds, progressive) of each compared schedule."""
+    return [("one-shot", 1, False), (f"rounds {rounds}", rounds, False), (f"progressive {rounds}", rounds, True)]
+
+
+def prune_one(args: argparse.Namespace, criterion: str, rounds: int, progressive: bool, out: Path) -> float:
+    """Collect, score and rewrite to `out`; returns the wall time in seconds."""
+
+    def score(model: Path, stats: Path | None, keep: int) -> dict:
+        return _score(model, stats, criterion, None, keep, False, args.seed, None)
+
+    options = dict(samples=args.samples, seq_len=args.seq_len, holdout=0, batch_size=args.collect_batch_size,
+                   device=args.device, dtype="float32", stream_layers=False, progress=False)
+    result, _ = prune_in_rounds(Path(args.model), out, data=[args.data], rounds=rounds, progressive_mode=progressive,
+                                criterion=criterion, ratio=args.ratio, keep=None, score=score,
+                                collect_options=options, seed=args.seed, work_dir=Path(args.tmp or out.parent))
+    return result.seconds
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    eval_files = sorted(str(p) for p in Path(args.eval).glob("*.jsonl"))
+    tokenizer = load_tokenizer(args.model)
+    reference = load_model(args.model, device=args.device, dtype=torch.float32)
+    kw = dict(seq_len=512, max_tokens=args.max_tokens, batch_size=8, device=args.device, progress=False)
+    base = evaluate(reference, tokenizer, eval_files, **kw)
+    rows = [{"criterion": "unpruned", "mode": "", "ratio": 0.0, **_flat(base, base, None)}]
+    _emit(rows[-1], args.out)
+    work = Path(tempfile.mkdtemp(prefix="rounds-quality-", dir=args.tmp))
+    try:
+        for criterion in args.criteria:
+            for label, rounds, progressive in modes(args.rounds):
+                out = work / f"{criterion}-{label.replace(' ', '')}"
+                seconds = prune_one(args, criterion, rounds, progressive, out)
+                model = load_model(out, device=args.device, dtype=torch.float32)
+                r = evaluate(model, tokenizer, eval_files, reference=reference, **kw)
+                rows.append({"criterion": criterion, "mode": label, "ratio": args.ratio, **_flat(r, base, None),
+                             "seconds": seconds, "keep": json.loads((out / "pruning.json").read_text())["expert_map"]})
+                _emit(rows[-1], args.out)
+                del model
+                shutil.rmtree(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ["criterion", "mode", "removed", "geomean ppl", "Δ ppl", "KL", "top-1", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["criterion"], r["mode"], f"{r['ratio']:.0%}", f"{r['geomean_ppl']:.2f}", f"{r['delta']:+.1%}",
+                 f"{r.get('kl', 0):.3f}", f"{r.get('top1', 1):.3f}", f"{r['seconds']:.0f}" if "seconds" in r else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True, help="Calibration text (file or folder).")
+    ap.add_argument("--eval", required=True, help="Folder of eval .jsonl files.")
+    ap.add_argument("--criteria", nargs="+", default=["recon", "gated_sq"])
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--collect-batch-size", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=4096, help="Tokens per eval file.")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, help="Append JSON lines here.")
+    ap.add_argument("--tmp", default=None, help="Where checkpoints are written (deleted after each run).")
+    args = ap.parse_args()
+    print(markdown(run(args)))
+
+
+if __name__ == "__main__":
+    main()
