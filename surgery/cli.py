@@ -116,7 +116,7 @@ def prune(model: str, out_dir: Path, plan_path: Path | None, stats_path: Path | 
           overwrite: bool, allow_nonuniform: bool, hash_shards: bool, revision: str | None, push_repo: str | None,
           private: bool, data: tuple[str, ...], rounds: int | None, progressive_mode: bool, novices: bool,
           **collect_options) -> None:
-    """Write a checkpoint of MODEL_DIR keeping only some experts: from --plan, or from
+    """Write a checkpoint of MODEL keeping only some experts: from --plan, or from
     --stats + --criterion + --ratio/--keep, or from -d DATA + --criterion (collecting first, in
     --rounds N steps, or --progressive by layer blocks).
 
