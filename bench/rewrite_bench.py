@@ -104,25 +104,38 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
 
 
-def run(gb: float, work: Path) -> dict:
+def run(gb: float, work: Path, repeat: int) -> dict:
+    """Median of `repeat` interleaved runs of cp, prune and prune --hash-shards (the page cache makes single runs noisy)."""
     src = work / f"mixtral-{gb:g}gb"
     if not src.exists():
         build(src, gb)
     for d in (work / "cp-out", work / "prune-out"):
         shutil.rmtree(d, ignore_errors=True)
-    cold = drop_caches()
-    cp_s, cp_rss = timed(["cp", "-r", str(src), str(work / "cp-out")])
-    shutil.rmtree(work / "cp-out", ignore_errors=True)
-    out = {"size_gb": du(src) / 1e9, "cp_s": cp_s, "cp_peak_rss_mib": cp_rss / 1024, "cold_cache": cold}
-    for label, extra in (("prune", []), ("prune_hash", ["--hash-shards"])):
-        drop_caches()
-        pr_s, pr_rss = timed([sys.executable, "-m", "surgery.cli", "prune", str(src), "--plan", str(src / "plan.json"),
-                              "-o", str(work / "prune-out"), *extra])
-        kept = du(work / "prune-out") / du(src)
-        target = (0.9 * kept + 0.1) * cp_s
-        shutil.rmtree(work / "prune-out", ignore_errors=True)
-        out.update({"kept_fraction": kept, "target_s": target, f"{label}_s": pr_s, f"{label}_ratio": pr_s / cp_s,
-                    f"{label}_meets_time": pr_s <= target, f"{label}_peak_rss_mib": pr_rss / 1024})
+    cmds = {
+        "cp": ["cp", "-r", str(src), str(work / "cp-out")],
+        "prune": [sys.executable, "-m", "surgery.cli", "prune", str(src), "--plan", str(src / "plan.json"),
+                  "-o", str(work / "prune-out")],
+    }
+    cmds["prune_hash"] = [*cmds["prune"], "--hash-shards"]
+    times: dict[str, list[float]] = {k: [] for k in cmds}
+    rss: dict[str, int] = {k: 0 for k in cmds}
+    kept, cold = 0.0, False
+    for _ in range(repeat):
+        for label, cmd in cmds.items():
+            cold = drop_caches()
+            t, r = timed(cmd)
+            times[label].append(t)
+            rss[label] = max(rss[label], r)
+            if label != "cp":
+                kept = du(work / "prune-out") / du(src)
+            shutil.rmtree(work / ("cp-out" if label == "cp" else "prune-out"), ignore_errors=True)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    target = (0.9 * kept + 0.1) * med["cp"]
+    out = {"size_gb": du(src) / 1e9, "repeat": repeat, "cold_cache": cold, "kept_fraction": kept, "cp_s": med["cp"],
+           "target_s": target, "runs_s": times, "cp_peak_rss_mib": rss["cp"] / 1024}
+    for label in ("prune", "prune_hash"):
+        out.update({f"{label}_s": med[label], f"{label}_ratio": med[label] / med["cp"],
+                    f"{label}_meets_time": med[label] <= target, f"{label}_peak_rss_mib": rss[label] / 1024})
     return out
 
 
@@ -166,13 +179,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, nargs="*", default=[4.0])
     ap.add_argument("--naive", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="Runs per command; medians are reported.")
     ap.add_argument("--workdir", type=Path, default=Path("bench/work"))
     ap.add_argument("--keep-inputs", action="store_true", help="Keep the synthetic checkpoints afterwards.")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = []
     for gb in args.gb:
-        r = run(gb, args.workdir)
+        r = run(gb, args.workdir, args.repeat)
         results.append(r)
         print(json.dumps(r), flush=True)
         if not args.keep_inputs:
