@@ -23,6 +23,9 @@ def demo(workdir: Path, ratio: float, steps: int) -> None:
     from .demo import build_demo_model, make_corpus
     from .evaluate import evaluate, load_model, load_tokenizer
     from .rewrite import rewrite_checkpoint
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a dozen small loads: their bars would bury the table
 
     if workdir.exists():
         shutil.rmtree(workdir)
