@@ -11,6 +11,7 @@ batch of activations (plus the stored hidden states when they are kept on the ac
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -73,13 +74,13 @@ class HiddenStore:
 
 
 def _available_ram() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+    """MemAvailable on Linux (it counts reclaimable cache); free pages elsewhere."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _choose(where: str, device: torch.device, total_bytes: int) -> str:
