@@ -148,10 +148,23 @@ class LayerAccumulator:
             if self.has("coselect"):
                 per_token = o.sum(1)
                 self.sums["coselect"] += (per_token.T @ per_token).double()
-            y = outs[sl].to(cd) * gates[sl, :, None].to(cd)
-            dots = torch.bmm(y, y.transpose(1, 2))
+            dots = _gated_dots(outs[sl], gates[sl].to(cd), cd)
             flat = o.reshape(-1, self.E)
             self.sums["gram"] += (flat.T @ torch.bmm(dots, o).reshape(-1, self.E)).double()
+
+
+def _gated_dots(outs: torch.Tensor, gates: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """g_i g_j <f_i, f_j> for each token's k selected experts: [T, k, k] in `cd`.
+
+    On CUDA, bf16/fp16 outputs go straight into a GEMM with float32 output (products of
+    half-precision values are exact in float32), so no float32 copy of [T, k, H] is made.
+    """
+    if cd == torch.float32 and outs.is_cuda and outs.dtype in (torch.bfloat16, torch.float16):
+        dots = torch.bmm(outs, outs.transpose(1, 2), out_dtype=torch.float32)
+    else:
+        y = outs.to(cd)
+        dots = torch.bmm(y, y.transpose(1, 2))
+    return dots * gates[:, :, None] * gates[:, None, :]
 
 
 def holdout_accumulator(num_experts: int, hidden: int, inter: int, device) -> LayerAccumulator:
