@@ -80,6 +80,14 @@ def compare_paths(inst) -> float:
         plain.add_assignments(a)
     finally:
         accmod.segment_sums.available = saved
+    t_tok, k = 4096, 8
+    idx = torch.stack([torch.randperm(e, device="cuda", generator=gen)[:k] for _ in range(t_tok)])
+    gates = torch.rand(t_tok, k, device="cuda", generator=gen)
+    outs = torch.randn(t_tok, k, h, device="cuda", generator=gen).bfloat16()
+    fused.add_pairs(idx, gates, outs)
+    on_cpu = LayerAccumulator(e, h, i, "cpu")  # float64 reference for the Gram and co-selection
+    on_cpu.add_pairs(idx.cpu(), gates.cpu(), outs.cpu())
+    plain.sums["gram"], plain.sums["coselect"] = on_cpu.sums["gram"].cuda(), on_cpu.sums["coselect"].cuda()
     worst = 0.0
     for name, t in fused.sums.items():
         ref = plain.sums[name]
