@@ -76,6 +76,6 @@ def segment_sums(v: torch.Tensor, counts: torch.Tensor, a: torch.Tensor | None =
     _sums_kernel[grid](
         v, a if a is not None else dummy, b if b is not None else dummy, offs,
         outs["sum"], outs["sq"], outs["a"], outs["b"], d, v.stride(0),
-        DO0=with_sum, DO2=a is not None, DO3=b is not None, BLOCK_D=128, BLOCK_R=32,
+        DO0=with_sum, DO2=a is not None, DO3=b is not None, BLOCK_D=128, BLOCK_R=64, num_warps=8,
     )
     return outs
