@@ -392,3 +392,25 @@ def test_stream_hidden_states_placement(where: str, model, data_file: Path, root
     ref = run_collect(src, [data_file], root / f"stream-ref-{where}.safetensors", stream_layers=True, hidden_states="cpu")
     same_file(got, ref, SAME_TOL)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.safetensors"]
+
+
+def test_multimodal_wrapper_is_refused(tmp_path: Path, data_file: Path) -> None:
+    """Nested (multimodal) configs are rewriter-only: collect says so in one line and writes nothing."""
+    import json as _json
+
+    from click.testing import CliRunner
+    from safetensors.numpy import save_file
+
+    from surgery.cli import main
+
+    src = tmp_path / "vl"
+    src.mkdir()
+    (src / "config.json").write_text(_json.dumps({"model_type": "qwen3_vl_moe", "text_config": {
+        "num_experts": 4, "num_experts_per_tok": 2, "num_hidden_layers": 1}}))
+    save_file({"model.language_model.layers.0.mlp.gate.weight": np.zeros((4, 8), np.float32)},
+              str(src / "model.safetensors"))
+    out = tmp_path / "stats.safetensors"
+    result = CliRunner().invoke(main, ["collect", str(src), "-d", str(data_file), "-o", str(out)])
+    assert result.exit_code == 2
+    assert "text-only" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()

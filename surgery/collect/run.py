@@ -105,6 +105,9 @@ def collect(
     model_dir = str(model_dir)
     ckpt = Checkpoint(model_dir)
     layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
+    if layout.spec.config_path:
+        raise UserError(f"{ckpt.config_path}: collect runs text-only checkpoints; {layout.spec.model_type} nests its "
+                        "language model in a multimodal wrapper (the rewriter supports it, the collector does not)")
     identity = {"config_sha256": config_sha256(ckpt.config), "router_sha256": router_sha256(ckpt, layout)}
     ckpt.close()
     masked = _progressive_layers(layout, progressive)
