@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import cap_seq_len, eval_windows
+from .errors import UserError
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None):
@@ -36,10 +37,18 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer stored next to the model."""
+    """The tokenizer stored next to the model.
+
+    Without tokenizer files transformers silently builds an empty tokenizer from the model
+    type, which would turn any text into nothing; refuse that instead.
+    """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if len(tokenizer) < 2:
+        raise UserError(f"{path}: no usable tokenizer (tokenizer.json / tokenizer_config.json missing?); "
+                        "copy the original model's tokenizer files into this folder")
+    return tokenizer
 
 
 @dataclass

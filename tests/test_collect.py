@@ -4,6 +4,7 @@ data and a broken expert formula stop it with a clear error and no file."""
 
 from __future__ import annotations
 
+import shutil
 import json
 import os
 import random
@@ -414,3 +415,21 @@ def test_multimodal_wrapper_is_refused(tmp_path: Path, data_file: Path) -> None:
     assert result.exit_code == 2
     assert "text-only" in result.output and len(result.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_missing_tokenizer_is_refused(model, data_file: Path, tmp_path: Path) -> None:
+    """Without tokenizer files transformers builds an empty tokenizer; collect must say so, not tokenize to nothing."""
+    from click.testing import CliRunner
+
+    from surgery.cli import main
+
+    src = tmp_path / "no-tokenizer"
+    shutil.copytree(model("qwen3_moe", "per-expert"), src)
+    for f in src.glob("tokenizer*"):
+        f.unlink()
+    for f in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+        (src / f).unlink(missing_ok=True)
+    out = tmp_path / "stats.safetensors"
+    result = CliRunner().invoke(main, ["collect", str(src), "-d", str(data_file), "-o", str(out), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "no usable tokenizer" in result.output and not out.exists()

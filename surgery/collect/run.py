@@ -100,7 +100,9 @@ def collect(
     `progressive` ({layer: kept expert ids}): those layers behave as pruned while collecting
     (see surgery.collect.progressive); their dropped experts get zero statistics.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
+
+    from ..evaluate import load_tokenizer
 
     model_dir = str(model_dir)
     ckpt = Checkpoint(model_dir)
@@ -115,7 +117,7 @@ def collect(
     dt = pick_dtype(dtype, dev)
     rank, world = _dist()
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     seq_len = cap_seq_len(layout.config, seq_len)
     calib = build_sequences(list(data), tokenizer, samples + holdout, seq_len, seed)
     ids = calib.input_ids
