@@ -4,10 +4,10 @@ data and a broken expert formula stop it with a clear error and no file."""
 
 from __future__ import annotations
 
-import shutil
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
