@@ -79,6 +79,9 @@ def main() -> None:
 @click.option("--global", "global_rank", is_flag=True,
               help="Rank experts across layers (implies a non-uniform plan; needs --allow-nonuniform).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the `random` criterion.")
+@click.option("--drop", type=click.Choice(["low", "high"]),
+              help="Drop the experts with the lowest or highest signal (default: the criterion's own; "
+                   "mcs-ews and mcs-eas drop high). Not for recon or auto.")
 @click.option("--holdout-stats", type=click.Path(dir_okay=False, path_type=Path),
               help="For `auto`: a second statistics file whose data serves as the held-out slice.")
 @click.option("-d", "--data", multiple=True,
@@ -112,8 +115,8 @@ def main() -> None:
 @click.option("--push-to-hub", "push_repo", metavar="REPO_ID", help="Then upload OUT_DIR to this Hub repo in one commit.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repository as private.")
 def prune(model: str, out_dir: Path, plan_path: Path | None, stats_path: Path | None, criterion: str | None,
-          ratio: float | None, keep_k: int | None, global_rank: bool, seed: int, holdout_stats: Path | None,
-          overwrite: bool, allow_nonuniform: bool, hash_shards: bool, revision: str | None, push_repo: str | None,
+          ratio: float | None, keep_k: int | None, global_rank: bool, seed: int, drop: str | None,
+          holdout_stats: Path | None, overwrite: bool, allow_nonuniform: bool, hash_shards: bool, revision: str | None, push_repo: str | None,
           private: bool, data: tuple[str, ...], rounds: int | None, progressive_mode: bool, novices: bool,
           **collect_options) -> None:
     """Write a checkpoint of MODEL keeping only some experts: from --plan, or from
@@ -141,6 +144,12 @@ def prune(model: str, out_dir: Path, plan_path: Path | None, stats_path: Path | 
         check_can_push(push_repo)  # no token / offline: fail before the rewrite
     if (plan_path is None) == (criterion is None):
         raise UserError("give either --plan PLAN.json or --criterion NAME (with --stats and --ratio/--keep)")
+    if drop is not None and criterion is not None:
+        from .criteria import CRITERIA
+        from .criteria.mcsuite import oriented
+
+        if criterion in CRITERIA:
+            oriented(CRITERIA[criterion], drop)  # refuses recon and auto before any collecting
     model_dir = resolve_model(model, revision=revision, purpose="prune")
     iterate = bool(data or rounds or progressive_mode)
     if iterate and (plan_path is not None or stats_path is not None or global_rank):
@@ -151,14 +160,14 @@ def prune(model: str, out_dir: Path, plan_path: Path | None, stats_path: Path | 
         keep, doc = load_plan(plan_path)
         source = str(plan_path)
     elif not iterate:
-        doc = _score(model_dir, stats_path, criterion, ratio, keep_k, global_rank, seed, holdout_stats)
+        doc = _score(model_dir, stats_path, criterion, ratio, keep_k, global_rank, seed, holdout_stats, drop)
         keep = {int(layer): ids for layer, ids in doc["keep"].items()}
         source = f"{criterion} plan"
     calibration = None
     with keep_user_card(out_dir, model_dir):
         if iterate:
             calibration = _prune_rounds(model_dir, out_dir, list(data), rounds, progressive_mode, criterion, ratio,
-                                        keep_k, seed, holdout_stats, collect_options, novices=novices,
+                                        keep_k, seed, holdout_stats, collect_options, novices=novices, drop=drop,
                                         overwrite=overwrite, hash_shards=hash_shards)
         elif novices:
             _write_novices(model_dir, keep, stats_path, out_dir, overwrite=overwrite, plan_doc=doc, plan_source=source,
@@ -195,7 +204,7 @@ def _write_novices(model_dir: Path, keep: dict[int, list[int]], stats_path: Path
 
 
 def _score(model_dir: Path, stats_path: Path | None, criterion: str, ratio: float | None, keep_k: int | None,
-           global_rank: bool, seed: int, holdout_stats: Path | None) -> dict:
+           global_rank: bool, seed: int, holdout_stats: Path | None, drop: str | None = None) -> dict:
     """Build the plan in memory, refusing statistics that belong to another model."""
     from .cli_score import GLOBAL_WARNING, build_plan, load_source
     from .criteria import CRITERIA
@@ -213,17 +222,17 @@ def _score(model_dir: Path, stats_path: Path | None, criterion: str, ratio: floa
     if global_rank:
         click.echo(GLOBAL_WARNING, err=True)
     return build_plan(crit, src, ratio=ratio, keep=keep_k, global_rank=global_rank, seed=seed,
-                      holdout_stats=holdout_stats)
+                      holdout_stats=holdout_stats, drop=drop)
 
 
 def _prune_rounds(model_dir: Path, out_dir: Path, data: list[str], rounds: int | None, progressive_mode: bool,
                   criterion: str, ratio: float | None, keep_k: int | None, seed: int, holdout_stats: Path | None,
-                  collect_options: dict, novices: bool, **rewrite_kw) -> dict | None:
+                  collect_options: dict, novices: bool, drop: str | None = None, **rewrite_kw) -> dict | None:
     """Collect, score and rewrite in rounds (surgery.rounds); returns the first round's calibration record."""
     from .rounds import prune_in_rounds
 
     def score(model: Path, stats: Path | None, keep: int) -> dict:
-        return _score(model, stats, criterion, None, keep, False, seed, holdout_stats)
+        return _score(model, stats, criterion, None, keep, False, seed, holdout_stats, drop)
 
     result, calibration = prune_in_rounds(model_dir, out_dir, data=data, rounds=rounds,
                                           progressive_mode=progressive_mode, criterion=criterion, ratio=ratio,

@@ -13,12 +13,20 @@ from .data import DataError, read_documents
 from .evaluate import evaluate, format_report, load_model, load_tokenizer
 
 
+def _per_file(paths) -> list[str]:
+    """Folders stand for their .jsonl/.txt files, so that every file (domain) gets its own perplexity."""
+    out: list[str] = []
+    for p in map(Path, paths):
+        out += sorted(str(f) for f in p.rglob("*") if f.suffix in (".jsonl", ".txt")) if p.is_dir() else [str(p)]
+    return out
+
+
 @click.command("eval")
 @click.argument("model")
 @click.option(
     "-d", "--data", "data", multiple=True, required=True, type=click.Path(),
     help="Evaluation text: .jsonl (a 'text' field per line), .txt (blank-line separated "
-    "documents) or a folder of them. Repeat for several domains.",
+    "documents) or a folder of them (each file in it is one domain). Repeatable.",
 )
 @click.option(
     "--reference", type=click.Path(),
@@ -54,6 +62,7 @@ def eval_cmd(model, data, reference, max_tokens, seq_len, batch_size, device, dt
         for folder in [model_dir] + ([ref_dir] if ref_dir else []):
             if not Path(folder).is_dir():
                 raise DataError(f"{folder}: no such model folder")
+        data = _per_file(data)
         for path in data:
             read_documents(path)  # fail on bad data before spending minutes loading a model
         device = _resolve_device(device)

@@ -16,6 +16,7 @@ from stats_formats import FIELDS, StatsError, StatsFile
 
 from .architectures import ArchitectureError, spec_for
 from .criteria import AUTO, CRITERIA, Criterion, ExpertWeights, LayerInput, auto_candidates, holdout_grams, run_auto
+from .criteria.mcsuite import DROPS, oriented
 from .expert_weights import expert_matrices
 from .io import Checkpoint, CheckpointError
 from .plan import PlanError, make_plan, plan_document
@@ -114,13 +115,21 @@ def build_plan(
     global_rank: bool,
     seed: int,
     holdout_stats: Path | None,
+    drop: str | None = None,
 ) -> dict:
-    """The plan document for one criterion (for auto: the winner's plan plus every candidate's error)."""
+    """The plan document for one criterion (for auto: the winner's plan plus every candidate's error).
+
+    `drop` ("low" / "high"): drop the experts with the lowest or highest signal; None keeps the
+    criterion's default (see surgery.criteria.mcsuite); refused for set selectors and auto.
+    """
+    crit = oriented(crit, drop)
     inputs = _inputs(src, seed)
     plan_fn = partial(make_plan, num_experts=src.num_experts, top_k=src.top_k, ratio=ratio, keep=keep,
                       global_rank=global_rank, groups=src.n_group, min_group_size=src.min_group_size)
     extra: dict[str, object] = {"num_experts": src.num_experts, "top_k": src.top_k, "n_group": src.n_group,
                                 "global": global_rank, "seed": seed}
+    if drop is not None:
+        extra["drop"] = drop
     if crit.name == AUTO:
         grams = holdout_grams(src.stats, src.layers, StatsFile(holdout_stats) if holdout_stats else None)
         result = run_auto(auto_candidates(global_rank), inputs, grams, plan_fn)
@@ -167,10 +176,13 @@ def criteria_cmd() -> None:
               help="For auto: statistics from other data whose main fields serve as the held-out slice.")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Checkpoint folder, for weight criteria (weight_norm, aimer).")
+@click.option("--drop", type=click.Choice(DROPS),
+              help="Drop the experts with the lowest or highest signal (default: the criterion's own; "
+                   "mcs-ews and mcs-eas drop high). Not for recon or auto.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Plan JSON to write.")
 def score_cmd(stats_path: Path | None, name: str, ratio: float | None, keep: int | None, global_rank: bool,
-              seed: int, holdout_stats: Path | None, model_dir: Path | None, output: Path) -> None:
+              seed: int, holdout_stats: Path | None, model_dir: Path | None, drop: str | None, output: Path) -> None:
     """Score experts and write a keep plan for `moe-surgery prune`.
 
     Give exactly one of --ratio and --keep; every layer keeps at least top_k experts.
@@ -185,7 +197,7 @@ def score_cmd(stats_path: Path | None, name: str, ratio: float | None, keep: int
         crit = CRITERIA[name]
         src = load_source(crit, stats_path, model_dir)
         doc = build_plan(crit, src, ratio=ratio, keep=keep, global_rank=global_rank, seed=seed,
-                         holdout_stats=holdout_stats)
+                         holdout_stats=holdout_stats, drop=drop)
         output.write_text(json.dumps(doc, indent=1) + "\n")
     except USER_ERRORS as e:
         click.echo(f"Error: {e}", err=True)

@@ -254,3 +254,13 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, model_dir, problem):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ")
     assert (f"{bad}:2: not valid JSON" if problem == "bad data" else "no such model folder") in lines[0]
+
+
+def test_eval_folder_reports_each_file(tmp_path: Path) -> None:
+    """A folder given to `eval -d` stands for its files: one perplexity per file."""
+    from surgery.cli_eval import _per_file
+
+    (tmp_path / "b.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "a.txt").write_text("y\n")
+    (tmp_path / "notes.md").write_text("z\n")
+    assert _per_file([str(tmp_path), "other.jsonl"]) == [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), "other.jsonl"]
