@@ -116,8 +116,9 @@ def main() -> None:
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repository as private.")
 def prune(model: str, out_dir: Path, plan_path: Path | None, stats_path: Path | None, criterion: str | None,
           ratio: float | None, keep_k: int | None, global_rank: bool, seed: int, drop: str | None,
-          holdout_stats: Path | None, overwrite: bool, allow_nonuniform: bool, hash_shards: bool, revision: str | None, push_repo: str | None,
-          private: bool, data: tuple[str, ...], rounds: int | None, progressive_mode: bool, novices: bool,
+          holdout_stats: Path | None, overwrite: bool, allow_nonuniform: bool, hash_shards: bool, revision: str | None,
+          push_repo: str | None, private: bool, data: tuple[str, ...], rounds: int | None, progressive_mode: bool,
+          novices: bool,
           **collect_options) -> None:
     """Write a checkpoint of MODEL keeping only some experts: from --plan, or from
     --stats + --criterion + --ratio/--keep, or from -d DATA + --criterion (collecting first, in

@@ -115,12 +115,14 @@ def eas(layer: Layer) -> np.ndarray:
 # name: (signal, needs, default drop, formula)
 SIGNALS = {
     "mcs-ewn": (ewn, "weights", "low", "||[W_gate, W_up, W_down]||_F  [MC-Suite EWN; drop low]"),
-    "mcs-wsr": (wsr, "weights", "low", "mean over gate, up, down of ||W||_F^2 / ||W||_2^2  [stable rank WSR; drop low]"),
+    "mcs-wsr": (wsr, "weights", "low",
+                "mean over gate, up, down of ||W||_F^2 / ||W||_2^2  [stable rank WSR; drop low]"),
     "mcs-ews": (ews, "weights", "high",
                 "-mean_{j!=i} cos(w_i, w_j), w = flat gate|up|down  [EWS similarity; drop high = most redundant]"),
     "mcs-euf": (euf, "stats", "low", "n_i / N  [EUF; drop low]"),
     "mcs-ecc": (ecc, "stats", "low", "sum_{j!=i} C_ij / n_i  [ECC co-selection; drop low; n_i=0 -> -inf]"),
-    "mcs-ean": (ean, "stats", "low", "sum_c sqrt(Q_ic)  [MC-Suite EAN, not REAP's ean; drop low: paper's best Min-EAN]"),
+    "mcs-ean": (ean, "stats", "low",
+                "sum_c sqrt(Q_ic)  [MC-Suite EAN, not REAP's ean; drop low: paper's best Min-EAN]"),
     "mcs-eae": (eae, "stats", "low",
                 "1/2 sum_c log(v_ic + 1e-12), v_ic = (Q_ic - S_ic^2/n_i)/(n_i - 1)  [EAE; drop low; n_i<=1 -> -inf]"),
     "mcs-eas": (eas, "stats", "high",
@@ -137,7 +139,8 @@ def _scored(fn, needs: str, drop: str):
 
 
 def mcsuite_criteria() -> list[Criterion]:
-    return [Criterion(name, formula, needs, _scored(fn, needs, drop)) for name, (fn, needs, drop, formula) in SIGNALS.items()]
+    return [Criterion(name, formula, needs, _scored(fn, needs, drop))
+            for name, (fn, needs, drop, formula) in SIGNALS.items()]
 
 
 def default_drop(name: str) -> str:
