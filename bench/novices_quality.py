@@ -28,6 +28,7 @@ from surgery.cli import _score
 from surgery.evaluate import evaluate, load_model, load_tokenizer
 from surgery.novices import write_novice_checkpoint
 from surgery.rewrite import rewrite_checkpoint
+from bench_common import emit
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     reference = CachedLogits(load_model(model_dir, dtype=torch.float32))
     kw = dict(seq_len=args.seq_len, max_tokens=args.max_tokens, progress=False)
     rows = [_row(model_dir.name, "unpruned", 0.0, "-", evaluate(reference, tokenizer, eval_files, **kw))]
-    _emit(rows[-1], args.out)
+    emit(rows[-1], args.out)
     work = Path(tempfile.mkdtemp(prefix="novices-quality-"))
     try:
         for ratio in args.ratios:
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     model = load_model(out, dtype=torch.float32)
                     result = evaluate(model, tokenizer, eval_files, reference=reference, **kw)
                     rows.append(_row(model_dir.name, criterion, ratio, variant, result))
-                    _emit(rows[-1], args.out)
+                    emit(rows[-1], args.out)
                     del model
                     shutil.rmtree(out)
     finally:
@@ -83,14 +84,6 @@ def _row(fixture: str, criterion: str, ratio: float, variant: str, r: dict) -> d
     if "kl" in r:
         row.update(kl=r["kl"], top1=r["top1"])
     return row
-
-
-def _emit(row: dict, out: Path | None) -> None:
-    line = json.dumps(row)
-    print(line, flush=True)
-    if out:
-        with open(out, "a") as f:
-            f.write(line + "\n")
 
 
 def table(rows: list[dict]) -> str:

@@ -13,7 +13,6 @@ Collect the statistics first with `moe-surgery collect` (the command is recorded
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import tempfile
@@ -26,6 +25,7 @@ from surgery.cli import _score
 from surgery.criteria import CRITERIA
 from surgery.evaluate import evaluate, load_model, load_tokenizer
 from surgery.rewrite import rewrite_checkpoint
+from bench_common import emit
 
 
 def geomean(values: list[float]) -> float:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> list[dict]:
               progress=False)
     base = evaluate(reference, tokenizer, eval_files, **kw)
     rows = [{"criterion": "unpruned", "ratio": 0.0, **_flat(base, base, args.focus)}]
-    _emit(rows[-1], args.out)
+    emit(rows[-1], args.out)
     work = Path(tempfile.mkdtemp(prefix="quality-", dir=args.tmp))
     try:
         for ratio in args.ratios:
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     row["auto_winner"] = doc["auto"]["winner"]
                     row["auto_errors"] = doc["auto"]["errors"]
                 rows.append(row)
-                _emit(row, args.out)
+                emit(row, args.out)
                 del model
                 shutil.rmtree(out)
     finally:
@@ -74,14 +74,6 @@ def _flat(r: dict, base: dict, focus: str | None) -> dict:
         rest = [v for k, v in ppl.items() if k != focus]
         out.update(focus_ppl=ppl[focus], rest_geomean=geomean(rest))
     return out
-
-
-def _emit(row: dict, out: Path | None) -> None:
-    line = json.dumps(row)
-    print(line, flush=True)
-    if out:
-        with open(out, "a") as f:
-            f.write(line + "\n")
 
 
 def markdown(rows: list[dict], focus: str | None = None) -> str:

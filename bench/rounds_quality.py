@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import _emit, _flat  # noqa: E402
+from bench_common import emit  # noqa: E402
+from quality import _flat  # noqa: E402
 
 from surgery.cli import _score  # noqa: E402
 from surgery.evaluate import evaluate, load_model, load_tokenizer  # noqa: E402
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     kw = dict(seq_len=512, max_tokens=args.max_tokens, batch_size=8, device=args.device, progress=False)
     base = evaluate(reference, tokenizer, eval_files, **kw)
     rows = [{"criterion": "unpruned", "mode": "", "ratio": 0.0, **_flat(base, base, None)}]
-    _emit(rows[-1], args.out)
+    emit(rows[-1], args.out)
     work = Path(tempfile.mkdtemp(prefix="rounds-quality-", dir=args.tmp))
     try:
         for criterion in args.criteria:
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 r = evaluate(model, tokenizer, eval_files, reference=reference, **kw)
                 rows.append({"criterion": criterion, "mode": label, "ratio": args.ratio, **_flat(r, base, None),
                              "seconds": seconds, "keep": json.loads((out / "pruning.json").read_text())["expert_map"]})
-                _emit(rows[-1], args.out)
+                emit(rows[-1], args.out)
                 del model
                 shutil.rmtree(out)
     finally:

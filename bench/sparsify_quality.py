@@ -12,7 +12,6 @@ prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -22,6 +21,7 @@ import torch
 
 from surgery.evaluate import evaluate, load_model, load_tokenizer
 from surgery.sparsify import METHODS, sparsify_checkpoint
+from bench_common import emit
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> list[dict]:
               progress=False)
     base = evaluate(reference, tokenizer, eval_files, **kw)
     rows = [{"pattern": "dense", "method": "-", "achieved": 0.0, **_flat(base, base)}]
-    _emit(rows[-1], args.out)
+    emit(rows[-1], args.out)
     work = Path(tempfile.mkdtemp(prefix="sparsify-quality-", dir=args.tmp))
     try:
         for pattern in args.patterns:
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 r = evaluate(model, tokenizer, eval_files, reference=reference, **kw)
                 rows.append({"pattern": pattern, "method": method, "achieved": section["achieved"],
                              **_flat(r, base), "seconds": time.perf_counter() - t0})
-                _emit(rows[-1], args.out)
+                emit(rows[-1], args.out)
                 del model
                 shutil.rmtree(out)
     finally:
@@ -60,14 +60,6 @@ def _flat(r: dict, base: dict) -> dict:
     if "kl" in r:
         out.update(kl=r["kl"], top1=r["top1"])
     return out
-
-
-def _emit(row: dict, out: Path | None) -> None:
-    line = json.dumps(row)
-    print(line, flush=True)
-    if out:
-        with open(out, "a") as f:
-            f.write(line + "\n")
 
 
 def markdown(rows: list[dict]) -> str:
