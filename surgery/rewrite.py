@@ -139,7 +139,7 @@ def plan_tensors(ckpt: Checkpoint, layout: MoELayout, keep: dict[int, list[int]]
 
 
 def _output_names(shards: list[str], nonempty: list[str]) -> dict[str, str]:
-    """Renumber shards `stem-XXXXX-of-YYYYY` after empty ones are dropped, keeping width and base."""
+    """Renumber shards like `model-00002-of-00005` after empty ones are dropped, keeping width and base."""
     parsed = [_SHARD_RE.match(s) for s in shards]
     if len(shards) == 1 or not all(parsed):
         return {s: s for s in nonempty}
