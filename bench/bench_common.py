@@ -13,3 +13,9 @@ def emit(row: dict, out: Path | None) -> None:
     if out:
         with open(out, "a") as f:
             f.write(line + "\n")
+
+
+def list_eval_files(path: str) -> list[str]:
+    """The eval set: every .jsonl of a folder (one domain each, sorted), or the single file given."""
+    p = Path(path)
+    return sorted(str(f) for f in p.glob("*.jsonl")) if p.is_dir() else [path]

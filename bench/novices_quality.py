@@ -28,7 +28,7 @@ from surgery.cli import _score
 from surgery.evaluate import evaluate, load_model, load_tokenizer
 from surgery.novices import write_novice_checkpoint
 from surgery.rewrite import rewrite_checkpoint
-from bench_common import emit
+from bench_common import emit, list_eval_files
 
 
 def run(args: argparse.Namespace) -> list[dict]:

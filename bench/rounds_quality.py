@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import emit  # noqa: E402
+from bench_common import emit, list_eval_files  # noqa: E402
 from quality import _flat  # noqa: E402
 
 from surgery.cli import _score  # noqa: E402

@@ -21,11 +21,11 @@ import torch
 
 from surgery.evaluate import evaluate, load_model, load_tokenizer
 from surgery.sparsify import METHODS, sparsify_checkpoint
-from bench_common import emit
+from bench_common import emit, list_eval_files
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    eval_files = sorted(str(p) for p in Path(args.eval).glob("*.jsonl")) if Path(args.eval).is_dir() else [args.eval]
+    eval_files = list_eval_files(args.eval)
     tokenizer = load_tokenizer(args.model)
     reference = load_model(args.model, device=args.device, dtype=torch.float32)
     kw = dict(seq_len=args.seq_len, max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device,
