@@ -32,7 +32,7 @@ from bench_common import emit, list_eval_files
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    eval_files = sorted(str(p) for p in Path(args.eval).glob("*.jsonl"))
+    eval_files = list_eval_files(args.eval)
     model_dir, stats = Path(args.model), StatsFile(args.stats)
     tokenizer = load_tokenizer(model_dir)
     reference = CachedLogits(load_model(model_dir, dtype=torch.float32))

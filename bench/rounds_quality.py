@@ -50,7 +50,7 @@ def prune_one(args: argparse.Namespace, criterion: str, rounds: int, progressive
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    eval_files = sorted(str(p) for p in Path(args.eval).glob("*.jsonl"))
+    eval_files = list_eval_files(args.eval)
     tokenizer = load_tokenizer(args.model)
     reference = load_model(args.model, device=args.device, dtype=torch.float32)
     kw = dict(seq_len=512, max_tokens=args.max_tokens, batch_size=8, device=args.device, progress=False)
