@@ -67,6 +67,16 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+def _finish_dist(owned: bool) -> None:
+    """Wait for rank 0's write, then tear the group down: a rank that exits with gloo's threads
+    still alive aborts ("terminate called without an active exception") and fails the launch."""
+    import torch.distributed as dist
+
+    if owned and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _reduce(accs: dict[int, LayerAccumulator]) -> None:
     import torch.distributed as dist
 
@@ -115,6 +125,9 @@ def collect(
     masked = _progressive_layers(layout, progressive)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()  # a group the caller set up is the caller's to tear down
     rank, world = _dist()
 
     tokenizer = load_tokenizer(model_dir)
@@ -209,6 +222,7 @@ def collect(
             for name, t in acc.sums.items():
                 writer.add(layer, name, t.cpu().numpy(), holdout=True)
         writer.save(output)
+    _finish_dist(owned)
     return summary
 
 
