@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import struct
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -33,8 +31,7 @@ from .architectures import MoELayout, resolve
 from .errors import UserError
 from .expert_weights import FUSED_DOWN, FUSED_GATE_UP, ROLE_PATTERNS
 from .fingerprint import check_stats_match
-from .io import INDEX_NAME, Checkpoint, SafetensorsFile, TensorInfo, atomic_output_dir, decode
-from .io.writer import _copy_range
+from .io import INDEX_NAME, Checkpoint, SafetensorsFile, TensorInfo, atomic_output_dir, decode, rewrite_shard
 from .rewrite import _copy_other_files
 
 METHODS = ("moe-pruner", "wanda", "magnitude")
@@ -311,43 +308,6 @@ def _slabs(f: SafetensorsFile, info: TensorInfo, count: int) -> Iterator[bytes]:
         yield f.read_range(info.begin + i * size, info.begin + (i + 1) * size)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _write_shard(path: Path, src: SafetensorsFile, produce: Callable[[TensorInfo], Iterator[bytes] | None]) -> None:
-    """Rewrite one shard with the same tensors, dtypes, shapes and order, header computed upfront.
-
-    `produce(info)` yields a tensor's new bytes piece by piece, or None to copy it by byte range.
-    """
-    tensors = sorted(src.tensors.values(), key=lambda t: t.begin)
-    header: dict = {"__metadata__": src.metadata or {"format": "pt"}}
-    offset = 0
-    for t in tensors:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # same alignment as surgery.io.write_safetensors
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        _write_all(fd, struct.pack("<Q", len(raw)) + raw)
-        for t in tensors:
-            pieces = produce(t)
-            if pieces is None:
-                _copy_range(src, t.begin, t.end, fd)
-                continue
-            written = 0
-            for piece in pieces:
-                _write_all(fd, piece)
-                written += len(piece)
-            if written != t.nbytes:
-                raise RuntimeError(f"{t.name}: produced {written} bytes for {t.nbytes}")
-    finally:
-        os.close(fd)
-
-
 # ---------------------------------------------------------------------------------------------
 # The command
 
@@ -425,7 +385,7 @@ def sparsify_checkpoint(
     bar = tqdm(total=len(targets), unit="tensor", desc="Sparsifying", disable=not progress)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         for shard, f in ckpt.files.items():
-            _write_shard(tmp / shard, f, produce)
+            rewrite_shard(tmp / shard, f, produce)
             bar.update(sum(1 for n in f.tensors if n in targets))
         for name in (INDEX_NAME, "config.json"):
             if (ckpt.dir / name).is_file():

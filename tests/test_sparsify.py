@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+import surgery.io.writer as writer
 import surgery.sparsify as sp
 from stats_formats import StatsFile, tensor_name
 from stats_factory import default_calibration, default_model, make_stats
@@ -315,7 +316,7 @@ def test_streams_one_expert_tensor_at_a_time(tiny, tmp_path: Path, monkeypatch: 
                                              layout: str) -> None:
     src = tiny("qwen3_moe", layout)
     events: list[tuple[str, int]] = []
-    read_range, write_all = SafetensorsFile.read_range, sp._write_all
+    read_range, write_all = SafetensorsFile.read_range, writer._write_all
 
     def traced_read(self: SafetensorsFile, begin: int, end: int) -> bytes:
         events.append(("read", end - begin))
@@ -326,7 +327,7 @@ def test_streams_one_expert_tensor_at_a_time(tiny, tmp_path: Path, monkeypatch: 
         write_all(fd, data)
 
     monkeypatch.setattr(SafetensorsFile, "read_range", traced_read)
-    monkeypatch.setattr(sp, "_write_all", traced_write)
+    monkeypatch.setattr(writer, "_write_all", traced_write)
     section = sparsify_checkpoint(src, None, tmp_path / "out", sparsity=0.5, method="magnitude")
     ckpt = Checkpoint(src)
     infos = [ckpt.info(n) for n in section["tensors"]]

@@ -147,8 +147,12 @@ def _rebuild_meta_buffers(model: torch.nn.Module, config) -> None:
 
 def stream_forward(model_dir: str, config, layout: MoELayout, batches: list[torch.Tensor], device, dtype,
                    on_model: Callable[[torch.nn.Module], None] | None = None, progress: bool = True,
-                   hidden_states: str = "auto", spill_dir: Path | None = None) -> str:
+                   hidden_states: str = "auto", spill_dir: Path | None = None,
+                   after_layer: Callable[[int], None] | None = None) -> str:
     """Push every batch through the model layer by layer (outputs are discarded: hooks collect).
+
+    `after_layer(i)` runs once every batch has been through layer i, before the next layer loads
+    (the healer fits the student's layer i there, from what hooks cached).
 
     Returns where the hidden states were kept ("gpu", "cpu" or "disk").
     """
@@ -206,6 +210,8 @@ def stream_forward(model_dir: str, config, layout: MoELayout, batches: list[torc
                 bar.update(1)
         layer.to("meta")
         calls[i] = []
+        if after_layer:
+            after_layer(i)
     bar.close()
     ckpt.close()
     where = store.where

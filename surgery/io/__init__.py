@@ -2,9 +2,9 @@
 
 from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from .safetensors_file import DTYPE_BITS, CheckpointError, SafetensorsFile, TensorInfo, decode, nbytes
-from .writer import OutTensor, atomic_output_dir, write_safetensors, write_safetensors_hashing
+from .writer import OutTensor, atomic_output_dir, rewrite_shard, write_safetensors, write_safetensors_hashing
 
 __all__ = [
     "Checkpoint", "CheckpointError", "SafetensorsFile", "TensorInfo", "OutTensor", "DTYPE_BITS",
-    "INDEX_NAME", "SINGLE_NAME", "atomic_output_dir", "decode", "nbytes", "write_safetensors", "write_safetensors_hashing",
+    "INDEX_NAME", "SINGLE_NAME", "atomic_output_dir", "decode", "rewrite_shard", "nbytes", "write_safetensors", "write_safetensors_hashing",
 ]

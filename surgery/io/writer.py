@@ -12,9 +12,9 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from .safetensors_file import CheckpointError, SafetensorsFile, nbytes
+from .safetensors_file import CheckpointError, SafetensorsFile, TensorInfo, nbytes
 
 CHUNK = 64 * 1024 * 1024
 HASH_CHUNK = 8 * 1024 * 1024
@@ -166,3 +166,40 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def rewrite_shard(path: Path, src: SafetensorsFile, produce: Callable[[TensorInfo], Iterator[bytes] | None]) -> None:
+    """Rewrite one shard with the same tensors, dtypes, shapes and order, header computed upfront.
+
+    `produce(info)` yields a tensor's new bytes piece by piece, or None to copy it by byte range.
+    """
+    tensors = sorted(src.tensors.values(), key=lambda t: t.begin)
+    header: dict = {"__metadata__": src.metadata or {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # same alignment as surgery.io.write_safetensors
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, struct.pack("<Q", len(raw)) + raw)
+        for t in tensors:
+            pieces = produce(t)
+            if pieces is None:
+                _copy_range(src, t.begin, t.end, fd)
+                continue
+            written = 0
+            for piece in pieces:
+                _write_all(fd, piece)
+                written += len(piece)
+            if written != t.nbytes:
+                raise RuntimeError(f"{t.name}: produced {written} bytes for {t.nbytes}")
+    finally:
+        os.close(fd)
