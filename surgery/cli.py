@@ -26,6 +26,7 @@ LAZY_COMMANDS = {
     "demo": ("surgery.cli_demo", "demo"),
     "push": ("surgery.cli_push", "push"),
     "sparsify": ("surgery.cli_sparsify", "sparsify"),
+    "heal": ("surgery.cli_heal", "heal"),
 }
 
 

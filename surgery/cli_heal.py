@@ -1,0 +1,70 @@
+"""`moe-surgery heal`: win back a pruned model's quality by distilling from the model it was cut from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("student")
+@click.option("--teacher", required=True,
+              help="The checkpoint STUDENT was pruned from (folder or Hub repo id); pruning.json maps the experts.")
+@click.option("-d", "--data", "data", multiple=True, required=True,
+              help="Calibration text, read exactly as `collect` reads it (.jsonl, .txt or a folder); repeatable.")
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Healed checkpoint folder (the student's layout, names, dtypes and shards).")
+@click.option("--tokens", default=8 * 2**20, show_default=True,
+              help="Calibration tokens to read; one sequence in 16 is held out to measure each stage.")
+@click.option("--local-steps", default=200, show_default=True,
+              help="Layer-local stage: optimizer steps per MoE layer (0 turns the stage off).")
+@click.option("--local-tokens", default=2**18, show_default=True,
+              help="Layer-local stage: at most this many of the tokens are cached per layer.")
+@click.option("--local-inputs", type=click.Choice(["student", "teacher"]), default="student", show_default=True,
+              help="Fit each block on the student's own hidden states toward the teacher's layer output "
+                   "(sequential: also corrects the drift of the layers below), or on the teacher block's "
+                   "inputs toward its output.")
+@click.option("--local-lr", default=3e-4, show_default=True, help="Layer-local stage learning rate (Adam).")
+@click.option("--kd-steps", type=int, default=None,
+              help="Distillation stage: optimizer steps of --batch-size sequences; default one pass over the "
+                   "training tokens; 0 turns the stage off.")
+@click.option("--train", type=click.Choice(["experts", "all"]), default="experts", show_default=True,
+              help="Distillation trains the router rows and routed experts of pruned layers, or every weight.")
+@click.option("--lr", default=1e-4, show_default=True, help="Distillation peak learning rate (AdamW, warm-up + cosine).")
+@click.option("--seq-len", default=1024, show_default=True, help="Tokens per sequence (capped by the model).")
+@click.option("--batch-size", default=8, show_default=True, help="Sequences per step.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+@click.option("--seed", default=0, show_default=True, help="Shuffles documents and minibatches.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--revision", help="Branch, tag or commit when --teacher is a Hub repo id.")
+def heal(student: str, teacher: str, data: tuple[str, ...], out_dir: Path, tokens: int, local_steps: int,
+         local_tokens: int, local_inputs: str, local_lr: float, kd_steps: int | None, train: str, lr: float,
+         seq_len: int, batch_size: int, device: str, seed: int, overwrite: bool, revision: str | None) -> None:
+    """Distil STUDENT (written by `prune` or `sparsify`) from the checkpoint it was pruned from.
+
+    Stage 1 streams both models one decoder layer at a time and fits each pruned MoE block's
+    router rows and kept experts to the teacher (MSE). Stage 2 trains end to end on
+    KL(teacher logits || student logits). Trained tensors are written back in their on-disk
+    dtype, everything else is copied byte for byte; pruning.json gains a `heal` record.
+    Sparsified students keep their zeros and add the expert-wise loss of MoE-Pruner.
+    """
+    from .heal.run import heal as run_heal
+    from .hub import resolve_model
+
+    teacher_dir = resolve_model(teacher, revision=revision, purpose="collect")
+    record = run_heal(student, teacher_dir, list(data), out_dir, tokens=tokens, local_steps=local_steps,
+                      local_tokens=local_tokens, local_inputs=local_inputs, local_lr=local_lr, kd_steps=kd_steps,
+                      batch_size=batch_size, train=train, lr=lr, seq_len=seq_len, device=device, seed=seed,
+                      overwrite=overwrite, progress=True)
+    for stage in record["stages"]:
+        if stage["stage"] == "local":
+            errors = [(v["held_out_error_before"], v["held_out_error_after"]) for v in stage["layers"].values()]
+            mean_before = sum(b for b, _ in errors) / max(len(errors), 1)
+            mean_after = sum(a for _, a in errors) / max(len(errors), 1)
+            click.echo(f"Layer-local fit: {len(errors)} layers, mean held-out block error {mean_before:.4f} → "
+                       f"{mean_after:.4f}")
+        else:
+            click.echo(f"Distillation: {stage['steps']} steps, {stage['tokens']} tokens, held-out KL "
+                       f"{stage['held_out_kl_before']:.4f} → {stage['held_out_kl_after']:.4f}")
+    click.echo(f"Wrote {out_dir} ({record['tokens']} calibration tokens, {record['seconds']:.0f} s).")
