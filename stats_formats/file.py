@@ -30,6 +30,7 @@ from .schema import (
     HOLDOUT_FIELDS,
     METADATA_KEY,
     NONNEGATIVE_FIELDS,
+    OPTIONAL_GROUPS,
     SCHEMA_NAME,
     SCHEMA_VERSION,
     field_shape,
@@ -64,6 +65,8 @@ _CALIBRATION_KEYS: dict[str, tuple[type, ...]] = {
     "holdout_sequences": (int,),
 }
 _POSITIVE_MODEL_KEYS = ("num_hidden_layers", "num_experts", "hidden_size", "intermediate_size", "top_k")
+VOCAB_KEY = "vocab_size"  # optional model key: the shape of `token_bits`, which needs it
+NUMPY_DTYPES = {"F64": np.float64, "U8": np.uint8}  # Field.dtype -> array dtype
 _TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", type(None): "null"}
 
 SUMMARY_COLUMNS = (
@@ -104,6 +107,9 @@ def check_model(label: str, model: object) -> None:
     for key in _POSITIVE_MODEL_KEYS:
         if model[key] < 1:
             raise StatsError(f"{label}: metadata model.{key} is {model[key]}, expected a positive integer")
+    vocab = model.get(VOCAB_KEY, 1)
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise StatsError(f"{label}: metadata model.{VOCAB_KEY} is {vocab!r}, expected a positive integer")
     layers = model["moe_layers"]
     if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in layers):
         raise StatsError(f"{label}: metadata model.moe_layers must hold non-negative integers, got {layers!r}")
@@ -247,12 +253,13 @@ def _check_values(label: str, name: str, values: np.ndarray, nonnegative: bool) 
         )
 
 
-def _check_tensor(label: str, source: _Source, name: str, expected: tuple[int, ...], nonnegative: bool) -> None:
+def _check_tensor(label: str, source: _Source, name: str, expected: tuple[int, ...], nonnegative: bool,
+                  expected_dtype: str = "F64") -> None:
     if name not in source.names:
         raise StatsError(f"{label}: tensor {name} is missing")
     dtype, shape = source.info(name)
-    if dtype != "F64":
-        raise StatsError(f"{label}: tensor {name} has dtype {dtype}, expected F64")
+    if dtype != expected_dtype:
+        raise StatsError(f"{label}: tensor {name} has dtype {dtype}, expected {expected_dtype}")
     if tuple(shape) != expected:
         raise StatsError(f"{label}: tensor {name} has shape {list(shape)}, expected {list(expected)}")
     _check_values(label, name, source.read(name), nonnegative)
@@ -276,6 +283,27 @@ def _validate_tensors(label: str, source: _Source, model: dict[str, Any]) -> boo
             raise StatsError(f"{label}: holdout tensors are incomplete: {present[0]} is present but {name} is missing")
         _check_tensor(label, source, name, field_shape(f, *dims), f in NONNEGATIVE_FIELDS)
     return True
+
+
+def _validate_optional(label: str, source: _Source, model: dict[str, Any]) -> tuple[str, ...]:
+    """The optional fields the file holds (see schema.OPTIONAL_GROUPS): each group all or nothing."""
+    dims = (model["num_experts"], model["hidden_size"], model["intermediate_size"], model.get(VOCAB_KEY, 0))
+    found: list[str] = []
+    for option, group in OPTIONAL_GROUPS.items():
+        names = [(tensor_name(layer, f.name), f.name) for layer in model["moe_layers"] for f in group]
+        present = [name for name, _ in names if name in source.names]
+        if not present:
+            continue
+        for name, field in names:
+            if name not in source.names:
+                raise StatsError(f"{label}: {option or 'MC-Suite'} tensors are incomplete: {present[0]} is present "
+                                 f"but {name} is missing")
+            if field == "token_bits" and VOCAB_KEY not in model:
+                raise StatsError(f"{label}: tensor {name} needs metadata model.{VOCAB_KEY}")
+            _check_tensor(label, source, name, field_shape(field, *dims), field in NONNEGATIVE_FIELDS,
+                          FIELD_BY_NAME[field].dtype)
+        found += [f.name for f in group]
+    return tuple(found)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +380,7 @@ class StatsFile:
         self.path = path
         self.metadata: dict[str, Any] = _parse_metadata(label, source.header)
         self.has_holdout = _validate_tensors(label, source, self.model)
+        self.optional_fields = _validate_optional(label, source, self.model)
         self._sha256: str | None = None
 
     @property
@@ -392,7 +421,7 @@ class StatsFile:
         return self._source.read(name)
 
     def layer(self, layer: int, holdout: bool = False) -> dict[str, np.ndarray]:
-        fields = HOLDOUT_FIELDS if holdout else tuple(f.name for f in FIELDS)
+        fields = HOLDOUT_FIELDS if holdout else tuple(f.name for f in FIELDS) + self.optional_fields
         return {f: self.get(layer, f, holdout) for f in fields}
 
     def save(self, path: PathLike) -> None:
@@ -411,7 +440,8 @@ class StatsWriter:
         self._tensors: dict[str, np.ndarray] = {}
 
     def add(self, layer: int, field: str, array: Any, holdout: bool = False) -> None:
-        """Store one tensor as float64, rejecting names and shapes the schema does not allow."""
+        """Store one tensor in its field's dtype (float64 but for bit sets), rejecting names and shapes the
+        schema does not allow."""
         if field not in FIELD_BY_NAME:
             raise StatsError(f"{WRITER_LABEL}: unknown field {field!r}")
         if holdout and field not in HOLDOUT_FIELDS:
@@ -421,9 +451,9 @@ class StatsWriter:
         name = tensor_name(layer, field, holdout)
         if name in self._tensors:
             raise StatsError(f"{WRITER_LABEL}: tensor {name} was added twice")
-        values = np.array(array, dtype=np.float64)
+        values = np.array(array, dtype=NUMPY_DTYPES[FIELD_BY_NAME[field].dtype])
         m = self.model
-        expected = field_shape(field, m["num_experts"], m["hidden_size"], m["intermediate_size"])
+        expected = field_shape(field, m["num_experts"], m["hidden_size"], m["intermediate_size"], m.get(VOCAB_KEY, 0))
         if values.shape != expected:
             raise StatsError(f"{WRITER_LABEL}: tensor {name} has shape {list(values.shape)}, expected {list(expected)}")
         self._tensors[name] = values
@@ -444,8 +474,11 @@ class StatsWriter:
 
 
 def _check_same_model(first: StatsFile, other: StatsFile) -> None:
+    """Every key equal; a vocab_size only one side has is fine (the other predates token_bits, which is dropped)."""
     a, b = first.model, other.model
     for key in list(a) + [k for k in b if k not in a]:
+        if key == VOCAB_KEY and (key not in a or key not in b):
+            continue
         if a.get(key) != b.get(key):
             raise StatsError(
                 f"{other.label}: model.{key} is {b.get(key)!r} but {first.label} has {a.get(key)!r}; "
@@ -469,8 +502,8 @@ def _merge_calibration(calibrations: Sequence[dict[str, Any]]) -> dict[str, Any]
 
 def _combine(stats: Sequence[StatsFile], layer: int, field: str, how: str, holdout: bool) -> np.ndarray:
     """Accumulate one tensor across files, holding a single extra copy at a time."""
-    total = np.array(stats[0].get(layer, field, holdout), dtype=np.float64)
-    op = np.maximum if how == "max" else np.add
+    total = np.array(stats[0].get(layer, field, holdout), dtype=NUMPY_DTYPES[FIELD_BY_NAME[field].dtype])
+    op = {"max": np.maximum, "or": np.bitwise_or}.get(how, np.add)
     for s in stats[1:]:
         op(total, s.get(layer, field, holdout), out=total)
     return total
@@ -479,8 +512,9 @@ def _combine(stats: Sequence[StatsFile], layer: int, field: str, how: str, holdo
 def merge(files: Sequence[StatsFile | PathLike], label: str = MERGED_LABEL) -> StatsFile:
     """Statistics of disjoint token sets combined exactly: sums add, maxima take the maximum.
 
-    Files of another major version are refused when opened; the holdout slice is kept only when
-    every input has one. The result lives in memory; call `.save(path)` to write it.
+    Files of another major version are refused when opened; the holdout slice and optional fields
+    (`collect --gradients`, the MC-Suite fields) are kept only when every input has them. The result
+    lives in memory; call `.save(path)` to write it.
     """
     if not files:
         raise ValueError("merge needs at least one statistics file")
@@ -488,9 +522,10 @@ def merge(files: Sequence[StatsFile | PathLike], label: str = MERGED_LABEL) -> S
     for other in stats[1:]:
         _check_same_model(stats[0], other)
     holdout = all(s.has_holdout for s in stats)
+    optional = [n for n in stats[0].optional_fields if all(n in s.optional_fields for s in stats[1:])]
     tensors: dict[str, np.ndarray] = {}
     for layer in stats[0].layers:
-        for field in FIELDS:
+        for field in (*FIELDS, *(FIELD_BY_NAME[n] for n in optional)):
             tensors[tensor_name(layer, field.name)] = _combine(stats, layer, field.name, field.merge, False)
         for name in HOLDOUT_FIELDS if holdout else ():
             how = FIELD_BY_NAME[name].merge

@@ -32,11 +32,15 @@ from .errors import UserError
 @click.option("--progressive", "progressive_plan", type=click.Path(dir_okay=False, path_type=Path),
               help="Plan JSON (original ids): its layers are pruned in memory while collecting, so later layers see "
                    "the pruned model's inputs; their dropped experts get zero statistics.")
+@click.option("--gradients", is_flag=True,
+              help="Also back-propagate each calibration sequence's next-token loss and store per-expert gradient "
+                   "statistics (for the mcs-egs/ege/ego/egn criteria); one extra forward and backward pass, "
+                   "one sequence at a time (with --stream-layers: one layer at a time, keeping every layer's inputs).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--revision", help="Branch, tag or commit when MODEL is a Hub repo id (or write org/name@REV).")
 def collect(model: str, data: tuple[str, ...], output: Path, samples: int, seq_len: int, holdout: int, seed: int,
             batch_size: int, device: str, dtype: str, stream_layers: bool, hidden_states: str,
-            progressive_plan: Path | None, overwrite: bool,
+            progressive_plan: Path | None, gradients: bool, overwrite: bool,
             revision: str | None) -> None:
     """Run calibration text through MODEL (a folder or a Hub repo id) once and write its per-expert statistics file.
 
@@ -59,7 +63,7 @@ def collect(model: str, data: tuple[str, ...], output: Path, samples: int, seq_l
     summary = run_collect(model_dir, list(data), output, samples=samples, seq_len=seq_len, seed=seed,
                           batch_size=batch_size, holdout=holdout, device=device, dtype=dtype,
                           stream_layers=stream_layers, hidden_states=hidden_states, progress=True,
-                          progressive=progressive)
+                          progressive=progressive, gradients=gradients)
     if summary.rank == 0:
         for line in summary.lines():
             click.echo(line)

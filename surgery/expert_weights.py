@@ -2,12 +2,14 @@
 
 Weight-based criteria (weight_norm, aimer) and the collector's streaming mode need expert
 matrices in nn.Linear orientation ([out, in]) whatever the on-disk layout: per-expert
-tensors, fused [E, 2I, H] or [E, H, 2I], halves or interleaved gate/up.
+tensors, fused [E, 2I, H] or [E, H, 2I], halves or interleaved gate/up. Router criteria
+(mcs-rwn) read the layer's router weight [E, H] alone.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -67,12 +69,33 @@ def read_expert(ckpt: Checkpoint, layout: MoELayout, layer: int, expert: int) ->
     return {"gate": np.ascontiguousarray(g), "up": np.ascontiguousarray(u), "down": np.ascontiguousarray(dn)}
 
 
-def expert_matrices(model_dir: str | Path) -> tuple[list[int], int, int, int | None, Callable[[int], Callable[[int], Matrices]]]:
-    """(MoE layers, experts per layer, top-k, n_group or None, layer -> (expert -> matrices))."""
+def read_router(ckpt: Checkpoint, layout: MoELayout, layer: int) -> np.ndarray:
+    """The layer's router weight [E, H] as float32: its one 2-D router tensor with the expert axis first
+    (biases and correction terms are vectors)."""
+    names = [n for n, axis in layout.layers[layer].router.items() if axis == 0 and len(ckpt.info(n).shape) == 2]
+    if len(names) != 1:
+        raise CheckpointError(f"{ckpt.dir}: layer {layer}: expected one 2-D router weight, found {names or 'none'}")
+    return ckpt.array(names[0]).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One MoE layer's weights, read when asked: call it with an expert id for its matrices."""
+
+    ckpt: Checkpoint
+    layout: MoELayout
+    layer: int
+
+    def __call__(self, expert: int) -> Matrices:
+        return read_expert(self.ckpt, self.layout, self.layer, expert)
+
+    def router(self) -> np.ndarray:
+        return read_router(self.ckpt, self.layout, self.layer)
+
+
+def expert_matrices(model_dir: str | Path) -> tuple[list[int], int, int, int | None, Callable[[int], LayerWeights]]:
+    """(MoE layers, experts per layer, top-k, n_group or None, layer -> its LayerWeights)."""
     ckpt = Checkpoint(model_dir)
     layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
-
-    def for_layer(layer: int) -> Callable[[int], Matrices]:
-        return lambda expert: read_expert(ckpt, layout, layer, expert)
-
-    return list(layout.layers), layout.num_experts, layout.top_k, active_groups(layout), for_layer
+    return (list(layout.layers), layout.num_experts, layout.top_k, active_groups(layout),
+            lambda layer: LayerWeights(ckpt, layout, layer))

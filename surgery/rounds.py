@@ -248,6 +248,7 @@ def prune_in_rounds(model_dir: Path, out_dir: Path, *, data: list[str], rounds: 
     """`prune -d DATA [--rounds N] [--progressive]`: checks the options, runs the rounds, returns
     the result and the first round's calibration record (None when nothing was collected)."""
     from .criteria import CRITERIA
+    from .criteria.gradients import SIGNALS as GRADIENT_SIGNALS
     from .plan import keep_count
 
     crit = CRITERIA.get(criterion)
@@ -264,7 +265,8 @@ def prune_in_rounds(model_dir: Path, out_dir: Path, *, data: list[str], rounds: 
     shape = model_shape(model_dir)
     target = keep_count(shape.num_experts, shape.top_k, ratio=ratio, keep=keep)
     calibration: dict = {}
-    collector = make_collector(data, collect_options, seed, calibration) if crit.needs == "stats" or novices else None
+    options = {**collect_options, "gradients": criterion in GRADIENT_SIGNALS}  # mcs-eg* read `collect --gradients`
+    collector = make_collector(data, options, seed, calibration) if crit.needs == "stats" or novices else None
     run = progressive if progressive_mode else iterative
     result = run(model_dir, out_dir, rounds=rounds or 1, keep=target, criterion=criterion, score=score,
                  collect=collector, novices=novices, **rewrite_kw)

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.activations import ACT2FN
 
-from stats_formats.schema import FIELDS
+from stats_formats.schema import FIELDS, MCSUITE_FIELDS
 
 # Router probabilities over all experts: sigmoid of the logits for these, softmax for the rest.
 SIGMOID_ROUTERS = frozenset({"deepseek_v3", "glm4_moe", "llama4_text", "llama4"})
@@ -44,7 +44,8 @@ def find_moe_blocks(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
 
 
 def capture_routing(model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[int, list[tuple]]:
-    """Layer -> [(x [T, H], top_k_index [T, k], top_k_weights [T, k]) per forward], as the model routes."""
+    """Layer -> [(x [T, H], top_k_index [T, k], top_k_weights [T, k]) per forward], as the model routes
+    (forward j is batches[j]: each MoE block runs once per forward)."""
     calls: dict[int, list[tuple]] = defaultdict(list)
     hooks = []
     for layer, block in find_moe_blocks(model).items():
@@ -97,16 +98,28 @@ class _Experts:
         return h, self.down[e] @ h
 
 
-def _empty(E: int, H: int, I: int) -> dict[str, np.ndarray]:
-    dims = {"E": E, "H": H, "I": I}
+def _empty(E: int, H: int, I: int, vocab: int) -> dict[str, np.ndarray]:
+    dims = {"E": E, "H": H, "I": I, "B": -(-vocab // 8)}
     return {f.name: np.zeros(tuple(int(s) if s.isdigit() else dims[s] for s in f.shape.split(",")))
-            for f in FIELDS}
+            for f in (*FIELDS, *MCSUITE_FIELDS)}
+
+
+def _histogram_add(hist: np.ndarray, f: np.ndarray) -> None:
+    """out_hist of one output f [H]: s = sign(f) clip(8 log2|f| + 128, 0, 256), weight 1 - frac at floor(s)
+    and frac at floor(s) + 1, grid point j in bin j + 256."""
+    with np.errstate(divide="ignore"):
+        s = np.sign(f) * np.clip(8.0 * np.log2(np.abs(f)) + 128.0, 0.0, 256.0)
+    low = np.minimum(np.floor(s), 255.0)
+    frac = s - low
+    np.add.at(hist, low.astype(int) + 256, 1.0 - frac)
+    np.add.at(hist, low.astype(int) + 257, frac)
 
 
 def _accumulate(s: dict[str, np.ndarray], experts: _Experts, probs: torch.Tensor, x: torch.Tensor,
-                idx: torch.Tensor, w: torch.Tensor) -> None:
-    """Add one forward's tokens to the sums, one token and one selected expert at a time."""
+                idx: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> None:
+    """Add one forward's tokens (input ids `ids` [T]) to the sums, one token and one selected expert at a time."""
     E = experts.E
+    assert ids.numel() == x.shape[0], (ids.numel(), x.shape)
     s["tokens"] += x.shape[0]
     s["prob_sum"] += probs.sum(0).numpy()
     for t in range(x.shape[0]):
@@ -138,6 +151,9 @@ def _accumulate(s: dict[str, np.ndarray], experts: _Experts, probs: torch.Tensor
             s["in_gsq_sum"][e] += g * g * xt2
             s["inter_sq_sum"][e] += hn * hn
             s["inter_gsq_sum"][e] += g * g * hn * hn
+            _histogram_add(s["out_hist"][e], fn)
+            v = int(ids[t])
+            s["token_bits"][e, v // 8] = int(s["token_bits"][e, v // 8]) | (1 << (v % 8))
             chosen.append((e, g, fn))
         for ei, gi, fi in chosen:
             for ej, gj, fj in chosen:
@@ -162,13 +178,13 @@ def reference_stats(model_dir: str | Path, main_batches: list[torch.Tensor],
             weight = router.weight.detach().to(torch.float64)
             bias = getattr(router, "bias", None)
             assert weight.shape == (experts.E, experts.H), (layer, tuple(weight.shape))
-            s = stats.setdefault(layer, _empty(experts.E, experts.H, experts.I))
-            for x, idx, w in calls:
+            s = stats.setdefault(layer, _empty(experts.E, experts.H, experts.I, config.vocab_size))
+            for (x, idx, w), ids in zip(calls, batches, strict=True):
                 x64 = x.to(torch.float64)
                 logits = x64 @ weight.T
                 if bias is not None:
                     logits = logits + bias.detach().to(torch.float64)
                 probs = torch.sigmoid(logits) if model_type in SIGMOID_ROUTERS else torch.softmax(logits, dim=-1)
-                _accumulate(s, experts, probs, x64, idx, w.to(torch.float64))
+                _accumulate(s, experts, probs, x64, idx, w.to(torch.float64), ids.reshape(-1))
         out.append(stats)
     return out[0], out[1]

@@ -20,6 +20,8 @@ from transformers import AutoTokenizer
 
 from collect_reference import find_moe_blocks, reference_stats
 from stats_formats import FIELDS, HOLDOUT_FIELDS, StatsFile
+from stats_formats.schema import MCSUITE_FIELDS
+from surgery.criteria.mcsuite import eao
 from surgery.collect.hooks import SelfCheckError
 from surgery.collect.run import collect
 from surgery.data import build_sequences
@@ -433,3 +435,102 @@ def test_missing_tokenizer_is_refused(model, data_file: Path, tmp_path: Path) ->
     result = CliRunner().invoke(main, ["collect", str(src), "-d", str(data_file), "-o", str(out), "--device", "cpu"])
     assert result.exit_code == 2, result.output
     assert "no usable tokenizer" in result.output and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The MC-Suite fields (optional in the schema, written by every collect; the sections above
+#    compare the FIELDS only): against the reference, across ranks and merges, and streamed.
+#    Files the tests above wrote are reused; a test run alone writes its own.
+
+MCSUITE = [f.name for f in MCSUITE_FIELDS]
+# out_hist bins values on a log grid, so a value near zero, whose float32 rounding is large relative to
+# it, moves its weight between neighbouring bins by up to ~1e-2 of a unit. Against the float64
+# reference, each row's cumulative sum (where such moves stay local) is compared to HIST_TOL of the
+# row's total (one misplaced value is ~2e-4 of it); far from zero, where outliers are, the bins are as
+# exact as the sums (the EAO score from them is checked at REF_TOL), and the binning itself is checked
+# on float64 values at SAME_TOL.
+HIST_TOL = 1e-4
+
+
+def mcsuite_of(stats: StatsFile) -> dict[int, dict[str, np.ndarray]]:
+    return {layer: {name: stats.get(layer, name) for name in MCSUITE} for layer in stats.layers}
+
+
+def compare_mcsuite(actual: StatsFile, expected: dict[int, dict[str, np.ndarray]], tol: float,
+                    hist_tol: float | None = None) -> None:
+    """Every MC-Suite field within `tol`; with `hist_tol`, out_hist's cumulative rows within that instead."""
+    assert actual.layers == sorted(expected), f"layers {actual.layers} != {sorted(expected)}"
+    bad = []
+    for layer in sorted(expected):
+        for name in MCSUITE:
+            ours, theirs, limit = actual.get(layer, name), expected[layer][name], tol
+            if name == "out_hist" and hist_tol:
+                ours, theirs, limit = np.cumsum(ours, axis=1), np.cumsum(theirs, axis=1), hist_tol
+            if not (err := rel_err(ours, theirs)) <= limit:
+                bad.append(f"layer {layer} {name}: rel err {err:.3e}")
+    assert not bad, f"{len(bad)} tensors differ by more than {tol:g}:\n" + "\n".join(bad)
+
+
+def collected(path: Path, model_dir: Path, data: list[Path], **kw) -> StatsFile:
+    return StatsFile(path) if path.exists() else run_collect(model_dir, data, path, **kw)
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_mcsuite_fields_match_reference(model_type: str, model, data_file: Path, root: Path) -> None:
+    src = model(model_type)
+    stats = collected(root / f"ref-{model_type}.safetensors", src, [data_file])
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    calib = build_sequences([str(data_file)], tokenizer, RUN["samples"] + RUN["holdout"], RUN["seq_len"], RUN["seed"])
+    main, _ = reference_stats(src, batches_of(calib.input_ids[: RUN["samples"]], RUN["batch_size"]), [])
+    compare_mcsuite(stats, main, REF_TOL, HIST_TOL)
+    for layer in stats.layers:  # never-routed experts score -inf in both
+        ours, theirs = eao(stats.layer(layer)), eao(main[layer])
+        routed = np.isfinite(theirs)
+        assert np.array_equal(routed, np.isfinite(ours)) and rel_err(ours[routed], theirs[routed]) <= REF_TOL, layer
+    hidden = stats.model["hidden_size"]
+    assert stats.model["vocab_size"] == json.loads((src / "config.json").read_text())["vocab_size"]
+    for layer in stats.layers:  # each routed output value's unit weight lands once; some token ids were seen
+        np.testing.assert_allclose(stats.get(layer, "out_hist").sum(axis=1), stats.get(layer, "count") * hidden)
+        assert stats.get(layer, "token_bits").any()
+
+
+def test_histogram_binning_matches_reference() -> None:
+    """The collector's out_hist of float64 values (no rounding to amplify) equals the reference's."""
+    from collect_reference import _histogram_add
+
+    from surgery.collect.accumulator import LayerAccumulator
+
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.logspace(-6, 5, 12, base=2.0, dtype=torch.float64)  # 2^-6 .. 2^5, one per row
+    f = torch.randn(200, 12, generator=gen, dtype=torch.float64) * scale[torch.randint(0, 12, (200, 1), generator=gen)]
+    f[0, :3] = torch.tensor([0.0, 2.0**-20, -(2.0**20)])  # below and above the grid
+    expert = torch.sort(torch.randint(0, 3, (200,), generator=gen)).values
+    acc = LayerAccumulator(3, 12, 4, "cpu", fields=["out_hist"])
+    acc._add_histogram(f, expert)
+    expected = np.zeros((3, 513))
+    for row, e in zip(f.numpy(), expert.tolist()):
+        _histogram_add(expected[e], row)
+    assert rel_err(acc.sums["out_hist"].numpy(), expected) <= SAME_TOL
+    np.testing.assert_allclose(acc.sums["out_hist"].sum(1).numpy(), 12 * np.bincount(expert.numpy(), minlength=3))
+
+
+def test_mcsuite_fields_same_across_ranks_and_merges(dist_setup: dict, root: Path, cli) -> None:
+    ranks, merged = root / "dist-torchrun.safetensors", root / "dist-merged.safetensors"
+    if not ranks.exists():
+        test_torchrun_two_ranks_same_as_one_run(dist_setup, root)
+    if not merged.exists():
+        test_merge_of_rank_shares_same_as_one_run(dist_setup, root, cli)
+    single = mcsuite_of(dist_setup["single"])
+    compare_mcsuite(StatsFile(ranks), single, SAME_TOL)
+    compare_mcsuite(StatsFile(merged), single, SAME_TOL)
+
+
+@pytest.mark.parametrize("model_type,layout", [("qwen3_moe", "per-expert"), ("qwen3_next", "per-expert"),
+                                               ("gpt_oss", "fused")])
+def test_mcsuite_fields_same_with_stream_layers(model_type: str, layout: str, model, data_file: Path, root: Path,
+                                                aligned) -> None:
+    src, name = model(model_type, layout), f"{model_type}-{layout}"
+    streamed = collected(root / f"stream-{name}.safetensors", src, [data_file], stream_layers=True)
+    aligned()
+    plain = collected(root / f"plain-aligned-{name}.safetensors", src, [data_file])
+    compare_mcsuite(streamed, mcsuite_of(plain), SAME_TOL)

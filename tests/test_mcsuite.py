@@ -19,7 +19,9 @@ from surgery.criteria.mcsuite import SIGNALS, default_drop, oriented
 from surgery.plan import PlanError, make_plan
 
 INF = np.inf
-MCS = ["mcs-ewn", "mcs-wsr", "mcs-ews", "mcs-euf", "mcs-ecc", "mcs-ean", "mcs-eae", "mcs-eas"]
+MCS = ["mcs-ewn", "mcs-wsr", "mcs-ews", "mcs-rwn", "mcs-euf", "mcs-ecc", "mcs-evtc", "mcs-ets", "mcs-ean", "mcs-eae",
+       "mcs-eas", "mcs-eao"]
+DROP_HIGH = ("mcs-ews", "mcs-ets", "mcs-eas")
 
 
 def score(name: str, num_experts: int, stats: dict | None = None, weights=None) -> np.ndarray:
@@ -124,8 +126,95 @@ def test_eas_drops_the_most_similar_by_default() -> None:
     assert keep_of("mcs-eas", 4, 2, stats=EAS_STATS) == [0, 1]  # never routed first, then the most similar
 
 
+class RouterOnly:
+    """Layer weights with a router [E, H] and no readable expert matrices."""
+
+    def __init__(self, router: list) -> None:
+        self._router = np.asarray(router, dtype=np.float32)
+
+    def __call__(self, expert: int) -> dict[str, np.ndarray]:
+        raise AssertionError("a router criterion must not read expert matrices")
+
+    def router(self) -> np.ndarray:
+        return self._router
+
+
+def test_rwn_is_the_router_row_norm() -> None:
+    np.testing.assert_allclose(score("mcs-rwn", 3, weights=RouterOnly([[3, 4], [0, 0], [1, 0]])), [5.0, 0.0, 1.0])
+    assert CRITERIA["mcs-rwn"].needs == "weights"
+    with pytest.raises(ValueError, match="router weights"):
+        score("mcs-rwn", 3, weights=WEIGHTS)  # matrices without a router
+
+
+def bit_sets(*id_sets: set[int], vocab: int = 44) -> np.ndarray:
+    """token_bits [E, ceil(vocab / 8)] (uint8) of the given token-id sets: bit v % 8 of byte v // 8."""
+    out = np.zeros((len(id_sets), -(-vocab // 8)), dtype=np.uint8)
+    for e, ids in enumerate(id_sets):
+        for v in ids:
+            out[e, v // 8] |= 1 << (v % 8)
+    return out
+
+
+# expert 0 saw ids {0, 1, 33}, expert 1 {1}, expert 2 nothing, expert 3 {40}
+TOKENS = {"token_bits": bit_sets({0, 1, 33}, {1}, set(), {40})}
+
+
+def test_token_bits_layout() -> None:
+    np.testing.assert_array_equal(TOKENS["token_bits"][:, [0, 4, 5]], [[3, 2, 0], [2, 0, 0], [0, 0, 0], [0, 0, 1]])
+    assert TOKENS["token_bits"].shape == (4, 6)
+
+
+def test_evtc_is_the_share_of_seen_token_ids() -> None:
+    np.testing.assert_allclose(score("mcs-evtc", 4, stats=TOKENS), [3 / 4, 1 / 4, 0.0, 1 / 4])
+    np.testing.assert_array_equal(score("mcs-evtc", 2, stats={"token_bits": bit_sets(set(), set())}), [0.0, 0.0])
+
+
+def test_ets_drops_the_most_similar_token_sets_by_default() -> None:
+    c = 1 / np.sqrt(3.0)  # |{1}| / sqrt(|{0, 1, 33}| |{1}|); disjoint sets have cosine 0
+    np.testing.assert_allclose(score("mcs-ets", 4, stats=TOKENS), [-c / 3, -c / 3, -INF, 0.0])
+    assert keep_of("mcs-ets", 4, 2, stats=TOKENS) == [0, 3]  # empty set first, then the most similar (tie: lower id)
+    low = oriented(CRITERIA["mcs-ets"], "low").layer_scores(LayerInput(0, 4, stats=TOKENS))
+    np.testing.assert_allclose(low, [c / 3, c / 3, -INF, 0.0])
+
+
+def hist_of(*values: list[float]) -> np.ndarray:
+    """out_hist [E, 513] of values that lie on grid points (s = sign(v) (8 log2|v| + 128), an integer)."""
+    out = np.zeros((len(values), 513))
+    for e, vs in enumerate(values):
+        for v in vs:
+            out[e, round(np.sign(v) * (8 * np.log2(abs(v)) + 128)) + 256] += 1
+    return out
+
+
+def test_eao_counts_values_beyond_three_sigma() -> None:
+    # expert 0 (10 tokens, H = 2): channel 0 = five 1s and five -1s, channel 1 = five 1s, four -1s and 16;
+    # over all 20 values mu = 0.85, sigma = 3.61: only 16 lies outside [-9.98, 11.68].
+    # expert 1 (2 tokens): values +-1, mu = 0, sigma = 1: none outside +-3. Expert 2 never routed.
+    ch0, ch1 = [1.0] * 5 + [-1.0] * 5, [1.0] * 5 + [-1.0] * 4 + [16.0]
+    stats = {
+        "count": np.array([10.0, 2.0, 0.0]),
+        "out_sum": np.array([[sum(ch0), sum(ch1)], [0.0, 0.0], [0.0, 0.0]]),
+        "out_sq_sum": np.array([[sum(v * v for v in ch0), sum(v * v for v in ch1)], [2.0, 2.0], [0.0, 0.0]]),
+        "out_hist": hist_of(ch0 + ch1, [1.0, -1.0, -1.0, 1.0], []),
+    }
+    np.testing.assert_allclose(score("mcs-eao", 3, stats=stats), [1.0, 0.0, -INF])
+    # the upper threshold (grid coordinate 156.37) inside the step from point 156 to 157 counts part of a
+    # value whose weight sits on both points (bins 412 and 413)
+    split = dict(stats, out_hist=stats["out_hist"].copy())
+    split["out_hist"][0, 416] = 0.0
+    split["out_hist"][0, [412, 413]] = 0.5
+    assert 0.0 < score("mcs-eao", 3, stats=split)[0] < 1.0
+
+
+@pytest.mark.parametrize("name,field", [("mcs-evtc", "token_bits"), ("mcs-ets", "token_bits"), ("mcs-eao", "out_hist")])
+def test_missing_mcsuite_field_says_to_recollect(name: str, field: str) -> None:
+    with pytest.raises(PlanError, match=f"no {field} .*re-run `moe-surgery collect") as excinfo:
+        score(name, 3, stats=STATS)
+    assert "\n" not in str(excinfo.value)
+
+
 def test_default_directions() -> None:
-    assert {n: default_drop(n) for n in MCS} == {n: "high" if n in ("mcs-ews", "mcs-eas") else "low" for n in MCS}
+    assert {n: default_drop(n) for n in MCS} == {n: "high" if n in DROP_HIGH else "low" for n in MCS}
     assert default_drop("reap") == default_drop("aimer") == "low"
 
 
@@ -206,3 +295,78 @@ def test_prune_passes_drop_through(tmp_path: Path) -> None:
     for layer, kept in plans["low"]["keep"].items():
         assert plans["low"]["drop"] == "low" and plans["high"]["drop"] == "high"
         assert sorted(kept + plans["high"]["keep"][layer]) == list(range(len(plans["low"]["scores"][layer])))
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: statistics collected from a tiny model, router weights read from its checkpoint
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(a tiny qwen3_moe with a tokenizer, its statistics file)."""
+    import random
+
+    from tiny_models import build_tiny
+    from tiny_tokenizer import save_tiny_tokenizer
+
+    from surgery.collect.run import collect
+
+    root = tmp_path_factory.mktemp("mcsuite")
+    src = build_tiny("qwen3_moe", root / "model")
+    save_tiny_tokenizer(src, vocab_size=128)
+    rng = random.Random(0)
+    vocabulary = "expert router token layer 42 7 ( ) , the quick brown fox".split()
+    data = root / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(rng.choice(vocabulary) for _ in range(20))}) + "\n"
+                            for _ in range(30)))
+    out = root / "stats.safetensors"
+    collect(src, [str(data)], out, samples=4, seq_len=24, holdout=0, batch_size=2, device="cpu", dtype="float32",
+            progress=False)
+    return src, out
+
+
+@pytest.mark.parametrize("name", ["mcs-evtc", "mcs-ets", "mcs-eao"])
+def test_score_cli_on_collected_statistics(name: str, collected: tuple[Path, Path], tmp_path: Path) -> None:
+    _, stats_path = collected
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(score_cmd, [str(stats_path), "--criterion", name, "--ratio", "0.25", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    stats = StatsFile(stats_path)
+    for layer in stats.layers:
+        expected = CRITERIA[name].layer_scores(LayerInput(layer, 8, stats=stats.layer(layer)))
+        np.testing.assert_allclose(doc["scores"][str(layer)], expected)
+        assert len(doc["keep"][str(layer)]) == 6
+    sets = stats.get(stats.layers[0], "token_bits")
+    assert sets.any() and sets.shape == (8, 16) and sets.dtype == np.uint8  # vocabulary 128: 16 bytes
+
+
+def test_score_cli_refuses_statistics_without_the_field(tmp_path: Path) -> None:
+    """A file from before the MC-Suite statistics (the factory writes none) stays readable; the criterion says why not."""
+    stats = write_stats(tmp_path / "old.safetensors")
+    assert StatsFile(stats).optional_fields == ()
+    result = CliRunner().invoke(score_cmd, [str(stats), "--criterion", "mcs-evtc", "--ratio", "0.5",
+                                            "-o", str(tmp_path / "p.json")])
+    assert result.exit_code == 2
+    assert result.output.startswith("Error:") and result.output.count("\n") == 1
+    assert "token_bits" in result.output and "moe-surgery collect" in result.output
+
+
+@pytest.mark.parametrize("model_type,layout", [("qwen3_moe", "per-expert"), ("deepseek_v3", "per-expert"),
+                                               ("gpt_oss", "fused"), ("granitemoe", "fused")])
+def test_rwn_reads_the_checkpoint_router(model_type: str, layout: str, tiny, tmp_path: Path) -> None:
+    """Router rows as transformers loads them (biases and correction terms are not rows)."""
+    from collect_reference import ROUTER_ATTR, find_moe_blocks
+    from tiny_models import load_model
+
+    src = tiny(model_type, layout)
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(score_cmd, ["--model", str(src), "--criterion", "mcs-rwn", "--keep", "4",
+                                            "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(out.read_text())["scores"]
+    blocks = find_moe_blocks(load_model(src))
+    assert sorted(map(int, scores)) == sorted(blocks)
+    for layer, block in blocks.items():
+        router = getattr(block, ROUTER_ATTR.get(model_type, "gate")).weight.detach().double().numpy()
+        np.testing.assert_allclose(scores[str(layer)], np.linalg.norm(router, axis=1), rtol=1e-6)

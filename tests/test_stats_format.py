@@ -500,3 +500,118 @@ def test_factory_fields_follow_their_formulas(model: Model) -> None:
     np.testing.assert_allclose(fields["moment_g"][0, 0], fields["count"])
     assert fields["count"].sum() == 25 * model["top_k"]
     np.testing.assert_allclose(fields["prob_sum"].sum(), 25.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# MC-Suite fields (optional: out_hist, token_bits with model.vocab_size)
+
+VOCAB = 70  # 9 bytes of 8 token ids, the last one partly used
+
+
+def _mcsuite_fields(t: Any, ids: np.ndarray) -> Tensors:
+    """out_hist and token_bits of one layer straight from per-token data (formulas of the schema)."""
+    from collect_reference import _histogram_add
+
+    num_experts = t.r.shape[1]
+    hist, bits = np.zeros((num_experts, 513)), np.zeros((num_experts, 9), dtype=np.uint8)
+    for n, e in zip(*np.nonzero(t.r)):
+        _histogram_add(hist[e], t.f[n, e])
+        bits[e, ids[n] // 8] |= 1 << (ids[n] % 8)
+    return {"out_hist": hist, "token_bits": bits}
+
+
+def _with_mcsuite(model: Model, tokens: dict[int, Any], ids: dict[int, np.ndarray]) -> Tensors:
+    tensors = compute_fields(tokens)
+    for layer, t in tokens.items():
+        tensors.update({tensor_name(layer, k): v for k, v in _mcsuite_fields(t, ids[layer]).items()})
+    return tensors
+
+
+@pytest.fixture
+def vocab_model(model: Model) -> Model:
+    return dict(model, vocab_size=VOCAB)
+
+
+def test_mcsuite_fields_round_trip_and_merge_exactly(tmp_path: Path, vocab_model: Model) -> None:
+    tokens = fake_layers(vocab_model, 40, seed=6)
+    rng = np.random.default_rng(6)
+    ids = {layer: rng.integers(0, VOCAB, size=40) for layer in tokens}
+    ids[0][:5] = VOCAB - 1  # the last id of the vocabulary
+    part = lambda sl: ({l: t[sl] for l, t in tokens.items()}, {l: i[sl] for l, i in ids.items()})  # noqa: E731
+    a = _write(tmp_path / "a.safetensors", vocab_model, _with_mcsuite(vocab_model, *part(slice(0, 15))))
+    b = _write(tmp_path / "b.safetensors", vocab_model, _with_mcsuite(vocab_model, *part(slice(15, 40))))
+    assert StatsFile(a).optional_fields == ("out_hist", "token_bits")
+    merged = merge([a, b])
+    expected = _with_mcsuite(vocab_model, tokens, ids)
+    for layer in vocab_model["moe_layers"]:
+        np.testing.assert_array_equal(merged.get(layer, "token_bits"), expected[tensor_name(layer, "token_bits")])
+        _assert_close(merged.get(layer, "out_hist"), expected[tensor_name(layer, "out_hist")])
+        assert merged.get(layer, "token_bits").dtype == np.uint8
+    assert merged.get(0, "token_bits")[:, 8].any()  # the last id, 69: bit 5 of byte 8
+    assert FIELD_BY_NAME["token_bits"].merge == "or"
+    out = tmp_path / "merged.safetensors"
+    merged.save(out)
+    np.testing.assert_array_equal(StatsFile(out).get(1, "token_bits"), merged.get(1, "token_bits"))
+
+
+def test_file_without_mcsuite_fields_is_read_and_merges_without_them(tmp_path: Path, model: Model,
+                                                                     vocab_model: Model) -> None:
+    old = _write(tmp_path / "old.safetensors", model, make_stats(model, 10, seed=0))  # no vocab_size either
+    tokens = fake_layers(vocab_model, 10, seed=1)
+    new = _write(tmp_path / "new.safetensors", vocab_model,
+                 _with_mcsuite(vocab_model, tokens, {layer: np.arange(10) for layer in tokens}))
+    assert StatsFile(old).optional_fields == ()
+    with pytest.raises(StatsError, match="no tensor layers.0.token_bits"):
+        StatsFile(old).get(0, "token_bits")
+    merged = merge([new, old])
+    assert merged.optional_fields == ()
+    np.testing.assert_array_equal(merged.get(0, "count"), StatsFile(old).get(0, "count") + StatsFile(new).get(0, "count"))
+
+
+def _mcsuite_tensors(vocab_model: Model) -> Tensors:
+    tokens = fake_layers(vocab_model, 12, seed=2)
+    return _with_mcsuite(vocab_model, tokens, {layer: np.arange(12) * 5 for layer in tokens})
+
+
+MALFORMED_MCSUITE = {
+    "partial group": (lambda t, m: t.pop("layers.1.out_hist"), ("MC-Suite tensors are incomplete", "layers.1.out_hist")),
+    "no vocab_size": (lambda t, m: m["model"].pop("vocab_size"), ("layers.0.token_bits", "model.vocab_size")),
+    "bad vocab_size": (lambda t, m: m["model"].__setitem__("vocab_size", 0), ("model.vocab_size", "positive")),
+    "wrong byte count": (lambda t, m: m["model"].__setitem__("vocab_size", 200), ("layers.0.token_bits", "[4, 25]")),
+    "bits as F64": (lambda t, m: t.__setitem__("layers.1.token_bits", t["layers.1.token_bits"].astype(np.float64)),
+                    ("layers.1.token_bits", "dtype F64, expected U8")),
+    "hist as U8": (lambda t, m: t.__setitem__("layers.0.out_hist", t["layers.0.out_hist"].astype(np.uint8)),
+                   ("layers.0.out_hist", "dtype U8, expected F64")),
+    "negative bin": (_set("layers.0.out_hist", (0, 3), -1.0), ("layers.0.out_hist", "negative")),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_MCSUITE))
+def test_malformed_mcsuite_fields_are_rejected(case: str, tmp_path: Path, vocab_model: Model) -> None:
+    edit, words = MALFORMED_MCSUITE[case]
+    meta = json.loads(_metadata(vocab_model, default_calibration())[METADATA_KEY])
+    tensors = _mcsuite_tensors(vocab_model)
+    edit(tensors, meta)
+    path = _write_raw(tmp_path / "bad.safetensors", tensors, {METADATA_KEY: json.dumps(meta)})
+    with pytest.raises(StatsError) as excinfo:
+        StatsFile(path)
+    _assert_one_line_error(excinfo, path, *words)
+
+
+def test_writer_takes_mcsuite_fields_with_a_vocabulary(tmp_path: Path, vocab_model: Model) -> None:
+    tensors = _mcsuite_tensors(vocab_model)
+    writer = StatsWriter(vocab_model, default_calibration())
+    for name, values in tensors.items():
+        writer.add(int(name.split(".")[1]), name.split(".")[2], values)
+    with pytest.raises(StatsError, match=r"token_bits has shape \[4, 2\], expected \[4, 9\]"):
+        StatsWriter(vocab_model, default_calibration()).add(0, "token_bits", np.zeros((4, 2)))
+    writer.save(tmp_path / "s.safetensors")
+    saved = StatsFile(tmp_path / "s.safetensors")
+    for name, values in tensors.items():
+        np.testing.assert_array_equal(saved.get(int(name.split(".")[1]), name.split(".")[2]), values)
+
+
+def test_docs_mcsuite_table_is_generated_from_schema() -> None:
+    from stats_formats.schema import MCSUITE_FIELDS
+
+    assert field_table_markdown(MCSUITE_FIELDS) in DOCS.read_text()

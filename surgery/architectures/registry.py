@@ -17,7 +17,7 @@ spelling, which `save_pretrained(save_original_format=False)` writes (e.g. Mixtr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Layer prefixes: (regex with a `layer` group, key whose config value is added to the index).
 # The offset gives MTP layers their own index after the main stack, e.g. qwen3_next `mtp.layers.0`

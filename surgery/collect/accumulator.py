@@ -3,7 +3,8 @@
 One batch is handled at once for all experts: every per-expert sum over the (token, expert)
 assignments is one product with the assignments' one-hot expert matrix (a GEMM, fast on
 accelerators) instead of a Python loop over experts. Per-batch partial sums use float64 on the CPU and float32 on accelerators (where
-float64 is slow), and are added into float64 accumulators.
+float64 is slow), and are added into float64 accumulators. The one bit set, `token_bits`, is kept
+packed as in the file (uint8, 8 token ids a byte) and or-ed.
 """
 
 from __future__ import annotations
@@ -12,12 +13,22 @@ from dataclasses import dataclass
 
 import torch
 
-from stats_formats.schema import FIELDS, HOLDOUT_FIELDS
+from stats_formats.schema import (
+    FIELD_BY_NAME,
+    FIELDS,
+    HIST_HALF,
+    HIST_LOG2_RANGE,
+    HIST_STEPS,
+    HOLDOUT_FIELDS,
+    MCSUITE_FIELDS,
+    field_shape,
+)
 
 from . import segment_sums
 
 CHUNK = 8192  # assignments per reduction step: bounds the temporary [chunk, H] tensors
 GRAM_CHUNK = 2048  # tokens per batched k×k Gram product
+HIST_CHUNK = 1024  # assignments per histogram step: bounds the temporary [chunk, H] index tensors
 
 
 @dataclass
@@ -31,22 +42,23 @@ class Assignments:
     p: torch.Tensor | None  # [A] router probability (None for held-out sums)
     h: torch.Tensor  # [A, I] intermediate activation
     f: torch.Tensor  # [A, H] expert output
+    ids: torch.Tensor | None = None  # [A] token id at the assignment's position (None: vocabulary not tracked)
 
 
 class LayerAccumulator:
-    """Sums for one layer."""
+    """Sums for one layer: every FIELDS and MC-Suite field (`token_bits` only with a `vocab_size`), or `fields`."""
 
-    def __init__(self, num_experts: int, hidden: int, inter: int, device: torch.device | str, fields=None):
+    def __init__(self, num_experts: int, hidden: int, inter: int, device: torch.device | str, fields=None,
+                 vocab_size: int | None = None):
         self.E, self.H, self.I = num_experts, hidden, inter
         self.device = torch.device(device)
         self.cd = torch.float64 if self.device.type == "cpu" else torch.float32
-        dims = {"E": num_experts, "H": hidden, "I": inter}
-        names = fields or [f.name for f in FIELDS]
+        names = fields or [f.name for f in (*FIELDS, *MCSUITE_FIELDS) if f.name != "token_bits" or vocab_size]
         self.sums: dict[str, torch.Tensor] = {}
-        for f in FIELDS:
-            if f.name in names:
-                shape = tuple(int(s) if s.isdigit() else dims[s] for s in f.shape.split(","))
-                self.sums[f.name] = torch.zeros(shape, dtype=torch.float64, device=device)
+        for name in names:
+            dtype = torch.uint8 if FIELD_BY_NAME[name].dtype == "U8" else torch.float64
+            shape = field_shape(name, num_experts, hidden, inter, vocab_size or 0)
+            self.sums[name] = torch.zeros(shape, dtype=dtype, device=device)
 
     def has(self, name: str) -> bool:
         return name in self.sums
@@ -59,6 +71,10 @@ class LayerAccumulator:
 
     def add_assignments(self, a: Assignments) -> None:
         """Every per-expert field, from assignments sorted by expert."""
+        if self.has("out_hist"):
+            self._add_histogram(a.f, a.expert)
+        if self.has("token_bits"):
+            _mark_tokens(self.sums["token_bits"], a.expert, a.ids)
         if self.has("out_sum") and segment_sums.available(self.device):
             self._add_fused(a)
             return
@@ -98,6 +114,28 @@ class LayerAccumulator:
             h2 = h.square_()
             s["inter_sq_sum"] += seg(h2)
             s["inter_gsq_sum"] += seg(h2.mul_(g2))
+
+    def _add_histogram(self, f: torch.Tensor, expert: torch.Tensor) -> None:
+        """out_hist: each output value's unit weight split between its two grid points (continuous in f).
+
+        Each value adds 1 to the count and frac to the fraction sum of its lower point k; weight 1 - frac
+        at k and frac at k + 1 is then count(k) - fractions(k) + fractions(k - 1). One spare bin per
+        expert takes the (zero) upper weight of s = HIST_HALF, so the shift never crosses into the next expert.
+        """
+        bins = 2 * HIST_HALF + 2
+        counts = torch.zeros(self.E * bins, dtype=self.cd, device=f.device)
+        fractions = torch.zeros_like(counts)
+        for start in range(0, expert.numel(), HIST_CHUNK):
+            v = f[start:start + HIST_CHUNK].to(self.cd)
+            magnitude = torch.log2(v.abs()).mul_(HIST_STEPS).add_(HIST_STEPS * HIST_LOG2_RANGE).clamp_(0, HIST_HALF)
+            s = torch.copysign(magnitude, v)
+            low = s.floor()
+            index = low.long().add_(expert[start:start + HIST_CHUNK, None] * bins + HIST_HALF).view(-1)
+            counts.index_add_(0, index, counts.new_ones(1).expand(index.numel()))
+            fractions.index_add_(0, index, s.sub_(low).view(-1))
+        shifted = torch.cat([fractions.new_zeros(1), fractions[:-1]])
+        hist = (counts - fractions + shifted).view(self.E, bins)[:, :-1]
+        self.sums["out_hist"] += hist.double()
 
     def _add_fused(self, a: Assignments) -> None:
         """The GPU path: vector fields in one Triton pass per matrix, scalar fields by one small GEMM."""
@@ -165,6 +203,46 @@ def _gated_dots(outs: torch.Tensor, gates: torch.Tensor, cd: torch.dtype) -> tor
         y = outs.to(cd)
         dots = torch.bmm(y, y.transpose(1, 2))
     return dots * gates[:, :, None] * gates[:, None, :]
+
+
+def _mark_tokens(bits: torch.Tensor, expert: torch.Tensor, ids: torch.Tensor | None) -> None:
+    """Set bit (i, v) of `token_bits` [E, B] (uint8) for every assignment of a token with id v to expert i."""
+    if ids is None:
+        raise ValueError("token_bits needs the assignments' token ids")
+    capacity = bits.shape[1] * 8
+    if ids.numel() and int(ids.max()) >= capacity:
+        raise ValueError(f"token id {int(ids.max())} is outside the vocabulary ({capacity} ids at most)")
+    pairs = torch.unique(expert * capacity + ids)  # each (expert, id) once, so adding bits is or-ing them
+    flat_bytes, inverse = torch.unique(pairs // 8, return_inverse=True)
+    values = torch.zeros_like(flat_bytes).index_add_(0, inverse, torch.ones_like(pairs) << (pairs % 8))
+    flat = bits.view(-1)
+    flat[flat_bytes] |= values.to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
+    """[..., B] uint8 -> [..., 8 B] uint8 0/1 (bit b of byte k, least significant first, is id 8k + b)."""
+    shifts = torch.arange(8, device=packed.device)
+    return ((packed[..., None].long() >> shifts) & 1).to(torch.uint8).flatten(-2)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """The inverse of unpack_bits."""
+    shifts = torch.arange(8, device=bits.device)
+    return (bits.unflatten(-1, (-1, 8)).long() << shifts).sum(-1).to(torch.uint8)
+
+
+def all_reduce_field(name: str, t: torch.Tensor) -> None:
+    """Combine one field across torch.distributed ranks by its merge rule, in place (bit sets as 0/1 maxima,
+    which every backend supports, unlike a bitwise or)."""
+    import torch.distributed as dist
+
+    merge = FIELD_BY_NAME[name].merge
+    if merge == "or":
+        bits = unpack_bits(t)
+        dist.all_reduce(bits, op=dist.ReduceOp.MAX)
+        t.copy_(pack_bits(bits))
+    else:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if merge == "max" else dist.ReduceOp.SUM)
 
 
 def holdout_accumulator(num_experts: int, hidden: int, inter: int, device) -> LayerAccumulator:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -48,9 +49,14 @@ def find_blocks(model: torch.nn.Module, spec: ArchSpec) -> list[MoEBlock]:
 
 
 class Instrument:
-    """Holds one accumulator per layer and the patched experts modules."""
+    """Holds one accumulator per layer and the patched experts modules.
 
-    def __init__(self, model: torch.nn.Module, spec: ArchSpec, device, self_check_tol: float):
+    With a `vocab_size`, the main statistics also record which token ids each expert saw
+    (`token_bits`): the caller hands over each batch's input ids with `set_tokens` before its forward.
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: ArchSpec, device, self_check_tol: float,
+                 vocab_size: int | None = None):
         if spec.expert_math not in SUPPORTED:
             raise SelfCheckError(f"collect does not support {spec.model_type} yet (expert formula {spec.expert_math!r})")
         self.spec = spec
@@ -60,6 +66,8 @@ class Instrument:
         self.device = device
         self.tol = self_check_tol
         self.holdout = False  # when True, sums go to the held-out accumulators
+        self.vocab_size = vocab_size
+        self.token_ids: torch.Tensor | None = None  # the current batch's input ids, flattened
         self.check_pending = {b.layer for b in self.blocks}
         self.main: dict[int, LayerAccumulator] = {}
         self.held: dict[int, LayerAccumulator] = {}
@@ -73,11 +81,26 @@ class Instrument:
             return e, b.experts.down_proj.shape[2], b.experts.down_proj.shape[1]
         return e, b.experts.down_proj.shape[1], b.experts.down_proj.shape[2]
 
+    def set_tokens(self, ids: torch.Tensor) -> None:
+        """The input ids [batch, seq] of the batch about to run (the MoE blocks see its tokens flattened)."""
+        self.token_ids = ids.reshape(-1)
+
     def _acc(self, b: MoEBlock) -> LayerAccumulator:
-        table, make = (self.held, holdout_accumulator) if self.holdout else (self.main, LayerAccumulator)
+        if self.holdout:
+            table, make = self.held, holdout_accumulator
+        else:
+            table, make = self.main, partial(LayerAccumulator, vocab_size=self.vocab_size)
         if b.layer not in table:
             table[b.layer] = make(*self.dims(b), self.device)
         return table[b.layer]
+
+    def _tokens(self, b: MoEBlock, n: int, device: torch.device) -> torch.Tensor:
+        """The current batch's ids, checked against the block's token count (their order is the model's)."""
+        have = -1 if self.token_ids is None else self.token_ids.numel()
+        if have != n:
+            raise SelfCheckError(f"layer {b.layer} ({b.name}) got {n} tokens but the collector set {max(have, 0)} "
+                                 "token ids for this batch (Instrument.set_tokens before each forward)")
+        return self.token_ids.to(device)
 
     def _patch(self, b: MoEBlock) -> None:
         original = b.experts.forward
@@ -113,11 +136,12 @@ class Instrument:
         counts = torch.bincount(expert, minlength=num_experts)
         xs = x[tok]
         g = w.reshape(-1)[order]
+        ids = self._tokens(b, x.shape[0], x.device)[tok] if acc.has("token_bits") else None
         hs, fs = grouped_forward(b.experts, self.spec.expert_math, xs, expert, counts)
         # Outputs back in token order [T, k, H], in the model's dtype (exactly as computed), gates apart.
         outs = x.new_zeros(idx.shape[0] * k, x.shape[1]).index_copy_(0, order, fs.to(x.dtype)).view(idx.shape[0], k, -1)
         gates = torch.zeros(idx.shape[0] * k, dtype=w.dtype, device=w.device).index_copy_(0, order, g).view(-1, k)
-        acc.add_assignments(Assignments(expert, counts, xs, g, probs[tok, expert] if full else None, hs, fs))
+        acc.add_assignments(Assignments(expert, counts, xs, g, probs[tok, expert] if full else None, hs, fs, ids))
         del xs, hs, fs
         acc.add_pairs(idx, gates, outs)
         # Σ_k g·f per token as a batched (1×k)·(k×H) product: no scattered adds, no [T, k, H] temporary.

@@ -11,7 +11,6 @@ import torch
 from tqdm import tqdm
 
 from stats_formats import StatsWriter
-from stats_formats.schema import FIELD_BY_NAME
 
 from ..architectures import resolve
 from ..config_edit import active_groups
@@ -20,7 +19,8 @@ from ..errors import UserError
 from ..fingerprint import config_sha256, router_sha256
 from ..io import Checkpoint
 from ..novice_loader import is_novice_checkpoint, load_model
-from .accumulator import LayerAccumulator
+from .accumulator import LayerAccumulator, all_reduce_field
+from .gradients import GradientSums, gradient_pass, stream_gradients
 from .hooks import Instrument
 from .progressive import RouterMask
 
@@ -77,15 +77,14 @@ def _finish_dist(owned: bool) -> None:
         dist.destroy_process_group()
 
 
-def _reduce(accs: dict[int, LayerAccumulator]) -> None:
+def _reduce(accs: dict[int, LayerAccumulator] | dict[int, GradientSums]) -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
         return
     for layer in sorted(accs):
         for name, t in accs[layer].sums.items():
-            op = dist.ReduceOp.MAX if FIELD_BY_NAME[name].merge == "max" else dist.ReduceOp.SUM
-            dist.all_reduce(t, op=op)
+            all_reduce_field(name, t)
 
 
 def collect(
@@ -104,11 +103,14 @@ def collect(
     hidden_states: str = "auto",
     progress: bool = True,
     progressive: dict[int, list[int]] | None = None,
+    gradients: bool = False,
 ) -> CollectSummary:
     """Run the calibration text through the model once and write the schema-v1 statistics file.
 
     `progressive` ({layer: kept expert ids}): those layers behave as pruned while collecting
     (see surgery.collect.progressive); their dropped experts get zero statistics.
+    `gradients`: also back-propagate each main sequence's loss and write the gradient fields
+    (see surgery.collect.gradients).
     """
     from transformers import AutoConfig
 
@@ -144,7 +146,9 @@ def collect(
     held_batches = [b for b in mine(held_ids).split(batch_size)] if held_ids.shape[0] else []
 
     config = AutoConfig.from_pretrained(model_dir)
+    vocab = int(config.get_text_config().vocab_size)  # token_bits: which token ids each expert saw
     tol = 1e-4 if dt == torch.float32 else 3e-2
+    grad_sums: dict[int, GradientSums] = {}
     start = time.perf_counter()
     if stream_layers:
         from .streaming import stream_forward
@@ -157,12 +161,17 @@ def collect(
             if bs:
                 stream_forward(model_dir, config, layout, bs, dev, dt, progress=progress and rank == 0,
                                hidden_states=hidden_states, spill_dir=Path(output).resolve().parent,
-                               on_model=lambda m, f=flag: holder.setdefault(f, _instrument(m, layout.spec, dev, tol, f, masked)))
+                               on_model=lambda m, f=flag: holder.setdefault(f, _instrument(m, layout.spec, dev, tol, f,
+                                                                                            masked, vocab)),
+                               before_batch=lambda j, f=flag, bs=bs: holder[f].set_tokens(bs[j]))
         main_accs = holder[False].main if False in holder else {}
         held_accs = holder[True].held if True in holder else {}
+        if gradients:
+            grad_sums = stream_gradients(model_dir, config, layout, batches, dev, dt, masked, hidden_states=hidden_states,
+                                         spill_dir=Path(output).resolve().parent, progress=progress and rank == 0)
     else:
         model = load_model(model_dir, dev, dt)  # novice checkpoints get their constant experts
-        inst = Instrument(model, layout.spec, dev, tol)
+        inst = Instrument(model, layout.spec, dev, tol, vocab_size=vocab)
         mask = RouterMask(model, layout.spec, masked)
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         total = sum(b.numel() for b in batches) + sum(b.numel() for b in held_batches)
@@ -172,8 +181,12 @@ def collect(
                 for flag, bs in ((False, batches), (True, held_batches)):
                     inst.holdout = flag
                     for b in bs:
+                        inst.set_tokens(b)
                         base(input_ids=b.to(dev), use_cache=False)
                         bar.update(b.numel())
+            inst.restore()  # the gradient pass runs the model's own experts
+            if gradients:
+                grad_sums = gradient_pass(model, layout.spec, batches, dev, progress and rank == 0)
         finally:
             bar.close()
             mask.restore()
@@ -182,6 +195,7 @@ def collect(
     seconds = time.perf_counter() - start
     _reduce(main_accs)
     _reduce(held_accs)
+    _reduce(grad_sums)
 
     hidden, inter = _dims(main_accs)
     model_meta = {
@@ -194,6 +208,7 @@ def collect(
         "moe_layers": sorted(main_accs),
         "n_group": active_groups(layout),
         "min_group_size": layout.spec.min_group_size,
+        "vocab_size": vocab,
         **identity,
     }
     if not main_accs:
@@ -215,9 +230,10 @@ def collect(
         summary.dead_experts[layer] = int((acc.sums["count"] == 0).sum().item())
     if rank == 0:
         writer = StatsWriter(model_meta, calibration)
-        for layer, acc in sorted(main_accs.items()):
-            for name, t in acc.sums.items():
-                writer.add(layer, name, t.cpu().numpy())
+        for accs in (main_accs, grad_sums):
+            for layer, acc in sorted(accs.items()):
+                for name, t in acc.sums.items():
+                    writer.add(layer, name, t.cpu().numpy())
         for layer, acc in sorted(held_accs.items()):
             for name, t in acc.sums.items():
                 writer.add(layer, name, t.cpu().numpy(), holdout=True)
@@ -226,8 +242,8 @@ def collect(
     return summary
 
 
-def _instrument(model, spec, dev, tol, holdout_flag: bool, masked: dict[int, list[int]]) -> Instrument:
-    inst = Instrument(model, spec, dev, tol)
+def _instrument(model, spec, dev, tol, holdout_flag: bool, masked: dict[int, list[int]], vocab: int) -> Instrument:
+    inst = Instrument(model, spec, dev, tol, vocab_size=vocab)
     inst.holdout = holdout_flag
     RouterMask(model, spec, masked)  # the streamed model is discarded afterwards: nothing to restore
     return inst

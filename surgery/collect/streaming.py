@@ -145,25 +145,11 @@ def _rebuild_meta_buffers(model: torch.nn.Module, config) -> None:
                 setattr(parent, attr, type(module)(config=config))
 
 
-def stream_forward(model_dir: str, config, layout: MoELayout, batches: list[torch.Tensor], device, dtype,
-                   on_model: Callable[[torch.nn.Module], None] | None = None, progress: bool = True,
-                   hidden_states: str = "auto", spill_dir: Path | None = None,
-                   after_layer: Callable[[int], None] | None = None) -> str:
-    """Push every batch through the model layer by layer (outputs are discarded: hooks collect).
+def _load_frame(model: torch.nn.Module, config, ckpt: Checkpoint, layout: MoELayout, device, dtype):
+    """Load everything of a meta model's decoder but its layers (embeddings, final norm, rotary buffers).
 
-    `after_layer(i)` runs once every batch has been through layer i, before the next layer loads
-    (the healer fits the student's layer i there, from what hooks cached).
-
-    Returns where the hidden states were kept ("gpu", "cpu" or "disk").
+    Returns (decoder, its layers, the decoder's module name, the text config).
     """
-    from transformers import AutoModelForCausalLM
-
-    ckpt = Checkpoint(model_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval()
-    if on_model:
-        on_model(model)
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     layers = _decoder_layers(base)
     base_prefix = next(n for n, m in model.named_modules() if m is base)
@@ -175,13 +161,13 @@ def stream_forward(model_dir: str, config, layout: MoELayout, batches: list[torc
     for name, buf in base.named_buffers():
         if buf.is_meta and not name.startswith("layers."):  # decoder layers are loaded one at a time later
             raise StreamingError(f"buffer {name} of {type(base).__name__} cannot be rebuilt for --stream-layers")
+    return base, layers, base_prefix, text_config
 
-    # One cheap pass with identity layers records each layer's call arguments per batch.
+
+def _record_calls(base: torch.nn.Module, layers: torch.nn.ModuleList, batches: list[torch.Tensor],
+                  store: HiddenStore, device) -> list[list[dict]]:
+    """One cheap pass with identity layers: each layer's call arguments per batch, and layer 0's inputs into `store`."""
     calls: list[list[dict]] = [[] for _ in layers]
-    hidden = text_config.hidden_size
-    elem = torch.empty((), dtype=dtype).element_size()
-    store = HiddenStore(hidden_states, torch.device(device), sum(b.numel() for b in batches) * hidden * elem,
-                        spill_dir or Path(tempfile.gettempdir()))
     originals = [layer.forward for layer in layers]
 
     def recorder(i):
@@ -194,17 +180,51 @@ def stream_forward(model_dir: str, config, layout: MoELayout, batches: list[torc
 
     for i, layer in enumerate(layers):
         layer.forward = recorder(i)
-    with torch.no_grad():
-        for ids in batches:
-            base(input_ids=ids.to(device), use_cache=False)
-    for layer, fwd in zip(layers, originals):
-        layer.forward = fwd
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                base(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for layer, fwd in zip(layers, originals):
+            layer.forward = fwd
+    return calls
+
+
+def stream_forward(model_dir: str, config, layout: MoELayout, batches: list[torch.Tensor], device, dtype,
+                   on_model: Callable[[torch.nn.Module], None] | None = None, progress: bool = True,
+                   hidden_states: str = "auto", spill_dir: Path | None = None,
+                   after_layer: Callable[[int], None] | None = None,
+                   before_batch: Callable[[int], None] | None = None) -> str:
+    """Push every batch through the model layer by layer (outputs are discarded: hooks collect).
+
+    `after_layer(i)` runs once every batch has been through layer i, before the next layer loads
+    (the healer fits the student's layer i there, from what hooks cached). `before_batch(b)` runs
+    before batch b goes through a layer (the collector hands the batch's token ids to its hooks).
+
+    Returns where the hidden states were kept ("gpu", "cpu" or "disk").
+    """
+    from transformers import AutoModelForCausalLM
+
+    ckpt = Checkpoint(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    if on_model:
+        on_model(model)
+    base, layers, base_prefix, text_config = _load_frame(model, config, ckpt, layout, device, dtype)
+    hidden = text_config.hidden_size
+    elem = torch.empty((), dtype=dtype).element_size()
+    store = HiddenStore(hidden_states, torch.device(device), sum(b.numel() for b in batches) * hidden * elem,
+                        spill_dir or Path(tempfile.gettempdir()))
+    calls = _record_calls(base, layers, batches, store, device)
 
     bar = tqdm(total=len(layers) * len(batches), desc="Layers × batches", disable=not progress)
     for i, layer in enumerate(layers):
         _load_params(layer, f"{base_prefix}.layers.{i}", ckpt, layout, i, device, dtype)
         with torch.no_grad():
             for b, call in enumerate(calls[i]):
+                if before_batch:
+                    before_batch(b)
                 out = layer(store.get(b), *call["args"], **call["kwargs"])
                 store.put(b, out[0] if isinstance(out, tuple) else out)
                 bar.update(1)

@@ -12,8 +12,10 @@ import numpy as np
 
 from ..plan import Selector as LayerSelector
 
-Layer = Mapping[str, np.ndarray]  # one layer's schema fields (float64), see stats_formats.schema
-ExpertWeights = Callable[[int], dict[str, np.ndarray]]  # expert id -> {"gate", "up", "down"} matrices
+Layer = Mapping[str, np.ndarray]  # one layer's schema fields (float64; token_bits uint8), see stats_formats.schema
+# expert id -> {"gate", "up", "down"} matrices; the layer's own (surgery.expert_weights.LayerWeights)
+# also has router() -> the router weight [E, H]
+ExpertWeights = Callable[[int], dict[str, np.ndarray]]
 NEEDS = ("stats", "weights", "none")
 
 
@@ -79,6 +81,18 @@ def from_weights(fn: Callable[[ExpertWeights, int], np.ndarray]) -> Callable[[La
         if inp.weights is None:
             raise ValueError("this criterion needs the model's weights (--model)")
         return fn(inp.weights, inp.num_experts)
+
+    return score
+
+
+def from_router(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[LayerInput], np.ndarray]:
+    """Adapt a function of the layer's router weight [E, H] (one row per expert) to the LayerInput interface."""
+
+    def score(inp: LayerInput) -> np.ndarray:
+        router = getattr(inp.weights, "router", None)
+        if router is None:
+            raise ValueError("this criterion needs the model's router weights (--model)")
+        return fn(np.asarray(router(), dtype=np.float64))
 
     return score
 

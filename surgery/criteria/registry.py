@@ -9,6 +9,7 @@ from .auto import AUTO_FORMULA, CANDIDATES
 from .base import Criterion, from_stats, from_weights
 from .baseline import RANDOM_FORMULA, random_scores
 from .family import PRESETS, formula, unified
+from .gradients import gradient_criteria
 from .mcsuite import mcsuite_criteria
 from .reconstruction import LOO_FORMULA, RECON_FORMULA, loo, recon_scores, recon_select
 from .weights import AIMER_FORMULA, WEIGHT_NORM_FORMULA, aimer, weight_norm
@@ -35,6 +36,7 @@ CRITERIA: dict[str, Criterion] = {
         Criterion("aimer", AIMER_FORMULA, "weights", from_weights(aimer)),
         Criterion("random", RANDOM_FORMULA, "none", random_scores),
         *mcsuite_criteria(),
+        *gradient_criteria(),
     ]
 }
 

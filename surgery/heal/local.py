@@ -67,15 +67,22 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 
 def fit_block(block: torch.nn.Module, params: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor],
-              x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float, batch_tokens: int,
-              generator: torch.Generator) -> list[float]:
-    """Adam on the relative MSE between block(x) and y over random token minibatches; returns the losses."""
+              x: torch.Tensor, y: torch.Tensor, held: tuple[torch.Tensor, torch.Tensor], *, steps: int, lr: float,
+              batch_tokens: int, generator: torch.Generator, check_every: int = 25) -> tuple[list[float], float, int]:
+    """Adam on the relative MSE between block(x) and y over random token minibatches.
+
+    The held-out error is measured every `check_every` steps and the block ends in its best state
+    (step 0 = unchanged): early stopping, since a few thousand routed tokens per expert overfit fast.
+    Returns (losses, best held-out error, step it was reached at).
+    """
     opt = torch.optim.Adam(params.values(), lr=lr)
     scale = float((y.float() ** 2).mean()) or 1.0
+    best_error, best_step = relative_error(block, *held), 0
+    best = {n: p.detach().clone() for n, p in params.items()}
     losses = []
-    for step in range(steps):
+    for step in range(1, steps + 1):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, max(1, steps // 20))
+            group["lr"] = lr_at(step - 1, steps, lr, max(1, steps // 20))
         idx = torch.randint(0, x.shape[0], (min(batch_tokens, x.shape[0]),), generator=generator).to(x.device)
         loss = F.mse_loss(block_output(block, x[idx].float()), y[idx].float()) / scale
         opt.zero_grad(set_to_none=True)
@@ -86,7 +93,15 @@ def fit_block(block: torch.nn.Module, params: dict[str, torch.nn.Parameter], mas
             for name, mask in masks.items():
                 params[name].mul_(mask)
         losses.append(loss.item())
-    return losses
+        if step % check_every == 0 or step == steps:
+            error = relative_error(block, *held)
+            if error < best_error:
+                best_error, best_step = error, step
+                best = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(best[n])
+    return losses, best_error, best_step
 
 
 class _Captured:
@@ -222,8 +237,9 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
 def _fit(block: torch.nn.Module, name: str, router_module: str, sparsified: bool, x: torch.Tensor, y: torch.Tensor,
          held_tokens: int, *, steps: int, lr: float, batch_tokens: int, generator: torch.Generator,
          params_out: dict[str, torch.Tensor]) -> dict:
-    """Train the block's router and experts in float32 on all but the last `held_tokens` tokens;
-    keep the result only if the held-out error went down. Trained values go to `params_out`."""
+    """Train the block's router and experts in float32 on all but the last `held_tokens` tokens, ending
+    in the state with the lowest held-out error (the untouched block if none is lower).
+    Trained values go to `params_out`."""
     dtype = next(block.parameters()).dtype
     block.float()
     params = trainable(block, router_module)
@@ -233,21 +249,16 @@ def _fit(block: torch.nn.Module, name: str, router_module: str, sparsified: bool
         p.requires_grad_(True)
     masks = masks_of(params, sparsified)
     n_fit = x.shape[0] - held_tokens
-    before = relative_error(block, x[n_fit:], y[n_fit:])
-    original = {n: p.detach().clone() for n, p in params.items()}
+    held = (x[n_fit:], y[n_fit:])
+    before = relative_error(block, *held)
     with torch.enable_grad():
-        losses = fit_block(block, params, masks, x[:n_fit], y[:n_fit], steps=steps, lr=lr,
-                           batch_tokens=batch_tokens, generator=generator)
-    after = relative_error(block, x[n_fit:], y[n_fit:])
-    kept = after < before
+        losses, after, best_step = fit_block(block, params, masks, x[:n_fit], y[:n_fit], held, steps=steps, lr=lr,
+                                             batch_tokens=batch_tokens, generator=generator)
     with torch.no_grad():
-        if not kept:  # never hand back a block that is worse on held-out tokens
-            for n, p in params.items():
-                p.copy_(original[n])
         params_out.update({f"{name}.{n}": p.detach().to("cpu", torch.float32).clone() for n, p in params.items()})
         for p in block.parameters():
             p.requires_grad_(False)
     block.to(dtype)
-    return {"held_out_error_before": before, "held_out_error_after": after if kept else before,
+    return {"held_out_error_before": before, "held_out_error_after": after, "best_step": best_step,
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "steps": steps, "tokens": int(n_fit), "kept": kept}
+            "steps": steps, "tokens": int(n_fit)}
