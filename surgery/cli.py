@@ -94,6 +94,11 @@ def main() -> None:
 @click.option("--progressive", "progressive_mode", is_flag=True,
               help="With -d: the rounds prune blocks of MoE layers top to bottom instead, each block scored with "
                    "the blocks above it pruned in memory while collecting.")
+@click.option("--heal-between", type=click.Choice(["local", "kd", "both"]),
+              help="With --rounds: after each round's removal, heal against the checkpoint it was cut from "
+                   "(`heal` stages: layer-local fit, logits distillation, or both) before re-estimating.")
+@click.option("--heal-tokens", default=65536, show_default=True,
+              help="With --heal-between: calibration tokens per round's heal.")
 @click.option("--samples", default=256, show_default=True, help="With -d: calibration sequences.")
 @click.option("--seq-len", default=2048, show_default=True, help="With -d: tokens per sequence.")
 @click.option("--holdout", default=32, show_default=True, help="With -d: held-out sequences (for `auto`).")
@@ -119,7 +124,7 @@ def prune(model: str, out_dir: Path, plan_path: Path | None, stats_path: Path | 
           ratio: float | None, keep_k: int | None, global_rank: bool, seed: int, drop: str | None,
           holdout_stats: Path | None, overwrite: bool, allow_nonuniform: bool, hash_shards: bool, revision: str | None,
           push_repo: str | None, private: bool, data: tuple[str, ...], rounds: int | None, progressive_mode: bool,
-          novices: bool,
+          novices: bool, heal_between: str | None, heal_tokens: int,
           **collect_options) -> None:
     """Write a checkpoint of MODEL keeping only some experts: from --plan, or from
     --stats + --criterion + --ratio/--keep, or from -d DATA + --criterion (collecting first, in
@@ -154,6 +159,8 @@ def prune(model: str, out_dir: Path, plan_path: Path | None, stats_path: Path | 
             oriented(CRITERIA[criterion], drop)  # refuses recon and auto before any collecting
     model_dir = resolve_model(model, revision=revision, purpose="prune")
     iterate = bool(data or rounds or progressive_mode)
+    if heal_between and not (data and rounds):
+        raise UserError("--heal-between goes with -d DATA and --rounds N (it heals between rounds)")
     if iterate and (plan_path is not None or stats_path is not None or global_rank):
         raise UserError("-d/--rounds/--progressive collect their own statistics: drop --plan, --stats and --global")
     if novices and stats_path is None and not iterate:
@@ -170,6 +177,7 @@ def prune(model: str, out_dir: Path, plan_path: Path | None, stats_path: Path | 
         if iterate:
             calibration = _prune_rounds(model_dir, out_dir, list(data), rounds, progressive_mode, criterion, ratio,
                                         keep_k, seed, holdout_stats, collect_options, novices=novices, drop=drop,
+                                        heal_between=heal_between, heal_tokens=heal_tokens,
                                         overwrite=overwrite, hash_shards=hash_shards)
         elif novices:
             _write_novices(model_dir, keep, stats_path, out_dir, overwrite=overwrite, plan_doc=doc, plan_source=source,
@@ -229,17 +237,31 @@ def _score(model_dir: Path, stats_path: Path | None, criterion: str, ratio: floa
 
 def _prune_rounds(model_dir: Path, out_dir: Path, data: list[str], rounds: int | None, progressive_mode: bool,
                   criterion: str, ratio: float | None, keep_k: int | None, seed: int, holdout_stats: Path | None,
-                  collect_options: dict, novices: bool, drop: str | None = None, **rewrite_kw) -> dict | None:
+                  collect_options: dict, novices: bool, drop: str | None = None, heal_between: str | None = None,
+                  heal_tokens: int = 65536, **rewrite_kw) -> dict | None:
     """Collect, score and rewrite in rounds (surgery.rounds); returns the first round's calibration record."""
     from .rounds import prune_in_rounds
 
     def score(model: Path, stats: Path | None, keep: int) -> dict:
         return _score(model, stats, criterion, None, keep, False, seed, holdout_stats, drop)
 
+    heal = None
+    if heal_between is not None:
+        if not rounds:
+            raise UserError("--heal-between goes with --rounds N (it heals between rounds)")
+        from .heal.run import heal as run_heal
+
+        stages = {"local": {"kd_steps": 0}, "kd": {"local_steps": 0}, "both": {}}[heal_between]
+
+        def heal(student: Path, teacher: Path, out: Path) -> dict:
+            return run_heal(student, teacher, data, out, tokens=heal_tokens, seq_len=collect_options["seq_len"],
+                            batch_size=collect_options["batch_size"], device=collect_options["device"], seed=seed,
+                            progress=False, **stages)
+
     result, calibration = prune_in_rounds(model_dir, out_dir, data=data, rounds=rounds,
                                           progressive_mode=progressive_mode, criterion=criterion, ratio=ratio,
                                           keep=keep_k, score=score, collect_options={**collect_options, "progress": True}, seed=seed,
-                                          novices=novices, **rewrite_kw)
+                                          novices=novices, heal=heal, **rewrite_kw)
     for line in result.lines():
         click.echo(line, err=True)
     return calibration

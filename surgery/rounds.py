@@ -35,6 +35,8 @@ NOVICE_STATS = "novice-stats.safetensors"  # the first round's statistics, kept 
 Scorer = Callable[[Path, Path | None, int], dict]
 # (model_dir, statistics file to write, progressive plan or None) -> None
 Collector = Callable[[Path, Path, dict[int, list[int]] | None], None]
+# (pruned student, the checkpoint it was pruned from, output folder) -> the heal record
+Healer = Callable[[Path, Path, Path], dict]
 
 
 @dataclass
@@ -133,11 +135,13 @@ def _round_entry(index: int, criterion: str, keep: int, doc: dict, layers: list[
 
 def iterative(model_dir: Path, out_dir: Path, *, rounds: int, keep: int, criterion: str, score: Scorer,
               collect: Collector | None, work_dir: Path | None = None, novices: bool = False,
-              **rewrite_kw) -> RoundsResult:
+              heal: Healer | None = None, **rewrite_kw) -> RoundsResult:
     """Prune to `keep` experts per layer in `rounds` equal steps, re-collecting on each pruned checkpoint.
 
     `collect` is None for criteria that read no statistics. Temporary checkpoints live in a
-    folder under `work_dir` (default: beside `out_dir`) and are removed at the end.
+    folder under `work_dir` (default: beside `out_dir`) and are removed at the end. With `heal`,
+    each round's removal is healed against the checkpoint it was cut from before the next round
+    estimates, and the output is the last healed checkpoint (its weights are no longer the original's).
     """
     start = time.perf_counter()
     shape = model_shape(model_dir)
@@ -157,11 +161,17 @@ def iterative(model_dir: Path, out_dir: Path, *, rounds: int, keep: int, criteri
             kept = _compose(kept, {int(layer): ids for layer, ids in doc["keep"].items()})
             result.rounds.append(_round_entry(r, criterion, count, doc))
             _keep_or_drop(stats, r, novices)
-            if r + 1 < len(counts):
+            if heal is not None:
+                step = {int(layer): ids for layer, ids in doc["keep"].items()}
+                current = _healed_checkpoint(current, step, tmp / f"round{r + 1}", heal, result, model_dir, tmp)
+            elif r + 1 < len(counts):
                 current = _next_checkpoint(model_dir, kept, tmp / f"round{r + 1}", current, result, tmp)
         result.keep = kept
         plan_doc = _final_doc(kept, result.rounds, criterion, shape.num_experts, "iterative")
-        _write(model_dir, kept, out_dir, plan_doc, f"{criterion} rounds", tmp, novices, rewrite_kw)
+        if heal is not None:
+            _write_healed(model_dir, kept, current, out_dir, plan_doc, result.rounds, rewrite_kw.get("overwrite", False))
+        else:
+            _write(model_dir, kept, out_dir, plan_doc, f"{criterion} rounds", tmp, novices, rewrite_kw)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result.seconds = time.perf_counter() - start
@@ -176,6 +186,44 @@ def _next_checkpoint(model_dir: Path, kept: dict[int, list[int]], dest: Path, pr
     if previous != model_dir:
         shutil.rmtree(previous)
     return dest
+
+
+def _healed_checkpoint(current: Path, step: dict[int, list[int]], dest: Path, heal: Healer, result: RoundsResult,
+                       model_dir: Path, tmp: Path) -> Path:
+    """Remove this round's experts from `current`, heal the result against `current`, drop `current`."""
+    pruned = rewrite_checkpoint(current, step, dest.with_name(dest.name + "-pruned"), plan_source="round plan")
+    record = heal(pruned, current, dest)
+    result.rounds[-1]["heal"] = {k: v for k, v in record.items() if k != "tensors_written"}
+    result.peak_disk_bytes = max(result.peak_disk_bytes, _disk_usage(tmp))
+    shutil.rmtree(pruned)
+    if current != model_dir:
+        shutil.rmtree(current)
+    return dest
+
+
+def _write_healed(model_dir: Path, keep: dict[int, list[int]], healed: Path, out_dir: Path, plan_doc: dict,
+                  rounds: list[dict], overwrite: bool) -> None:
+    """The last healed checkpoint, with a pruning.json that maps its experts to the original's ids."""
+    import json
+
+    from .io import atomic_output_dir
+
+    from .rewrite import _header_sha256
+
+    doc = json.loads((healed / "pruning.json").read_text())
+    ckpt = Checkpoint(model_dir)
+    source = {"path": str(ckpt.dir.resolve()), "shards_sha256": None, "shards_header_sha256": _header_sha256(ckpt)}
+    ckpt.close()
+    doc.update({
+        "source": source,
+        "num_experts_before": model_shape(model_dir).num_experts,
+        "expert_map": {str(layer): ids for layer, ids in sorted(keep.items())},
+        "plan": plan_doc,
+        "heal": [r["heal"] for r in rounds],
+    })
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        shutil.copytree(healed, tmp, dirs_exist_ok=True)
+        (tmp / "pruning.json").write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def progressive(model_dir: Path, out_dir: Path, *, rounds: int, keep: int, criterion: str, score: Scorer,
@@ -244,7 +292,8 @@ def make_collector(data: list[str], options: dict, seed: int, calibration: dict)
 
 def prune_in_rounds(model_dir: Path, out_dir: Path, *, data: list[str], rounds: int | None, progressive_mode: bool,
                     criterion: str, ratio: float | None, keep: int | None, score: Scorer, collect_options: dict,
-                    seed: int, novices: bool = False, **rewrite_kw) -> tuple[RoundsResult, dict | None]:
+                    seed: int, novices: bool = False, heal: Healer | None = None,
+                    **rewrite_kw) -> tuple[RoundsResult, dict | None]:
     """`prune -d DATA [--rounds N] [--progressive]`: checks the options, runs the rounds, returns
     the result and the first round's calibration record (None when nothing was collected)."""
     from .criteria import CRITERIA
@@ -267,7 +316,12 @@ def prune_in_rounds(model_dir: Path, out_dir: Path, *, data: list[str], rounds: 
     calibration: dict = {}
     options = {**collect_options, "gradients": criterion in GRADIENT_SIGNALS}  # mcs-eg* read `collect --gradients`
     collector = make_collector(data, options, seed, calibration) if crit.needs == "stats" or novices else None
-    run = progressive if progressive_mode else iterative
-    result = run(model_dir, out_dir, rounds=rounds or 1, keep=target, criterion=criterion, score=score,
-                 collect=collector, novices=novices, **rewrite_kw)
+    if heal is not None and (progressive_mode or novices):
+        raise PlanError("--heal-between heals the checkpoints of plain --rounds: not with --progressive or --novices")
+    if progressive_mode:
+        result = progressive(model_dir, out_dir, rounds=rounds or 1, keep=target, criterion=criterion, score=score,
+                             collect=collector, novices=novices, **rewrite_kw)
+    else:
+        result = iterative(model_dir, out_dir, rounds=rounds or 1, keep=target, criterion=criterion, score=score,
+                           collect=collector, novices=novices, heal=heal, **rewrite_kw)
     return result, calibration.get("first")

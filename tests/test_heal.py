@@ -302,3 +302,41 @@ def test_refuses_a_quantized_student(root: Path, pair_fused, data: Path) -> None
         tensors = {n: t.to(torch.float8_e4m3fn) if ".experts." in n else t for n, t in tensors.items()}
         save_file(tensors, shard, metadata={"format": "pt"})
     _refused([copy, "--teacher", teacher, "-d", data], root / "bad5", "quantized", "safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# prune --rounds N --heal-between: estimate → prune → heal
+
+
+def test_rounds_with_heal_between_equal_the_steps_by_hand(root: Path, data: Path) -> None:
+    from surgery.cli import _score
+    from surgery.collect.run import collect
+
+    teacher = _teacher(root, "qwen3_moe", "per-expert")
+    out = root / "rounds-healed"
+    run = dict(samples=4, seq_len=24, holdout=0, batch_size=4, seed=3)
+    result = CliRunner().invoke(main, ["prune", str(teacher), "-d", str(data), "--criterion", "frequency", "--keep", "4",
+                                       "--rounds", "2", "--heal-between", "local", "--heal-tokens", "384",
+                                       *[f"--{k.replace('_', '-')}={v}" for k, v in run.items()],
+                                       "--device", "cpu", "--dtype", "float32", "-o", str(out)])
+    assert result.exit_code == 0, (result.output, result.exception)
+
+    current, composed = teacher, None
+    for r, count in enumerate([6, 4]):
+        stats = root / f"by-hand-{r}.safetensors"
+        collect(current, [str(data)], stats, device="cpu", dtype="float32", progress=False, **run)
+        step = {int(k): v for k, v in _score(current, stats, "frequency", None, count, False, 3, None, None)["keep"].items()}
+        composed = step if composed is None else {k: [composed[k][i] for i in ids] for k, ids in step.items()}
+        pruned = rewrite_checkpoint(current, step, root / f"by-hand-pruned-{r}")
+        healed = root / f"by-hand-healed-{r}"
+        heal(pruned, current, [str(data)], healed, tokens=384, seq_len=24, batch_size=4, device="cpu", seed=3,
+             kd_steps=0, progress=False)
+        current = healed
+    ours, theirs = checkpoint_bytes(out), checkpoint_bytes(current)
+    assert ours == theirs
+    doc = json.loads((out / "pruning.json").read_text())
+    assert doc["expert_map"] == {str(k): v for k, v in sorted(composed.items())}
+    assert doc["num_experts_before"] == 8 and doc["source"]["path"] == str(teacher.resolve())
+    assert len(doc["heal"]) == 2 and all(h["stages"][0]["stage"] == "local" for h in doc["heal"])
+    assert [r["keep_per_layer"] for r in doc["plan"]["rounds"]] == [6, 4]
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
