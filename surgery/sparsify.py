@@ -258,18 +258,19 @@ def read_pruning_json(model_dir: Path) -> dict:
     return doc
 
 
-def _check_router_rows(ckpt: Checkpoint, layout: MoELayout, source: Checkpoint, keep: dict[int, list[int]]) -> None:
-    """The pruned routers must be the kept rows of the source's: otherwise pruning.json is stale."""
+def router_mismatch(ckpt: Checkpoint, layout: MoELayout, source: Checkpoint, keep: dict[int, list[int]]) -> str | None:
+    """The first router tensor of `ckpt` that is not the kept rows of `source`'s, or None when all are.
+    Byte equality: it tells the checkpoint an expert removal started from apart from a look-alike."""
     for layer, entry in layout.layers.items():
         for name, axis in entry.router.items():
             if name not in source.weight_map:
-                raise SparsifyError(f"{source.dir}: has no {name}; {ckpt.dir}/{PRUNING_JSON} does not describe it")
+                return name
             info = source.info(name)
             ids = keep.get(layer, list(range(info.shape[axis])))
             rows = np.frombuffer(source.read_bytes(name), np.uint8).reshape(*info.shape[: axis + 1], -1)
             if np.take(rows, ids, axis=axis).tobytes() != ckpt.read_bytes(name):
-                raise SparsifyError(f"{ckpt.dir}: {name} is not the kept rows of {source.dir}'s "
-                                    f"(is {PRUNING_JSON} stale?)")
+                return name
+    return None
 
 
 def stats_expert_map(ckpt: Checkpoint, layout: MoELayout, stats: StatsFile) -> dict[int, list[int]]:
@@ -291,7 +292,9 @@ def stats_expert_map(ckpt: Checkpoint, layout: MoELayout, stats: StatsFile) -> d
     keep = {int(layer): ids for layer, ids in doc["expert_map"].items()}
     src = Checkpoint(source)
     try:
-        _check_router_rows(ckpt, layout, src, keep)
+        bad = router_mismatch(ckpt, layout, src, keep)
+        if bad is not None:
+            raise SparsifyError(f"{ckpt.dir}: {bad} is not the kept rows of {src.dir}'s (is {PRUNING_JSON} stale?)")
     finally:
         src.close()
     return keep

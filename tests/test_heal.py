@@ -262,6 +262,16 @@ def test_refuses_a_teacher_of_another_shape(root: Path, pair_fused, data: Path) 
     assert folder_digest(student) == before
 
 
+def test_refuses_a_look_alike_teacher(root: Path, pair_fused, data: Path) -> None:
+    """Same architecture and shapes, other weights: the student's router rows give it away."""
+    _, student = pair_fused
+    other = root / "look-alike"
+    if not other.exists():
+        build_tiny("qwen3_moe", other, layout="fused", seed=1)
+        save_tiny_tokenizer(other, vocab_size=128)
+    _refused([student, "--teacher", other, "-d", data], root / "bad6", "pruned from", "look-alike")
+
+
 def test_refuses_a_student_without_pruning_json(root: Path, pair_fused, data: Path) -> None:
     teacher, _ = pair_fused
     _refused([teacher, "--teacher", teacher, "-d", data], root / "bad2", "pruning.json", "pruning.json")

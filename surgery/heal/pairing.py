@@ -16,6 +16,7 @@ from ..architectures.layout import sub_config
 from ..errors import UserError
 from ..io import Checkpoint
 from ..novice_loader import is_novice_checkpoint
+from ..sparsify import router_mismatch
 from .export import TORCH_DTYPES
 
 PRUNING_JSON = "pruning.json"
@@ -119,6 +120,11 @@ def pair(student_dir: str | Path, teacher_dir: str | Path) -> Pairing:
         _check_same(student, teacher, s_layout, t_layout)
         expert_map = _expert_map(doc, s_layout, t_layout, student_dir / PRUNING_JSON)
         _check_dtypes(student, s_layout)
+        if not doc.get("heal"):  # a healed student's routers have moved on; a fresh one must match exactly
+            bad = router_mismatch(student, s_layout, teacher, expert_map)
+            if bad is not None:
+                raise HealError(f"{teacher.dir}: {bad} is not the source of the student's ({student_dir}) kept router "
+                                "rows; the teacher must be the checkpoint the student was pruned from")
     except BaseException:
         student.close()
         teacher.close()
