@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..collect.hooks import find_blocks
-from ..collect.streaming import HiddenStore, _decoder_layers, _load_params, _rebuild_meta_buffers
+from ..collect.streaming import HiddenStore, _decoder_layers, _load_frame, _load_params, _record_calls
 from .pairing import Pairing
 
 
@@ -136,33 +136,7 @@ def _meta_model(path, dtype: torch.dtype):
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval()
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    _rebuild_meta_buffers(model, text_config)
-    return model, text_config
-
-
-def _record_calls(model, base, layers, batches: list[torch.Tensor], store: HiddenStore, device) -> list[list[dict]]:
-    """One pass with identity layers: the embeddings go to `store`, each layer's call arguments are kept."""
-    calls: list[list[dict]] = [[] for _ in layers]
-    originals = [layer.forward for layer in layers]
-
-    def recorder(i):
-        def forward(hidden_states, *args, **kwargs):
-            if i == 0:
-                store.put(len(store.items), hidden_states)
-            calls[i].append({"args": args, "kwargs": kwargs})
-            return hidden_states
-        return forward
-
-    for i, layer in enumerate(layers):
-        layer.forward = recorder(i)
-    with torch.no_grad():
-        for ids in batches:
-            base(input_ids=ids.to(device), use_cache=False)
-    for layer, fwd in zip(layers, originals):
-        layer.forward = fwd
-    return calls
+    return model.eval(), config
 
 
 def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int, *, steps: int, lr: float,
@@ -179,21 +153,19 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
     spec = pairing.teacher_layout.spec
     touched = set(pairing.touched_layers)
     generator = torch.Generator().manual_seed(seed)
-    teacher, text_config = _meta_model(pairing.teacher.dir, dtype)
+    teacher, t_config = _meta_model(pairing.teacher.dir, dtype)
     student, _ = _meta_model(pairing.student.dir, dtype)
-    t_base, s_base = (m.get_decoder() if hasattr(m, "get_decoder") else m.model for m in (teacher, student))
-    t_layers, s_layers = _decoder_layers(t_base), _decoder_layers(s_base)
-    prefix = next(n for n, m in teacher.named_modules() if m is t_base)
-    for name, child in t_base.named_children():
-        if child is not t_layers and any(True for _ in child.parameters()):
-            _load_params(child, f"{prefix}.{name}", pairing.teacher, pairing.teacher_layout, None, device, dtype)
+    t_base, t_layers, prefix, text_config = _load_frame(teacher, t_config, pairing.teacher, pairing.teacher_layout,
+                                                        device, dtype)
+    s_base = student.get_decoder() if hasattr(student, "get_decoder") else student.model
+    s_layers = _decoder_layers(s_base)
     t_blocks = {b.layer: teacher.get_submodule(b.name) for b in find_blocks(teacher, spec)}
     s_blocks = {b.layer: (b.name, student.get_submodule(b.name)) for b in find_blocks(student, spec)}
 
     total = sum(b.numel() for b in batches) * text_config.hidden_size * torch.empty((), dtype=dtype).element_size()
     t_store = HiddenStore("auto", device, total, Path(tempfile.gettempdir()))
     s_store = HiddenStore(t_store.where, device, total, Path(tempfile.gettempdir()))
-    calls = _record_calls(teacher, t_base, t_layers, batches, t_store, device)
+    calls = _record_calls(t_base, t_layers, batches, t_store, device)
     for b in range(len(t_store.items)):
         s_store.put(b, t_store.get(b))  # pruning leaves the embeddings alone
     result = LocalResult()
