@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..collect.expert_math import expert_forward
 from ..collect.hooks import find_blocks
-from .local import lr_at, masks_of, trainable
+from .local import lr_at, masks_of, optimizer_step, trainable
 from .pairing import Pairing
 
 
@@ -140,14 +140,7 @@ def distill_stage(pairing: Pairing, teacher, student, train_batches: list[torch.
             loss = kl_loss(student(input_ids=ids).logits, target)
             if expert_wise is not None:
                 loss = loss + expert_wise()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for name, mask in masks.items():
-                params[name].mul_(mask)
-        losses.append(loss.item())
+        losses.append(optimizer_step(opt, loss, params, masks))
         tokens += ids.numel()
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")

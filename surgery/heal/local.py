@@ -66,6 +66,19 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: dict[str, torch.nn.Parameter],
+                   masks: dict[str, torch.Tensor]) -> float:
+    """Backward, clip to norm 1, step, then re-impose the zero pattern of sparsified weights; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+    opt.step()
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask)
+    return loss.item()
+
+
 def fit_block(block: torch.nn.Module, params: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor],
               x: torch.Tensor, y: torch.Tensor, held: tuple[torch.Tensor, torch.Tensor], *, steps: int, lr: float,
               batch_tokens: int, generator: torch.Generator, check_every: int = 25) -> tuple[list[float], float, int]:
@@ -85,14 +98,7 @@ def fit_block(block: torch.nn.Module, params: dict[str, torch.nn.Parameter], mas
             group["lr"] = lr_at(step - 1, steps, lr, max(1, steps // 20))
         idx = torch.randint(0, x.shape[0], (min(batch_tokens, x.shape[0]),), generator=generator).to(x.device)
         loss = F.mse_loss(block_output(block, x[idx].float()), y[idx].float()) / scale
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for name, mask in masks.items():
-                params[name].mul_(mask)
-        losses.append(loss.item())
+        losses.append(optimizer_step(opt, loss, params, masks))
         if step % check_every == 0 or step == steps:
             error = relative_error(block, *held)
             if error < best_error:
