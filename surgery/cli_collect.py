@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -68,3 +70,9 @@ def collect(model: str, data: tuple[str, ...], output: Path, samples: int, seq_l
         for line in summary.lines():
             click.echo(line)
         click.echo(f"Wrote {output}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The file is written and the group torn down; torch's gloo/autograd teardown can still abort a rank
+        # at interpreter exit ("terminate called without an active exception"), failing a clean launch.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
