@@ -21,10 +21,10 @@ import click
               help="Layer-local stage: optimizer steps per MoE layer (0 turns the stage off).")
 @click.option("--local-tokens", default=2**18, show_default=True,
               help="Layer-local stage: at most this many of the tokens are cached per layer.")
-@click.option("--local-inputs", type=click.Choice(["student", "teacher"]), default="student", show_default=True,
+@click.option("--local-inputs", type=click.Choice(["student", "teacher", "both"]), default="student", show_default=True,
               help="Fit each block on the student's own hidden states toward the teacher's layer output "
-                   "(sequential: also corrects the drift of the layers below), or on the teacher block's "
-                   "inputs toward its output.")
+                   "(sequential: also corrects the drift of the layers below), on the teacher block's "
+                   "inputs toward its output, or both (the teacher's pairs as extra training data).")
 @click.option("--local-lr", default=3e-4, show_default=True, help="Layer-local stage learning rate (Adam).")
 @click.option("--kd-steps", type=int, default=None,
               help="Distillation stage: optimizer steps of --batch-size sequences; default one pass over the "

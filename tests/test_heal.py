@@ -126,10 +126,12 @@ def test_local_stage_lowers_block_error_on_held_out_text(local_healed, pair_fuse
     assert all(after[layer] < before[layer] for layer in before), (before, after)
 
 
-def test_sequential_local_stage_brings_logits_closer(root: Path, pair_fused, data: Path, eval_file: Path) -> None:
+@pytest.mark.parametrize("inputs", ["student", "both"])
+def test_sequential_local_stage_brings_logits_closer(root: Path, pair_fused, data: Path, eval_file: Path,
+                                                     inputs: str) -> None:
     teacher, student = pair_fused
-    out = root / "healed-sequential"
-    heal(student, teacher, [str(data)], out, local_steps=40, kd_steps=0, local_inputs="student", **FAST)
+    out = root / f"healed-sequential-{inputs}"
+    heal(student, teacher, [str(data)], out, local_steps=40, kd_steps=0, local_inputs=inputs, **FAST)
     tok = load_tokenizer(teacher)
     ref = load_model(teacher)
     kl = [evaluate(load_model(m), tok, [str(eval_file)], seq_len=24, max_tokens=480, reference=ref,

@@ -155,6 +155,8 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
     feeds the student block the student's own hidden states, which carry the error of every
     layer below, and asks it for what closes the gap to the teacher's layer output:
     target = teacher layer output - (student layer output - student block output).
+    inputs="both" trains on the student's pairs and the teacher's (x, y) pairs together (twice the data;
+    the held-out tokens stay the student's).
     """
     spec = pairing.teacher_layout.spec
     touched = set(pairing.touched_layers)
@@ -179,7 +181,7 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
     for i, (t_layer, s_layer) in enumerate(zip(t_layers, s_layers)):
         _load_params(t_layer, f"{prefix}.layers.{i}", pairing.teacher, pairing.teacher_layout, i, device, dtype)
         fit_here = i in touched
-        teacher_io = _run_layer(t_layer, t_blocks.get(i) if fit_here and inputs == "teacher" else None, t_store, calls[i])
+        teacher_io = _run_layer(t_layer, t_blocks.get(i) if fit_here and inputs != "student" else None, t_store, calls[i])
         t_layer.to("meta")
         _load_params(s_layer, f"{prefix}.layers.{i}", pairing.student, pairing.student_layout, i, device, dtype)
         if not fit_here:
@@ -195,10 +197,14 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
                 mids = [s_store.get(b).reshape(f.shape) - f for b, f in enumerate(student_io.y)]
                 x = torch.cat(student_io.x)
                 y = torch.cat([t_store.get(b).reshape(m.shape) - m for b, m in enumerate(mids)])
+                if inputs == "both":  # the teacher's own pairs as extra training data; held-out stays the student's
+                    n_fit = x.shape[0] - held_tokens
+                    x = torch.cat([x[:n_fit], torch.cat(teacher_io.x)[:n_fit], x[n_fit:]])
+                    y = torch.cat([y[:n_fit], torch.cat(teacher_io.y)[:n_fit], y[n_fit:]])
             result.layers[i] = _fit(block, name, spec.router_module, pairing.sparsified, x, y, held_tokens,
                                     steps=steps, lr=lr, batch_tokens=batch_tokens, generator=generator,
                                     params_out=result.params)
-            if inputs == "student":  # the student's next layer sees the healed block's output
+            if inputs != "teacher":  # the student's next layer sees the healed block's output
                 with torch.no_grad():
                     for b, (xb, m) in enumerate(zip(student_io.x, mids)):
                         s_store.put(b, (m + block_output(block, xb.float()).to(m.dtype)).reshape(shapes[b]))
