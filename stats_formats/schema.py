@@ -68,7 +68,8 @@ GRADIENT_FIELDS: tuple[Field, ...] = (
     Field("grad_outliers", "E", "sum_s of the number of entries of G_{s,i} outside mean +- 3 std of G_{s,i}'s entries"),
 )
 
-# MC-Suite statistics, written by every `collect` since they were added (older files lack them).
+# MC-Suite statistics: token_bits is written by every `collect` since it was added (older files lack
+# it), out_hist only by `collect --histogram`.
 # out_hist grid: s(f) = sign(f) * clip(HIST_STEPS * (log2|f| + HIST_LOG2_RANGE), 0, HIST_HALF), so
 # eighth octaves from 2^-16 to 2^16; bin j + HIST_HALF holds grid point j = -HIST_HALF..HIST_HALF.
 HIST_STEPS = 8
@@ -86,7 +87,8 @@ MCSUITE_FIELDS: tuple[Field, ...] = (
 
 # Optional field groups by the `collect` option that writes them ("" for a plain collect): all of a
 # group's tensors or none.
-OPTIONAL_GROUPS: dict[str, tuple[Field, ...]] = {"--gradients": GRADIENT_FIELDS, "": MCSUITE_FIELDS}
+OPTIONAL_GROUPS: dict[str, tuple[Field, ...]] = {"--gradients": GRADIENT_FIELDS, "--histogram": MCSUITE_FIELDS[:1],
+                                                  "": MCSUITE_FIELDS[1:]}
 
 FIELD_BY_NAME = {f.name: f for f in (*FIELDS, *GRADIENT_FIELDS, *MCSUITE_FIELDS)}
 HOLDOUT_FIELDS: tuple[str, ...] = ("tokens", "count", "moment_g", "gram")

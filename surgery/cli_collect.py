@@ -38,11 +38,14 @@ from .errors import UserError
               help="Also back-propagate each calibration sequence's next-token loss and store per-expert gradient "
                    "statistics (for the mcs-egs/ege/ego/egn criteria); one extra forward and backward pass, "
                    "one sequence at a time (with --stream-layers: one layer at a time, keeping every layer's inputs).")
+@click.option("--histogram", is_flag=True,
+              help="Also store a log-grid histogram of every routed expert output value (for mcs-eao); "
+                   "it bins each value, so it costs several times the other statistics on a GPU.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--revision", help="Branch, tag or commit when MODEL is a Hub repo id (or write org/name@REV).")
 def collect(model: str, data: tuple[str, ...], output: Path, samples: int, seq_len: int, holdout: int, seed: int,
             batch_size: int, device: str, dtype: str, stream_layers: bool, hidden_states: str,
-            progressive_plan: Path | None, gradients: bool, overwrite: bool,
+            progressive_plan: Path | None, gradients: bool, histogram: bool, overwrite: bool,
             revision: str | None) -> None:
     """Run calibration text through MODEL (a folder or a Hub repo id) once and write its per-expert statistics file.
 
@@ -65,7 +68,7 @@ def collect(model: str, data: tuple[str, ...], output: Path, samples: int, seq_l
     summary = run_collect(model_dir, list(data), output, samples=samples, seq_len=seq_len, seed=seed,
                           batch_size=batch_size, holdout=holdout, device=device, dtype=dtype,
                           stream_layers=stream_layers, hidden_states=hidden_states, progress=True,
-                          progressive=progressive, gradients=gradients)
+                          progressive=progressive, gradients=gradients, histogram=histogram)
     if summary.rank == 0:
         for line in summary.lines():
             click.echo(line)

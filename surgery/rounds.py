@@ -314,7 +314,8 @@ def prune_in_rounds(model_dir: Path, out_dir: Path, *, data: list[str], rounds: 
     shape = model_shape(model_dir)
     target = keep_count(shape.num_experts, shape.top_k, ratio=ratio, keep=keep)
     calibration: dict = {}
-    options = {**collect_options, "gradients": criterion in GRADIENT_SIGNALS}  # mcs-eg* read `collect --gradients`
+    # mcs-eg* read `collect --gradients`, mcs-eao `collect --histogram`
+    options = {**collect_options, "gradients": criterion in GRADIENT_SIGNALS, "histogram": criterion == "mcs-eao"}
     collector = make_collector(data, options, seed, calibration) if crit.needs == "stats" or novices else None
     if heal is not None and (progressive_mode or novices):
         raise PlanError("--heal-between heals the checkpoints of plain --rounds: not with --progressive or --novices")

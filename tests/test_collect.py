@@ -33,7 +33,7 @@ UNSUPPORTED = {"llama4_text"}  # collect refuses these with a clear error
 SUPPORTED = [mt for mt in ARCHS if mt not in UNSUPPORTED]
 
 # One small calibration set for every run: 4 + 2 held-out sequences of 24 tokens, batches of 2.
-RUN = dict(samples=4, seq_len=24, holdout=2, batch_size=2, seed=3)
+RUN = dict(samples=4, seq_len=24, holdout=2, batch_size=2, seed=3, histogram=True)  # every field, out_hist too
 REF_TOL = 1e-6  # collector (float32 experts, float64 sums) vs float64 reference
 SAME_TOL = 1e-9  # two ways of running the same float32 computation
 FLOOR = 1e-12  # absolute floor of the relative error's denominator (all-zero tensors)
@@ -171,7 +171,7 @@ def test_matches_reference(model_type: str, model, data_file: Path, root: Path) 
 # 2. torchrun and `stats merge` give the same file as one run
 
 DIST_SEQ = 24
-DIST_RUN = dict(samples=4, holdout=2, seq_len=DIST_SEQ, batch_size=1, seed=5)
+DIST_RUN = dict(samples=4, holdout=2, seq_len=DIST_SEQ, batch_size=1, seed=5, histogram=True)
 
 
 def _letters(rng: random.Random, n: int) -> str:
@@ -222,7 +222,7 @@ def test_torchrun_two_ranks_same_as_one_run(dist_setup: dict, root: Path) -> Non
            "-m", "surgery.cli", "collect", str(dist_setup["src"]), "-d", str(dist_setup["data"]), "-o", str(out),
            "--samples", str(DIST_RUN["samples"]), "--holdout", str(DIST_RUN["holdout"]),
            "--seq-len", str(DIST_SEQ), "--batch-size", "1", "--seed", str(DIST_RUN["seed"]),
-           "--device", "cpu", "--dtype", "float32"]
+           "--device", "cpu", "--dtype", "float32", "--histogram"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("Wrote ") == 1, proc.stdout  # rank 0 alone reports and writes
@@ -492,6 +492,16 @@ def test_mcsuite_fields_match_reference(model_type: str, model, data_file: Path,
     for layer in stats.layers:  # each routed output value's unit weight lands once; some token ids were seen
         np.testing.assert_allclose(stats.get(layer, "out_hist").sum(axis=1), stats.get(layer, "count") * hidden)
         assert stats.get(layer, "token_bits").any()
+
+
+def test_histogram_only_with_the_option(model, data_file: Path, root: Path) -> None:
+    """out_hist is opt-in (`--histogram`); the other statistics are the same with or without it."""
+    src = model("qwen3_moe")
+    plain = run_collect(src, [data_file], root / "no-hist.safetensors", histogram=False)
+    full = collected(root / "ref-qwen3_moe.safetensors", src, [data_file])
+    assert plain.optional_fields == ("token_bits",) and full.optional_fields == ("out_hist", "token_bits")
+    compare(plain, as_expected(full), SAME_TOL)
+    assert np.array_equal(plain.get(plain.layers[0], "token_bits"), full.get(full.layers[0], "token_bits"))
 
 
 def test_histogram_binning_matches_reference() -> None:

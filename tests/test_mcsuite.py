@@ -206,9 +206,10 @@ def test_eao_counts_values_beyond_three_sigma() -> None:
     assert 0.0 < score("mcs-eao", 3, stats=split)[0] < 1.0
 
 
-@pytest.mark.parametrize("name,field", [("mcs-evtc", "token_bits"), ("mcs-ets", "token_bits"), ("mcs-eao", "out_hist")])
-def test_missing_mcsuite_field_says_to_recollect(name: str, field: str) -> None:
-    with pytest.raises(PlanError, match=f"no {field} .*re-run `moe-surgery collect") as excinfo:
+@pytest.mark.parametrize("name,field,option", [("mcs-evtc", "token_bits", "`"), ("mcs-ets", "token_bits", "`"),
+                                               ("mcs-eao", "out_hist", " --histogram`")])
+def test_missing_mcsuite_field_says_to_recollect(name: str, field: str, option: str) -> None:
+    with pytest.raises(PlanError, match=f"no {field}: re-run `moe-surgery collect MODEL -d DATA{option}") as excinfo:
         score(name, 3, stats=STATS)
     assert "\n" not in str(excinfo.value)
 
@@ -321,7 +322,7 @@ def collected(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
                             for _ in range(30)))
     out = root / "stats.safetensors"
     collect(src, [str(data)], out, samples=4, seq_len=24, holdout=0, batch_size=2, device="cpu", dtype="float32",
-            progress=False)
+            progress=False, histogram=True)
     return src, out
 
 

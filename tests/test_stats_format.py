@@ -574,7 +574,7 @@ def _mcsuite_tensors(vocab_model: Model) -> Tensors:
 
 
 MALFORMED_MCSUITE = {
-    "partial group": (lambda t, m: t.pop("layers.1.out_hist"), ("MC-Suite tensors are incomplete", "layers.1.out_hist")),
+    "partial group": (lambda t, m: t.pop("layers.1.out_hist"), ("--histogram tensors are incomplete", "layers.1.out_hist")),
     "no vocab_size": (lambda t, m: m["model"].pop("vocab_size"), ("layers.0.token_bits", "model.vocab_size")),
     "bad vocab_size": (lambda t, m: m["model"].__setitem__("vocab_size", 0), ("model.vocab_size", "positive")),
     "wrong byte count": (lambda t, m: m["model"].__setitem__("vocab_size", 200), ("layers.0.token_bits", "[4, 25]")),

@@ -46,14 +46,19 @@ class Assignments:
 
 
 class LayerAccumulator:
-    """Sums for one layer: every FIELDS and MC-Suite field (`token_bits` only with a `vocab_size`), or `fields`."""
+    """Sums for one layer: every FIELDS and MC-Suite field, or `fields`.
+
+    `token_bits` needs a `vocab_size`; `out_hist` is opt-in (`histogram`): it bins every routed
+    output value, which costs several times the rest of the statistics on a GPU.
+    """
 
     def __init__(self, num_experts: int, hidden: int, inter: int, device: torch.device | str, fields=None,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, histogram: bool = False):
         self.E, self.H, self.I = num_experts, hidden, inter
         self.device = torch.device(device)
         self.cd = torch.float64 if self.device.type == "cpu" else torch.float32
-        names = fields or [f.name for f in (*FIELDS, *MCSUITE_FIELDS) if f.name != "token_bits" or vocab_size]
+        optional = {"token_bits": bool(vocab_size), "out_hist": histogram}
+        names = fields or [f.name for f in (*FIELDS, *MCSUITE_FIELDS) if optional.get(f.name, True)]
         self.sums: dict[str, torch.Tensor] = {}
         for name in names:
             dtype = torch.uint8 if FIELD_BY_NAME[name].dtype == "U8" else torch.float64

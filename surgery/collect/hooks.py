@@ -53,10 +53,11 @@ class Instrument:
 
     With a `vocab_size`, the main statistics also record which token ids each expert saw
     (`token_bits`): the caller hands over each batch's input ids with `set_tokens` before its forward.
+    `histogram` adds the output-value histogram (`out_hist`, for mcs-eao).
     """
 
     def __init__(self, model: torch.nn.Module, spec: ArchSpec, device, self_check_tol: float,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, histogram: bool = False):
         if spec.expert_math not in SUPPORTED:
             raise SelfCheckError(f"collect does not support {spec.model_type} yet (expert formula {spec.expert_math!r})")
         self.spec = spec
@@ -67,6 +68,7 @@ class Instrument:
         self.tol = self_check_tol
         self.holdout = False  # when True, sums go to the held-out accumulators
         self.vocab_size = vocab_size
+        self.histogram = histogram
         self.token_ids: torch.Tensor | None = None  # the current batch's input ids, flattened
         self.check_pending = {b.layer for b in self.blocks}
         self.main: dict[int, LayerAccumulator] = {}
@@ -89,7 +91,7 @@ class Instrument:
         if self.holdout:
             table, make = self.held, holdout_accumulator
         else:
-            table, make = self.main, partial(LayerAccumulator, vocab_size=self.vocab_size)
+            table, make = self.main, partial(LayerAccumulator, vocab_size=self.vocab_size, histogram=self.histogram)
         if b.layer not in table:
             table[b.layer] = make(*self.dims(b), self.device)
         return table[b.layer]

@@ -104,13 +104,14 @@ def collect(
     progress: bool = True,
     progressive: dict[int, list[int]] | None = None,
     gradients: bool = False,
+    histogram: bool = False,
 ) -> CollectSummary:
     """Run the calibration text through the model once and write the schema-v1 statistics file.
 
     `progressive` ({layer: kept expert ids}): those layers behave as pruned while collecting
     (see surgery.collect.progressive); their dropped experts get zero statistics.
     `gradients`: also back-propagate each main sequence's loss and write the gradient fields
-    (see surgery.collect.gradients).
+    (see surgery.collect.gradients). `histogram`: also write `out_hist` (for mcs-eao).
     """
     from transformers import AutoConfig
 
@@ -162,7 +163,7 @@ def collect(
                 stream_forward(model_dir, config, layout, bs, dev, dt, progress=progress and rank == 0,
                                hidden_states=hidden_states, spill_dir=Path(output).resolve().parent,
                                on_model=lambda m, f=flag: holder.setdefault(f, _instrument(m, layout.spec, dev, tol, f,
-                                                                                            masked, vocab)),
+                                                                                            masked, vocab, histogram)),
                                before_batch=lambda j, f=flag, bs=bs: holder[f].set_tokens(bs[j]))
         main_accs = holder[False].main if False in holder else {}
         held_accs = holder[True].held if True in holder else {}
@@ -171,7 +172,7 @@ def collect(
                                          spill_dir=Path(output).resolve().parent, progress=progress and rank == 0)
     else:
         model = load_model(model_dir, dev, dt)  # novice checkpoints get their constant experts
-        inst = Instrument(model, layout.spec, dev, tol, vocab_size=vocab)
+        inst = Instrument(model, layout.spec, dev, tol, vocab_size=vocab, histogram=histogram)
         mask = RouterMask(model, layout.spec, masked)
         base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         total = sum(b.numel() for b in batches) + sum(b.numel() for b in held_batches)
@@ -242,8 +243,9 @@ def collect(
     return summary
 
 
-def _instrument(model, spec, dev, tol, holdout_flag: bool, masked: dict[int, list[int]], vocab: int) -> Instrument:
-    inst = Instrument(model, spec, dev, tol, vocab_size=vocab)
+def _instrument(model, spec, dev, tol, holdout_flag: bool, masked: dict[int, list[int]], vocab: int,
+                histogram: bool) -> Instrument:
+    inst = Instrument(model, spec, dev, tol, vocab_size=vocab, histogram=histogram)
     inst.holdout = holdout_flag
     RouterMask(model, spec, masked)  # the streamed model is discarded afterwards: nothing to restore
     return inst

@@ -101,13 +101,17 @@ def ecc(layer: Layer) -> np.ndarray:
         return lowest_where((c.sum(axis=1) - np.diag(c)) / n, n == 0)
 
 
+_PRODUCED_BY = {"out_hist": "moe-surgery collect MODEL -d DATA --histogram"}
+
+
 def _added_field(layer: Layer, name: str) -> np.ndarray:
-    """An MC-Suite field, or a one-line error: files collected before these fields existed lack them."""
+    """An MC-Suite field, or a one-line error naming the collect command that writes it
+    (older files lack token_bits; out_hist is opt-in)."""
     try:
         return np.asarray(layer[name])
     except (KeyError, StatsError) as e:
-        raise PlanError(f"the statistics file has no {name} (it predates the MC-Suite statistics): "
-                        "re-run `moe-surgery collect MODEL -d DATA`") from e
+        command = _PRODUCED_BY.get(name, "moe-surgery collect MODEL -d DATA")
+        raise PlanError(f"the statistics file has no {name}: re-run `{command}`") from e
 
 
 def _token_sets(layer: Layer) -> np.ndarray:
