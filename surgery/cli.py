@@ -254,7 +254,8 @@ def _prune_rounds(model_dir: Path, out_dir: Path, data: list[str], rounds: int |
         stages = {"local": {"kd_steps": 0}, "kd": {"local_steps": 0}, "both": {}}[heal_between]
 
         def heal(student: Path, teacher: Path, out: Path) -> dict:
-            return run_heal(student, teacher, data, out, tokens=heal_tokens, seq_len=collect_options["seq_len"],
+            return run_heal(student, teacher, data, out, tokens=heal_tokens, kd_tokens=heal_tokens,
+                            seq_len=collect_options["seq_len"],
                             batch_size=collect_options["batch_size"], device=collect_options["device"], seed=seed,
                             progress=False, **stages)
 

@@ -15,8 +15,9 @@ import click
               help="Calibration text, read exactly as `collect` reads it (.jsonl, .txt or a folder); repeatable.")
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Healed checkpoint folder (the student's layout, names, dtypes and shards).")
-@click.option("--tokens", default=8 * 2**20, show_default=True,
-              help="Calibration tokens to read; one sequence in 16 is held out to measure each stage.")
+@click.option("--tokens", type=click.IntRange(min=2),
+              help="Calibration tokens to read (an error if DATA holds fewer); default all of DATA, up to 8,388,608. "
+                   "One sequence in 16 is held out to measure each stage.")
 @click.option("--local-steps", default=200, show_default=True,
               help="Layer-local stage: optimizer steps per MoE layer (0 turns the stage off).")
 @click.option("--local-tokens", default=2**18, show_default=True,
@@ -26,9 +27,12 @@ import click
                    "(sequential: also corrects the drift of the layers below), on the teacher block's "
                    "inputs toward its output, or both (the teacher's pairs as extra training data).")
 @click.option("--local-lr", default=3e-4, show_default=True, help="Layer-local stage learning rate (Adam).")
-@click.option("--kd-steps", type=int, default=None,
-              help="Distillation stage: optimizer steps of --batch-size sequences; default one pass over the "
-                   "training tokens; 0 turns the stage off.")
+@click.option("--kd-steps", type=click.IntRange(min=0), default=None,
+              help="Distillation stage: optimizer steps of --batch-size sequences; default enough for --kd-tokens; "
+                   "0 turns the stage off.")
+@click.option("--kd-tokens", type=click.IntRange(min=1), default=8 * 2**20, show_default=True,
+              help="Distillation stage: tokens to train on, cycling through the training sequences when DATA is "
+                   "shorter; the held-out KL is checked along the way and the best state is kept.")
 @click.option("--train", type=click.Choice(["experts", "all"]), default="experts", show_default=True,
               help="Distillation trains the router rows and routed experts of pruned layers, or every weight.")
 @click.option("--lr", default=1e-4, show_default=True, help="Distillation peak learning rate (AdamW, warm-up + cosine).")
@@ -38,8 +42,9 @@ import click
 @click.option("--seed", default=0, show_default=True, help="Shuffles documents and minibatches.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--revision", help="Branch, tag or commit when --teacher is a Hub repo id.")
-def heal(student: str, teacher: str, data: tuple[str, ...], out_dir: Path, tokens: int, local_steps: int,
-         local_tokens: int, local_inputs: str, local_lr: float, kd_steps: int | None, train: str, lr: float,
+def heal(student: str, teacher: str, data: tuple[str, ...], out_dir: Path, tokens: int | None, local_steps: int,
+         local_tokens: int, local_inputs: str, local_lr: float, kd_steps: int | None, kd_tokens: int, train: str,
+         lr: float,
          seq_len: int, batch_size: int, device: str, seed: int, overwrite: bool, revision: str | None) -> None:
     """Distil STUDENT (written by `prune` or `sparsify`) from the checkpoint it was pruned from.
 
@@ -55,6 +60,7 @@ def heal(student: str, teacher: str, data: tuple[str, ...], out_dir: Path, token
     teacher_dir = resolve_model(teacher, revision=revision, purpose="collect")
     record = run_heal(student, teacher_dir, list(data), out_dir, tokens=tokens, local_steps=local_steps,
                       local_tokens=local_tokens, local_inputs=local_inputs, local_lr=local_lr, kd_steps=kd_steps,
+                      kd_tokens=kd_tokens,
                       batch_size=batch_size, train=train, lr=lr, seq_len=seq_len, device=device, seed=seed,
                       overwrite=overwrite, progress=True)
     for stage in record["stages"]:

@@ -153,6 +153,25 @@ def test_distillation_lowers_held_out_kl(root: Path, pair_fused, data: Path, eva
     assert kl[1] < kl[0], kl
 
 
+def test_defaults_read_all_the_text_and_distil_on_kd_tokens(root: Path, pair_fused, data: Path) -> None:
+    """Without --tokens every sequence the text holds is used (no error for text shorter than the 8M
+    default); the distillation runs ceil(kd_tokens / (batch * seq_len)) steps, cycling through them."""
+    teacher, student = pair_fused
+    fast = {k: v for k, v in FAST.items() if k != "tokens"}
+    record = heal(student, teacher, [str(data)], root / "healed-defaults", local_steps=0, kd_tokens=24 * 4 * 120,
+                  lr=3e-3, **fast)
+    tok = load_tokenizer(teacher)
+    available = sum(len(tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"]) + 1
+                    for line in data.read_text().splitlines())
+    assert available // 24 - 1 <= record["tokens"] // 24 <= available // 24
+    stage = record["stages"][0]
+    assert stage["steps"] == 120 and stage["tokens"] == 120 * 4 * 24
+    assert stage["tokens"] > record["tokens"] - record["held_out_tokens"]  # more than one pass
+    # the kept state is the best of the held-out checks (or the start), never a later, worse one
+    assert stage["held_out_kl_after"] == min([stage["held_out_kl_before"], *(k for _, k in stage["held_out_kl_checks"])])
+    assert len(stage["held_out_kl_checks"]) == 10
+
+
 # ---------------------------------------------------------------------------------------------
 # Output
 

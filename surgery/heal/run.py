@@ -23,6 +23,7 @@ from .export import disk_tensors, to_bytes
 from .pairing import PRUNING_JSON, HealError, Pairing, pair
 
 HELD_OUT_SHARE = 16  # one sequence in 16 is kept aside to measure each stage
+DEFAULT_TOKENS = 8 * 2**20  # read at most this much text when --tokens is not given, and distil on this many
 
 
 def _file_sha256(path: Path) -> str:
@@ -33,12 +34,13 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _sequences(pairing: Pairing, data: list[str], tokens: int, seq_len: int, seed: int):
+def _sequences(pairing: Pairing, data: list[str], tokens: int | None, seq_len: int, seed: int):
+    """(training sequences, held-out sequences, seq_len). tokens None = all the text, up to DEFAULT_TOKENS."""
     from ..evaluate import load_tokenizer
 
     tokenizer = load_tokenizer(pairing.teacher.dir)
     seq_len = cap_seq_len(pairing.teacher.config, seq_len)
-    wanted = -(-tokens // seq_len)
+    wanted = -(-(tokens or DEFAULT_TOKENS) // seq_len)
     if wanted < 2:
         raise HealError(f"--tokens {tokens}: need at least two sequences of {seq_len} tokens (one is held out)")
     import warnings
@@ -46,9 +48,11 @@ def _sequences(pairing: Pairing, data: list[str], tokens: int, seq_len: int, see
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         calib = build_sequences(list(data), tokenizer, wanted, seq_len, seed)
-    if calib.num_sequences < wanted:
-        raise HealError(f"{', '.join(map(str, data))}: only {calib.num_tokens} tokens of text, --tokens asks for "
-                        f"{wanted * seq_len} ({wanted} sequences of {seq_len})")
+    if calib.num_sequences < (wanted if tokens else 2):
+        asked = f"--tokens asks for {wanted * seq_len}" if tokens else "heal needs at least"
+        raise HealError(f"{', '.join(map(str, data))}: only {calib.num_tokens} tokens of text, {asked} "
+                        f"({max(wanted if tokens else 2, 2)} sequences of {seq_len})")
+    wanted = calib.num_sequences
     held = max(1, wanted // HELD_OUT_SHARE)
     return calib.input_ids[: wanted - held], calib.input_ids[wanted - held:], seq_len
 
@@ -80,10 +84,11 @@ def heal(
     data: list[str],
     out_dir: str | Path,
     *,
-    tokens: int = 8 * 2**20,
+    tokens: int | None = None,
     local_steps: int = 200,
     local_tokens: int = 2**18,
     kd_steps: int | None = None,
+    kd_tokens: int = DEFAULT_TOKENS,
     batch_size: int = 8,
     train: str = "experts",
     lr: float = 1e-4,
@@ -97,7 +102,8 @@ def heal(
 ) -> dict:
     """Heal `student_dir` against `teacher_dir`; returns the `heal` record written to pruning.json.
 
-    kd_steps None = one pass over the training sequences.
+    tokens None = all the text in `data`, up to DEFAULT_TOKENS. kd_steps None = as many steps as
+    distil on `kd_tokens` tokens, cycling through the training sequences (epochs) when the text is shorter.
     """
     from ..evaluate import load_model
 
@@ -137,7 +143,7 @@ def heal(
             record["stages"].append({"stage": "local", "inputs": local_inputs, "steps_per_layer": local_steps, "lr": local_lr,
                                      "tokens": int(n_local * seq_len),
                                      "layers": {str(k): v for k, v in sorted(local.layers.items())}})
-        steps = kd_steps if kd_steps is not None else -(-len(train_ids) // batch_size)
+        steps = kd_steps if kd_steps is not None else -(-kd_tokens // (batch_size * seq_len))
         if steps > 0:
             from .distill import distill_stage
 
