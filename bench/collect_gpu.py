@@ -3,9 +3,11 @@
 Builds a randomly initialised Qwen3-MoE of about 2.7B parameters in bf16, saves it, then on
 the same batches measures
   1. tokens/s of a plain forward of the base model (transformers' default experts kernel),
-  2. tokens/s of the same forward instrumented by the collector (statistics accumulated),
-  3. peak GPU memory of the full model vs `collect --stream-layers`, next to one decoder
-     layer's parameter bytes.
+  2. tokens/s of the same forward instrumented exactly as `collect` instruments it (every default
+     statistic, token_bits included), and with `--histogram`,
+  3. peak GPU memory of the full model vs `collect --stream-layers` (hidden states between layers
+     on the GPU, and on the CPU), next to one decoder layer's parameter bytes, the hidden states
+     kept between layers, and the activation peak of a plain forward of one batch.
 
   python bench/collect_gpu.py --data DIR_OR_JSONL --tokenizer DIR --workdir /tmp/cb --out $OUT/collect_gpu.json
 """
@@ -132,35 +134,62 @@ def main() -> None:
     with torch.no_grad():
         result["plain_tokens_per_s"] = timed_loop(lambda b: base(input_ids=b, use_cache=False), batches)
         result["full_peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        inst = Instrument(model, get_spec("qwen3_moe"), torch.device("cuda"), 3e-2)
-        result["collect_tokens_per_s"] = timed_loop(lambda b: base(input_ids=b, use_cache=False), batches)
+        for bs in {args.batch_size, 1}:  # what one batch of a plain forward needs beyond the weights
+            held = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            base(input_ids=batches[0][:bs], use_cache=False)
+            result[f"plain_activation_peak_mib_bs{bs}"] = (torch.cuda.max_memory_allocated() - held) / 2**20
+        vocab = model.config.vocab_size
+
+        def instrumented(inst):
+            def run(b):
+                inst.set_tokens(b)
+                base(input_ids=b, use_cache=False)
+            return run
+
+        inst = Instrument(model, get_spec("qwen3_moe"), torch.device("cuda"), 3e-2, vocab_size=vocab, histogram=True)
+        result["collect_histogram_tokens_per_s"] = timed_loop(instrumented(inst), batches)
+        inst.restore()
+        inst = Instrument(model, get_spec("qwen3_moe"), torch.device("cuda"), 3e-2, vocab_size=vocab)
+        result["collect_tokens_per_s"] = timed_loop(instrumented(inst), batches)
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                base(input_ids=batches[1], use_cache=False)
+                instrumented(inst)(batches[1])
                 torch.cuda.synchronize()
             print("\n".join(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22).splitlines()[:26]))
         inst.restore()
     result["collect_over_plain"] = result["collect_tokens_per_s"] / result["plain_tokens_per_s"]
+    result["collect_histogram_over_plain"] = result["collect_histogram_tokens_per_s"] / result["plain_tokens_per_s"]
     result["fused_vs_torch_max_rel_diff"] = compare_paths(inst)
     del model, base, inst
-    # Streaming runs in a fresh process so that its peak memory is its own; at the benchmark's batch size and at 1.
-    for bs, tag in ((args.batch_size, "stream"), (1, "stream_bs1")):
+    # Streaming runs in a fresh process so that its peak memory is its own; at the benchmark's batch size and at 1,
+    # hidden states between layers on the GPU (auto: they fit), and at the benchmark's batch size on the CPU.
+    store_mib = len(ids) * args.seq_len * 2048 * 2 / 2**20
+    for bs, where, tag in ((args.batch_size, "auto", "stream"), (1, "auto", "stream_bs1"),
+                           (args.batch_size, "cpu", "stream_cpu_hidden")):
         code = (
             "import json, sys, time, torch; from surgery.collect.run import collect; t0 = time.perf_counter(); "
             f"collect({str(path)!r}, {args.data!r}, {str(args.workdir / 'stream.safetensors')!r}, samples={args.samples}, "
             f"seq_len={args.seq_len}, batch_size={bs}, holdout=0, device='cuda', dtype='bfloat16', "
-            "stream_layers=True, progress=False); "
+            f"stream_layers=True, hidden_states={where!r}, progress=False); "
             "print(json.dumps({'seconds': time.perf_counter() - t0, "
             "'peak_gpu_mib': torch.cuda.max_memory_allocated() / 2**20}))"
         )
-        out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                        check=True).stdout.strip().splitlines()[-1])
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if proc.returncode:
+            result[f"{tag}_error"] = proc.stderr[-2000:]
+            continue
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
         result[f"{tag}_seconds"] = out["seconds"]
         result[f"{tag}_peak_gpu_mib"] = out["peak_gpu_mib"]
         result[f"{tag}_peak_over_layer"] = out["peak_gpu_mib"] / result["decoder_layer_mib"]
         result[f"{tag}_hidden_states_mib_per_batch"] = bs * args.seq_len * 2048 * 2 / 2**20
+        # the issue's target: 1.5 x one decoder layer + activations, where activations = the hidden states kept
+        # between layers when they are on the GPU + what a plain forward of one such batch needs beyond its weights
+        act = (store_mib if where == "auto" else 0.0) + result[f"plain_activation_peak_mib_bs{bs}"]
+        result[f"{tag}_target_mib"] = 1.5 * result["decoder_layer_mib"] + act
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

@@ -1,12 +1,14 @@
-"""One-shot vs iterative (`--rounds N`) vs progressive (`--rounds N --progressive`) pruning: quality and wall time.
+"""One-shot vs iterative (`--rounds N`) vs progressive (`--rounds N --progressive`) vs iterative with
+healing between rounds (`--rounds N --heal-between local`) pruning: quality and wall time.
 
 For each criterion and mode: collect (once, N times on the pruned-so-far checkpoint, or N times
-with the layer blocks above pruned in memory), score, rewrite, then evaluate perplexity and KL /
-top-1 agreement against the unpruned model. Wall time covers collect + score + rewrite.
+with the layer blocks above pruned in memory), score, rewrite (and heal), then evaluate perplexity
+and KL / top-1 agreement against the unpruned model. Wall time covers collect + score + rewrite (+ heal),
+exactly what `moe-surgery prune -d DATA --rounds N [...]` runs.
 
   python bench/rounds_quality.py --model ../shared/fixtures/qwen3-moe-tiny --data ../shared/data/calib \
       --eval ../shared/data/eval --criteria recon gated_sq --ratio 0.5 --rounds 4 \
-      --samples 64 --seq-len 512 --device cpu --out rounds.jsonl
+      --samples 64 --seq-len 512 --device cpu --out rounds.jsonl [--modes one-shot rounds rounds-heal]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -25,28 +28,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import emit, list_eval_files  # noqa: E402
 from quality import _flat  # noqa: E402
 
-from surgery.cli import _score  # noqa: E402
+from surgery.cli import _prune_rounds  # noqa: E402
 from surgery.evaluate import evaluate, load_model, load_tokenizer  # noqa: E402
-from surgery.rounds import prune_in_rounds  # noqa: E402
+
+MODES = ("one-shot", "rounds", "progressive", "rounds-heal")
 
 
-def modes(rounds: int) -> list[tuple[str, int, bool]]:
-    """(label, rounds, progressive) of each compared schedule."""
-    return [("one-shot", 1, False), (f"rounds {rounds}", rounds, False), (f"progressive {rounds}", rounds, True)]
+def schedules(names: list[str], rounds: int, heal: str) -> list[tuple[str, int, bool, str | None]]:
+    """(label, rounds, progressive, heal-between) of each compared schedule."""
+    table = {"one-shot": ("one-shot", 1, False, None), "rounds": (f"rounds {rounds}", rounds, False, None),
+             "progressive": (f"progressive {rounds}", rounds, True, None),
+             "rounds-heal": (f"rounds {rounds} + heal {heal}", rounds, False, heal)}
+    return [table[n] for n in names]
 
 
-def prune_one(args: argparse.Namespace, criterion: str, rounds: int, progressive: bool, out: Path) -> float:
-    """Collect, score and rewrite to `out`; returns the wall time in seconds."""
-
-    def score(model: Path, stats: Path | None, keep: int) -> dict:
-        return _score(model, stats, criterion, None, keep, False, args.seed, None)
-
+def prune_one(args: argparse.Namespace, criterion: str, rounds: int, progressive: bool, heal: str | None,
+              out: Path) -> float:
+    """`prune -d DATA --criterion C --ratio R [--rounds N] [--progressive] [--heal-between H]` into `out`;
+    returns the wall time in seconds."""
     options = dict(samples=args.samples, seq_len=args.seq_len, holdout=0, batch_size=args.collect_batch_size,
-                   device=args.device, dtype="float32", stream_layers=False, progress=False)
-    result, _ = prune_in_rounds(Path(args.model), out, data=[args.data], rounds=rounds, progressive_mode=progressive,
-                                criterion=criterion, ratio=args.ratio, keep=None, score=score,
-                                collect_options=options, seed=args.seed, work_dir=Path(args.tmp or out.parent))
-    return result.seconds
+                   device=args.device, dtype="float32", stream_layers=False)
+    start = time.perf_counter()
+    _prune_rounds(Path(args.model), out, [args.data], rounds if rounds > 1 else None, progressive, criterion,
+                  args.ratio, None, args.seed, None, options, novices=False, heal_between=heal,
+                  heal_tokens=args.heal_tokens, work_dir=Path(args.tmp or out.parent))
+    return time.perf_counter() - start
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -60,9 +66,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="rounds-quality-", dir=args.tmp))
     try:
         for criterion in args.criteria:
-            for label, rounds, progressive in modes(args.rounds):
-                out = work / f"{criterion}-{label.replace(' ', '')}"
-                seconds = prune_one(args, criterion, rounds, progressive, out)
+            for label, rounds, progressive, heal in schedules(args.modes, args.rounds, args.heal_between):
+                out = work / f"{criterion}-{label.replace(' ', '').replace('+', '-')}"
+                seconds = prune_one(args, criterion, rounds, progressive, heal, out)
                 model = load_model(out, device=args.device, dtype=torch.float32)
                 r = evaluate(model, tokenizer, eval_files, reference=reference, **kw)
                 rows.append({"criterion": criterion, "mode": label, "ratio": args.ratio, **_flat(r, base, None),
@@ -93,6 +99,9 @@ def main() -> None:
     ap.add_argument("--criteria", nargs="+", default=["recon", "gated_sq"])
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=["one-shot", "rounds", "progressive"])
+    ap.add_argument("--heal-between", default="local", choices=["local", "kd", "both"], help="For rounds-heal.")
+    ap.add_argument("--heal-tokens", type=int, default=65536, help="For rounds-heal: calibration tokens per heal.")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--collect-batch-size", type=int, default=8)
