@@ -16,7 +16,7 @@ for c in mcs-ege mcs-euf recon; do
     for r in 0.25 0.5; do
         setsid python3 bench/rounds_quality.py --model gpu/fixture --data $w/data/calib --eval $w/data/eval \
             --criteria $c --ratio $r --rounds 4 --samples 256 --seq-len 512 --max-tokens 4096 --device ${DEV:-cuda} \
-            --modes one-shot rounds rounds-heal --out $w/rounds-$c-$r.jsonl --tmp $w/tmp > $w/rounds-$c-$r.log 2>&1 &
+            --modes ${MODES:-one-shot rounds rounds-heal} --out $w/rounds-$c-$r.jsonl --tmp $w/tmp > $w/rounds-$c-$r.log 2>&1 &
         pids+=($!)
     done
 done

@@ -39,13 +39,18 @@ import click
 @click.option("--seq-len", default=1024, show_default=True, help="Tokens per sequence (capped by the model).")
 @click.option("--batch-size", default=8, show_default=True, help="Sequences per step.")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Dtype of the teacher and of the streamed layers; auto = bfloat16 on GPU, "
+                                      "float32 on CPU. Trained weights are kept in float32 and written back in "
+                                      "their on-disk dtype.")
 @click.option("--seed", default=0, show_default=True, help="Shuffles documents and minibatches.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--revision", help="Branch, tag or commit when --teacher is a Hub repo id.")
 def heal(student: str, teacher: str, data: tuple[str, ...], out_dir: Path, tokens: int | None, local_steps: int,
          local_tokens: int, local_inputs: str, local_lr: float, kd_steps: int | None, kd_tokens: int, train: str,
          lr: float,
-         seq_len: int, batch_size: int, device: str, seed: int, overwrite: bool, revision: str | None) -> None:
+         seq_len: int, batch_size: int, device: str, dtype: str, seed: int, overwrite: bool,
+         revision: str | None) -> None:
     """Distil STUDENT (written by `prune` or `sparsify`) from the checkpoint it was pruned from.
 
     Stage 1 streams both models one decoder layer at a time and fits each pruned MoE block's
@@ -61,7 +66,7 @@ def heal(student: str, teacher: str, data: tuple[str, ...], out_dir: Path, token
     record = run_heal(student, teacher_dir, list(data), out_dir, tokens=tokens, local_steps=local_steps,
                       local_tokens=local_tokens, local_inputs=local_inputs, local_lr=local_lr, kd_steps=kd_steps,
                       kd_tokens=kd_tokens,
-                      batch_size=batch_size, train=train, lr=lr, seq_len=seq_len, device=device, seed=seed,
+                      batch_size=batch_size, train=train, lr=lr, seq_len=seq_len, device=device, dtype=dtype, seed=seed,
                       overwrite=overwrite, progress=True)
     for stage in record["stages"]:
         if stage["stage"] == "local":

@@ -153,6 +153,18 @@ def test_distillation_lowers_held_out_kl(root: Path, pair_fused, data: Path, eva
     assert kl[1] < kl[0], kl
 
 
+@pytest.mark.parametrize("inputs", ["student", "teacher"])
+def test_half_precision_layers_heal(root: Path, pair_fused, data: Path, inputs: str) -> None:
+    """bfloat16 streamed layers and teacher (the GPU default) with float32 training: both stages run, and
+    neither ends worse on its held-out tokens than where it started."""
+    teacher, student = pair_fused
+    record = heal(student, teacher, [str(data)], root / f"healed-bf16-{inputs}", local_steps=10, kd_steps=3,
+                  local_inputs=inputs, dtype="bfloat16", **FAST)
+    local, kd = record["stages"]
+    assert all(v["held_out_error_after"] <= v["held_out_error_before"] for v in local["layers"].values())
+    assert kd["held_out_kl_after"] <= kd["held_out_kl_before"]
+
+
 def test_defaults_read_all_the_text_and_distil_on_kd_tokens(root: Path, pair_fused, data: Path) -> None:
     """Without --tokens every sequence the text holds is used (no error for text shorter than the 8M
     default); the distillation runs ceil(kd_tokens / (batch * seq_len)) steps, cycling through them."""

@@ -207,7 +207,7 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
             if inputs != "teacher":  # the student's next layer sees the healed block's output
                 with torch.no_grad():
                     for b, (xb, m) in enumerate(zip(student_io.x, mids)):
-                        s_store.put(b, (m + block_output(block, xb.float()).to(m.dtype)).reshape(shapes[b]))
+                        s_store.put(b, (m + block_output(block, xb).to(m.dtype)).reshape(shapes[b]))
             bar.set_postfix(layer=i, error=f"{result.layers[i]['held_out_error_before']:.3f}"
                                            f"->{result.layers[i]['held_out_error_after']:.3f}")
         s_layer.to("meta")

@@ -96,6 +96,7 @@ def heal(
     local_inputs: str = "student",
     seq_len: int = 1024,
     device: str | None = None,
+    dtype: str | None = None,
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
@@ -119,7 +120,7 @@ def heal(
         if not pairing.touched_layers:
             raise HealError(f"{pairing.student.dir / PRUNING_JSON}: no MoE layer was pruned; nothing to heal")
         dev = pick_device(device)
-        dt = pick_dtype(None, dev)
+        dt = pick_dtype(dtype, dev)  # the streamed layers and the teacher; trained weights are float32
         train_ids, held_ids, seq_len = _sequences(pairing, data, tokens, seq_len, seed)
         record: dict = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
