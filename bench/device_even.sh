@@ -29,5 +29,5 @@ done
 for p in "${pids[@]}"; do kill -- -$p 2>/dev/null; done
 echo "stopped after $SECONDS s" >> $w/gpu.txt
 cd $w && tar -czf $out/results.tar.gz --exclude='*.safetensors' --exclude=tmp --exclude=data \
-    --exclude='heal/reap-0.*' --exclude='heal/healed-0*' --exclude='heal/local-0*' --exclude='heal/lr1e-3-0*' .
+    --exclude='heal/reap-0.*' --exclude='heal/healed-0*' --exclude='heal/local-0*' --exclude='heal/lr1e-3-0*' --exclude='heal/all-0*' .
 ls -la $out

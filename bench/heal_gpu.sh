@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Heal benchmark (issue 11) on a GPU for one fixture: REAP statistics from 64K calibration tokens,
 # remove 25% / 50%, then `heal` with its defaults (layer-local fit + ~8M tokens of distillation), with
-# the distillation off (local only), and with `--lr 1e-3`; every variant evaluated with `eval`
+# the distillation off (local only), with `--lr 1e-3` and with `--train all`; every variant evaluated with `eval`
 # (16,384 tokens per eval file, float32). The three heal series run side by side on the one GPU.
 #   bench/heal_gpu.sh FIXTURE_DIR DATA_DIR WORK_DIR      (DATA_DIR holds calib/ and eval/)
 # Writes WORK_DIR/eval-*.json, record-*.json (each heal's pruning.json record) and walls.jsonl.
@@ -33,6 +33,6 @@ for r in 0.25 0.5; do
         >> "$w/log-prune.txt" 2>&1 || exit 1
 done
 heal_series healed &
-(ev "$fix" unpruned; ev "$w/reap-0.25" reap-0.25; ev "$w/reap-0.5" reap-0.5; heal_series local --kd-steps 0) &
+(ev "$fix" unpruned; ev "$w/reap-0.25" reap-0.25; ev "$w/reap-0.5" reap-0.5; heal_series local --kd-steps 0; heal_series all --train all) &
 heal_series lr1e-3 --lr 1e-3 &
 wait
