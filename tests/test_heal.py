@@ -327,6 +327,15 @@ def test_refuses_too_little_data(root: Path, pair_fused, data: Path) -> None:
              root / "bad4", "tokens", "calib.jsonl")
 
 
+def test_refuses_text_shorter_than_two_sequences_by_default(root: Path, pair_fused) -> None:
+    teacher, student = pair_fused
+    short = _jsonl(root / "short.jsonl", _docs(3, 2))
+    tokens = sum(len(load_tokenizer(teacher)(d, add_special_tokens=False)["input_ids"]) + 1 for d in _docs(3, 2))
+    seq_len = tokens * 2 // 3  # one sequence fits, two do not
+    _refused([student, "--teacher", teacher, "-d", short, "--seq-len", seq_len], root / "bad-short",
+             f"needs at least {2 * seq_len}", "short.jsonl")
+
+
 def test_refuses_an_existing_output_folder(root: Path, pair_fused, data: Path) -> None:
     teacher, student = pair_fused
     out = root / "exists"

@@ -48,10 +48,11 @@ def _sequences(pairing: Pairing, data: list[str], tokens: int | None, seq_len: i
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         calib = build_sequences(list(data), tokenizer, wanted, seq_len, seed)
-    if calib.num_sequences < (wanted if tokens else 2):
-        asked = f"--tokens asks for {wanted * seq_len}" if tokens else "heal needs at least"
+    need = wanted if tokens else 2
+    if calib.num_sequences < need:
+        asked = f"--tokens asks for {need * seq_len}" if tokens else f"heal needs at least {need * seq_len}"
         raise HealError(f"{', '.join(map(str, data))}: only {calib.num_tokens} tokens of text, {asked} "
-                        f"({max(wanted if tokens else 2, 2)} sequences of {seq_len})")
+                        f"({need} sequences of {seq_len})")
     wanted = calib.num_sequences
     held = max(1, wanted // HELD_OUT_SHARE)
     return calib.input_ids[: wanted - held], calib.input_ids[wanted - held:], seq_len
