@@ -15,6 +15,7 @@ import click
 
 from . import __version__
 from .architectures import ArchitectureError, supported
+from .cli_options import drop_option
 from .errors import UserError
 
 LAZY_COMMANDS = {
@@ -80,9 +81,7 @@ def main() -> None:
 @click.option("--global", "global_rank", is_flag=True,
               help="Rank experts across layers (implies a non-uniform plan; needs --allow-nonuniform).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the `random` criterion.")
-@click.option("--drop", type=click.Choice(["low", "high"]),
-              help="Drop the experts with the lowest or highest signal (default: the criterion's own; "
-                   "mcs-ews and mcs-eas drop high). Not for recon or auto.")
+@drop_option
 @click.option("--holdout-stats", type=click.Path(dir_okay=False, path_type=Path),
               help="For `auto`: a second statistics file whose data serves as the held-out slice.")
 @click.option("-d", "--data", multiple=True,

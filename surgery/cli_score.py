@@ -15,8 +15,9 @@ import numpy as np
 from stats_formats import FIELDS, StatsError, StatsFile
 
 from .architectures import ArchitectureError, spec_for
+from .cli_options import drop_option
 from .criteria import AUTO, CRITERIA, Criterion, ExpertWeights, LayerInput, auto_candidates, holdout_grams, run_auto
-from .criteria.mcsuite import DROPS, oriented
+from .criteria.mcsuite import oriented
 from .expert_weights import expert_matrices
 from .io import Checkpoint, CheckpointError
 from .plan import PlanError, make_plan, plan_document
@@ -176,9 +177,7 @@ def criteria_cmd() -> None:
               help="For auto: statistics from other data whose main fields serve as the held-out slice.")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Checkpoint folder, for weight criteria (weight_norm, aimer).")
-@click.option("--drop", type=click.Choice(DROPS),
-              help="Drop the experts with the lowest or highest signal (default: the criterion's own; "
-                   "mcs-ews and mcs-eas drop high). Not for recon or auto.")
+@drop_option
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Plan JSON to write.")
 def score_cmd(stats_path: Path | None, name: str, ratio: float | None, keep: int | None, global_rank: bool,
