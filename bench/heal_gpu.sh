@@ -2,7 +2,7 @@
 # Heal benchmark (issue 11) on a GPU for one fixture: REAP statistics from 64K calibration tokens,
 # remove 25% / 50%, then `heal` with its defaults (layer-local fit + ~8M tokens of distillation), with
 # the distillation off (local only), with `--lr 1e-3` and with `--train all`; every variant evaluated with `eval`
-# (16,384 tokens per eval file, float32). The three heal series run side by side on the one GPU.
+# (16,384 tokens per eval file, float32). The heal series run side by side on the one GPU.
 #   bench/heal_gpu.sh FIXTURE_DIR DATA_DIR WORK_DIR      (DATA_DIR holds calib/ and eval/)
 # Writes WORK_DIR/eval-*.json, record-*.json (each heal's pruning.json record) and walls.jsonl.
 set -u
