@@ -32,7 +32,8 @@ import click
                    "0 turns the stage off.")
 @click.option("--kd-tokens", type=click.IntRange(min=1), default=8 * 2**20, show_default=True,
               help="Distillation stage: tokens to train on, cycling through the training sequences when DATA is "
-                   "shorter; the held-out KL is checked along the way and the best state is kept.")
+                   "shorter; the held-out KL is checked along the way and the best state is kept. Sized for a "
+                   "GPU: on a CPU, which distils a few hundred tokens/s, use --kd-steps 0 or far fewer tokens.")
 @click.option("--train", type=click.Choice(["experts", "all"]), default="experts", show_default=True,
               help="Distillation trains the router rows and routed experts of pruned layers, or every weight.")
 @click.option("--lr", default=1e-4, show_default=True, help="Distillation peak learning rate (AdamW, warm-up + cosine).")
