@@ -15,6 +15,7 @@ the same batches measures
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import subprocess
@@ -97,6 +98,76 @@ def compare_paths(inst) -> float:
     return worst
 
 
+TILES = [{"BLOCK_D": 128, "BLOCK_R": 16, "num_warps": 4}, {"BLOCK_D": 128, "BLOCK_R": 32, "num_warps": 4},
+         {"BLOCK_D": 256, "BLOCK_R": 16, "num_warps": 4}, {"BLOCK_D": 128, "BLOCK_R": 32, "num_warps": 8},
+         {"BLOCK_D": 64, "BLOCK_R": 32, "num_warps": 4}, {"BLOCK_D": 256, "BLOCK_R": 8, "num_warps": 4}]
+
+
+def tile_sweep(experts: int, k: int, tokens: int) -> list[dict]:
+    """Microseconds per segment_sums call (the collector's three per layer) for a few block shapes."""
+    from surgery.collect import segment_sums
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    n = tokens * k
+    expert = torch.sort(torch.randint(0, experts, (n,), device="cuda", generator=gen)).values
+    counts = torch.zeros(experts, dtype=torch.long, device="cuda").scatter_add_(0, expert, torch.ones_like(expert))
+    f, h = (torch.randn(n, d, device="cuda", generator=gen).bfloat16() for d in (2048, 768))
+    w = torch.rand(n, device="cuda", generator=gen)
+    calls = [lambda t: segment_sums.segment_sums(f, counts, a=w, with_sum=True, tile=t),
+             lambda t: segment_sums.segment_sums(f, counts, b=w, tile=t),
+             lambda t: segment_sums.segment_sums(h, counts, b=w, tile=t)]
+    rows = []
+    for tile in TILES:
+        for c in calls:
+            c(tile)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            for c in calls:
+                c(tile)
+        torch.cuda.synchronize()
+        rows.append({**tile, "us_per_layer": (time.perf_counter() - t0) / 20 * 1e6})
+    return rows
+
+
+def profile_batch(label: str, fn, batch: torch.Tensor) -> None:
+    """Print the top GPU ops, and the top ops by CPU time (host syncs show there), of one batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn(batch)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    print(f"== {label}: one batch")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=25))
+    print(events.table(sort_by="cpu_time_total", row_limit=15))
+
+
+def ablation(model, base, batches, vocab, instrumented) -> dict[str, float]:
+    """tokens/s of `collect` with one part of the work switched off at a time (monkeypatched no-ops)."""
+    from unittest import mock
+
+    from surgery.architectures import get_spec
+    from surgery.collect import accumulator as accmod
+    from surgery.collect.hooks import Instrument
+
+    noop = lambda *a, **k: None  # noqa: E731
+    variants = {
+        "no_token_bits": ({}, None),
+        "no_pairs": ({"add_pairs": noop}, vocab),
+        "no_assignments": ({"add_assignments": noop}, vocab),
+        "no_pairs_no_assignments": ({"add_pairs": noop, "add_assignments": noop}, vocab),
+    }
+    out = {}
+    for name, (patches, v) in variants.items():
+        with mock.patch.multiple(accmod.LayerAccumulator, **patches) if patches else contextlib.nullcontext():
+            inst = Instrument(model, get_spec("qwen3_moe"), torch.device("cuda"), 3e-2, vocab_size=v)
+            out[name] = timed_loop(instrumented(inst), batches)
+            inst.restore()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", nargs="+", required=True)
@@ -109,6 +180,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--profile", action="store_true", help="Print the top GPU ops of one instrumented batch.")
+    ap.add_argument("--ablate", action="store_true",
+                    help="Also time collect with parts of the statistics switched off (where the time goes).")
+    ap.add_argument("--no-stream", action="store_true", help="Skip the streaming memory runs.")
+    ap.add_argument("--tiles", action="store_true", help="Time the segment-sums kernel for a few block shapes first.")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -118,6 +193,11 @@ def main() -> None:
     from surgery.data import build_sequences
 
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.tiles:
+        sweep = tile_sweep(args.experts, 8, args.batch_size * args.seq_len)
+        print(json.dumps(sweep, indent=1))
+        if args.out:
+            args.out.with_name("tiles.json").write_text(json.dumps(sweep, indent=1))
     path = build(args.workdir, args.tokenizer, args.layers, args.experts)
     tok = AutoTokenizer.from_pretrained(path)
     ids = build_sequences(args.data, tok, args.samples, args.seq_len, 0).input_ids
@@ -140,6 +220,8 @@ def main() -> None:
             base(input_ids=batches[0][:bs], use_cache=False)
             result[f"plain_activation_peak_mib_bs{bs}"] = (torch.cuda.max_memory_allocated() - held) / 2**20
         vocab = model.config.vocab_size
+        if args.profile:
+            profile_batch("plain", lambda b: base(input_ids=b, use_cache=False), batches[1])
 
         def instrumented(inst):
             def run(b):
@@ -153,17 +235,19 @@ def main() -> None:
         inst = Instrument(model, get_spec("qwen3_moe"), torch.device("cuda"), 3e-2, vocab_size=vocab)
         result["collect_tokens_per_s"] = timed_loop(instrumented(inst), batches)
         if args.profile:
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                instrumented(inst)(batches[1])
-                torch.cuda.synchronize()
-            print("\n".join(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22).splitlines()[:26]))
+            profile_batch("collect", instrumented(inst), batches[1])
         inst.restore()
+        if args.ablate:
+            result["ablation_tokens_per_s"] = ablation(model, base, batches, vocab, instrumented)
     result["collect_over_plain"] = result["collect_tokens_per_s"] / result["plain_tokens_per_s"]
     result["collect_histogram_over_plain"] = result["collect_histogram_tokens_per_s"] / result["plain_tokens_per_s"]
     result["fused_vs_torch_max_rel_diff"] = compare_paths(inst)
     del model, base, inst
+    if args.no_stream:
+        print(json.dumps(result, indent=1))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1))
+        return
     # Streaming runs in a fresh process so that its peak memory is its own; at the benchmark's batch size and at 1,
     # hidden states between layers on the GPU (auto: they fit), and at the benchmark's batch size on the CPU.
     store_mib = len(ids) * args.seq_len * 2048 * 2 / 2**20

@@ -544,3 +544,65 @@ def test_mcsuite_fields_same_with_stream_layers(model_type: str, layout: str, mo
     aligned()
     plain = collected(root / f"plain-aligned-{name}.safetensors", src, [data_file])
     compare_mcsuite(streamed, mcsuite_of(plain), SAME_TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. GPU-minded pieces, checked on the CPU: the token-id bit set (no host sync), the vocabulary check,
+#    and the Triton segment sums (through Triton's interpreter where Triton is installed).
+
+def test_mark_tokens_sets_exactly_the_seen_pairs() -> None:
+    from surgery.collect.accumulator import _mark_tokens, unpack_bits
+
+    gen = torch.Generator().manual_seed(0)
+    num_experts, vocab = 5, 61  # a vocabulary that does not fill its last byte
+    expert = torch.randint(0, num_experts, (400,), generator=gen)
+    ids = torch.randint(0, vocab, (400,), generator=gen)  # many repeated (expert, id) pairs
+    bits = torch.zeros(num_experts, -(-vocab // 8), dtype=torch.uint8)
+    bits[0, 0] = 0b100  # bits already set stay set
+    _mark_tokens(bits, expert, ids)
+    expected = torch.zeros(num_experts, bits.shape[1] * 8, dtype=torch.uint8)
+    expected[expert, ids] = 1
+    expected[0, 2] = 1
+    assert torch.equal(unpack_bits(bits), expected)
+    _mark_tokens(bits, expert[:0], ids[:0])  # an empty batch changes nothing
+    assert torch.equal(unpack_bits(bits), expected)
+
+
+def test_token_id_outside_the_vocabulary_is_refused(model) -> None:
+    from surgery.architectures import get_spec
+    from surgery.collect.hooks import Instrument
+
+    src = model("qwen3_moe")
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    inst = Instrument(load_model(src), get_spec("qwen3_moe"), "cpu", 1e-4, vocab_size=vocab)
+    inst.set_tokens(torch.tensor([[0, vocab - 1]]))
+    with pytest.raises(SelfCheckError, match=f"token id {vocab} is outside the vocabulary"):
+        inst.set_tokens(torch.tensor([[1, vocab]]))
+
+
+SEGMENT_CHECK = """
+import torch
+from surgery.collect import segment_sums as ss
+torch.manual_seed(0)
+worst = 0.0
+for e, d, n in [(5, 200, 3000), (3, 130, 50), (8, 64, 20000)]:  # one share and several per expert
+    expert = torch.sort(torch.randint(0, e, (n,))).values
+    expert[expert == 1] = 2  # an expert with no rows
+    counts = torch.zeros(e, dtype=torch.long).scatter_add_(0, expert, torch.ones_like(expert))
+    v, a, b = torch.randn(n, d).bfloat16(), torch.rand(n), torch.rand(n)
+    out = ss.segment_sums(v, counts, a=a, b=b, with_sum=True)
+    vf, oh = v.double(), torch.nn.functional.one_hot(expert, e).T.double()
+    ref = {"sum": oh @ vf, "sq": oh @ vf**2, "a": oh @ (vf * a.double()[:, None]), "b": oh @ (vf**2 * b.double()[:, None])}
+    for k, r in ref.items():
+        worst = max(worst, ((out[k].double() - r).abs().max() / r.abs().max()).item())
+print(worst)
+"""
+
+
+def test_triton_segment_sums_match_one_hot_sums() -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", SEGMENT_CHECK], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) < 1e-6

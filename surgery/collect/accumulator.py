@@ -27,7 +27,7 @@ from stats_formats.schema import (
 from . import segment_sums
 
 CHUNK = 8192  # assignments per reduction step: bounds the temporary [chunk, H] tensors
-GRAM_CHUNK = 2048  # tokens per batched k×k Gram product
+GRAM_CHUNK = 8192  # tokens per batched k×k Gram product (a [chunk, k, E] temporary)
 HIST_CHUNK = 1024  # assignments per histogram step: bounds the temporary [chunk, H] index tensors
 
 
@@ -210,18 +210,27 @@ def _gated_dots(outs: torch.Tensor, gates: torch.Tensor, cd: torch.dtype) -> tor
     return dots * gates[:, :, None] * gates[:, None, :]
 
 
+_PACK = 0x0102040810204080  # x * _PACK >> 56 packs the 0/1 bytes of a little-endian int64 x into one byte, LSB first
+_SEEN: dict[tuple, torch.Tensor] = {}  # one zeroed 0/1 byte scratch per (device, size), shared by every layer
+
+
 def _mark_tokens(bits: torch.Tensor, expert: torch.Tensor, ids: torch.Tensor | None) -> None:
-    """Set bit (i, v) of `token_bits` [E, B] (uint8) for every assignment of a token with id v to expert i."""
+    """Set bit (i, v) of `token_bits` [E, B] (uint8) for every assignment of a token with id v to expert i.
+
+    Without host synchronisation (a GPU keeps running ahead): repeated (expert, id) pairs all write 1
+    into an unpacked byte scratch, which is packed 8 bytes at a time and or-ed in, then cleared.
+    Ids are trusted to be < 8 B (Instrument.set_tokens checks each batch).
+    """
     if ids is None:
         raise ValueError("token_bits needs the assignments' token ids")
-    capacity = bits.shape[1] * 8
-    if ids.numel() and int(ids.max()) >= capacity:
-        raise ValueError(f"token id {int(ids.max())} is outside the vocabulary ({capacity} ids at most)")
-    pairs = torch.unique(expert * capacity + ids)  # each (expert, id) once, so adding bits is or-ing them
-    flat_bytes, inverse = torch.unique(pairs // 8, return_inverse=True)
-    values = torch.zeros_like(flat_bytes).index_add_(0, inverse, torch.ones_like(pairs) << (pairs % 8))
-    flat = bits.view(-1)
-    flat[flat_bytes] |= values.to(torch.uint8)
+    key = (bits.device, bits.numel())
+    seen = _SEEN.get(key)
+    if seen is None:
+        seen = _SEEN[key] = torch.zeros(bits.numel() * 8, dtype=torch.uint8, device=bits.device)
+    seen.scatter_(0, expert * (bits.shape[1] * 8) + ids, 1)  # a scatter of a constant: no sync, unlike index_put
+    packed = seen.view(torch.int64).mul(_PACK).bitwise_right_shift_(56).bitwise_and_(0xFF)
+    bits.view(-1).bitwise_or_(packed.to(torch.uint8))
+    seen.zero_()
 
 
 def unpack_bits(packed: torch.Tensor) -> torch.Tensor:

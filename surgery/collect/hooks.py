@@ -70,6 +70,7 @@ class Instrument:
         self.vocab_size = vocab_size
         self.histogram = histogram
         self.token_ids: torch.Tensor | None = None  # the current batch's input ids, flattened
+        self._ids_on: dict[torch.device, torch.Tensor] = {}  # ... copied to each device once per batch
         self.check_pending = {b.layer for b in self.blocks}
         self.main: dict[int, LayerAccumulator] = {}
         self.held: dict[int, LayerAccumulator] = {}
@@ -84,8 +85,13 @@ class Instrument:
         return e, b.experts.down_proj.shape[1], b.experts.down_proj.shape[2]
 
     def set_tokens(self, ids: torch.Tensor) -> None:
-        """The input ids [batch, seq] of the batch about to run (the MoE blocks see its tokens flattened)."""
-        self.token_ids = ids.reshape(-1)
+        """The input ids [batch, seq] of the batch about to run (the MoE blocks see its tokens flattened).
+        Checked against the vocabulary here, once per batch, so the per-layer marking never waits on the GPU."""
+        ids = ids.reshape(-1)
+        if self.vocab_size and ids.numel() and int(ids.max()) >= self.vocab_size:
+            raise SelfCheckError(f"token id {int(ids.max())} is outside the vocabulary ({self.vocab_size} ids)")
+        self.token_ids = ids
+        self._ids_on = {}
 
     def _acc(self, b: MoEBlock) -> LayerAccumulator:
         if self.holdout:
@@ -102,7 +108,9 @@ class Instrument:
         if have != n:
             raise SelfCheckError(f"layer {b.layer} ({b.name}) got {n} tokens but the collector set {max(have, 0)} "
                                  "token ids for this batch (Instrument.set_tokens before each forward)")
-        return self.token_ids.to(device)
+        if device not in self._ids_on:
+            self._ids_on[device] = self.token_ids.to(device)
+        return self._ids_on[device]
 
     def _patch(self, b: MoEBlock) -> None:
         original = b.experts.forward
@@ -132,10 +140,13 @@ class Instrument:
         acc.add_tokens(probs, x.shape[0])
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        order = order[flat[order] < num_experts]  # ids == E mark masked slots in some routers
+        if getattr(b.experts, "_is_expert_parallel", False):
+            order = order[flat[order] < num_experts]  # expert parallelism marks other ranks' slots with id E
         tok = order // k
         expert = flat[order]
-        counts = torch.bincount(expert, minlength=num_experts)
+        # per-expert counts by a scatter: bincount would wait for the GPU to size its output
+        counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(
+            0, expert, torch.ones_like(expert))
         xs = x[tok]
         g = w.reshape(-1)[order]
         ids = self._tokens(b, x.shape[0], x.device)[tok] if acc.has("token_bits") else None
