@@ -36,7 +36,7 @@ import click
                    "GPU: on a CPU, which distils a few hundred tokens/s, use --kd-steps 0 or far fewer tokens.")
 @click.option("--train", type=click.Choice(["experts", "all"]), default="experts", show_default=True,
               help="Distillation trains the router rows and routed experts of pruned layers, or every weight.")
-@click.option("--lr", default=1e-4, show_default=True, help="Distillation peak learning rate (AdamW, warm-up + cosine).")
+@click.option("--lr", default=5e-4, show_default=True, help="Distillation peak learning rate (AdamW, warm-up + cosine).")
 @click.option("--seq-len", default=1024, show_default=True, help="Tokens per sequence (capped by the model).")
 @click.option("--batch-size", default=8, show_default=True, help="Sequences per step.")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda when present), cpu, cuda, cuda:1, ...")

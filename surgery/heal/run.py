@@ -92,7 +92,7 @@ def heal(
     kd_tokens: int = DEFAULT_TOKENS,
     batch_size: int = 8,
     train: str = "experts",
-    lr: float = 1e-4,
+    lr: float = 5e-4,
     local_lr: float = 3e-4,
     local_inputs: str = "student",
     seq_len: int = 1024,
