@@ -256,7 +256,7 @@ def _prune_rounds(model_dir: Path, out_dir: Path, data: list[str], rounds: int |
             return run_heal(student, teacher, data, out, tokens=heal_tokens, kd_tokens=heal_tokens,
                             seq_len=collect_options["seq_len"],
                             batch_size=collect_options["batch_size"], device=collect_options["device"], seed=seed,
-                            progress=False, **stages)
+                            synthesize=False, progress=False, **stages)  # kept light: no teacher samples
 
     result, calibration = prune_in_rounds(model_dir, out_dir, data=data, rounds=rounds,
                                           progressive_mode=progressive_mode, criterion=criterion, ratio=ratio,

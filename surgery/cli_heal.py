@@ -26,6 +26,11 @@ import click
               help="Fit each block on the student's own hidden states toward the teacher's layer output "
                    "(sequential: also corrects the drift of the layers below), on the teacher block's "
                    "inputs toward its output, or both (the teacher's pairs as extra training data).")
+@click.option("--synthesize/--no-synthesize", default=True, show_default=True,
+              help="When DATA gives the layer-local stage fewer than --local-tokens tokens, make up the difference "
+                   "with the teacher's own sampled continuations of 32-token prefixes of DATA, up to 3 per real "
+                   "sequence (the fit is data-bound; held-out tokens stay real text). Loads the whole teacher "
+                   "once to sample.")
 @click.option("--local-lr", default=3e-4, show_default=True, help="Layer-local stage learning rate (Adam).")
 @click.option("--kd-steps", type=click.IntRange(min=0), default=None,
               help="Distillation stage: optimizer steps of --batch-size sequences; default enough for --kd-tokens; "
@@ -48,7 +53,7 @@ import click
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--revision", help="Branch, tag or commit when --teacher is a Hub repo id.")
 def heal(student: str, teacher: str, data: tuple[str, ...], out_dir: Path, tokens: int | None, local_steps: int,
-         local_tokens: int, local_inputs: str, local_lr: float, kd_steps: int | None, kd_tokens: int, train: str,
+         local_tokens: int, local_inputs: str, synthesize: bool, local_lr: float, kd_steps: int | None, kd_tokens: int, train: str,
          lr: float,
          seq_len: int, batch_size: int, device: str, dtype: str, seed: int, overwrite: bool,
          revision: str | None) -> None:
@@ -65,7 +70,7 @@ def heal(student: str, teacher: str, data: tuple[str, ...], out_dir: Path, token
 
     teacher_dir = resolve_model(teacher, revision=revision, purpose="collect")
     record = run_heal(student, teacher_dir, list(data), out_dir, tokens=tokens, local_steps=local_steps,
-                      local_tokens=local_tokens, local_inputs=local_inputs, local_lr=local_lr, kd_steps=kd_steps,
+                      local_tokens=local_tokens, local_inputs=local_inputs, synthesize=synthesize, local_lr=local_lr, kd_steps=kd_steps,
                       kd_tokens=kd_tokens,
                       batch_size=batch_size, train=train, lr=lr, seq_len=seq_len, device=device, dtype=dtype, seed=seed,
                       overwrite=overwrite, progress=True)

@@ -382,7 +382,7 @@ def test_rounds_with_heal_between_equal_the_steps_by_hand(root: Path, data: Path
         pruned = rewrite_checkpoint(current, step, root / f"by-hand-pruned-{r}")
         healed = root / f"by-hand-healed-{r}"
         heal(pruned, current, [str(data)], healed, tokens=384, seq_len=24, batch_size=4, device="cpu", seed=3,
-             kd_steps=0, progress=False)
+             kd_steps=0, synthesize=False, progress=False)
         current = healed
     ours, theirs = checkpoint_bytes(out), checkpoint_bytes(current)
     assert ours == theirs
@@ -392,3 +392,35 @@ def test_rounds_with_heal_between_equal_the_steps_by_hand(root: Path, data: Path
     assert len(doc["heal"]) == 2 and all(h["stages"][0]["stage"] == "local" for h in doc["heal"])
     assert [r["keep_per_layer"] for r in doc["plan"]["rounds"]] == [6, 4]
     assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher samples when the local stage is short of text
+
+def test_teacher_samples_continue_real_prefixes(pair_fused) -> None:
+    from surgery.heal.synthetic import prompts, teacher_samples
+
+    teacher, _ = pair_fused
+    real = torch.randint(3, 100, (5, 40), generator=torch.Generator().manual_seed(0))
+    starts = prompts(real, 12, prefix=8)
+    assert starts.shape == (12, 8) and torch.equal(starts[0], real[0, :8]) and torch.equal(starts[7], real[2, 5:13])  # pass 1: offset 997 mod 32
+    model = load_model(teacher)
+    first = teacher_samples(model, real, 12, seed=1, device=torch.device("cpu"), progress=False)
+    assert first.shape == (12, 40)  # full length: the end of text is never sampled early
+    assert torch.equal(first[:, :32], prompts(real, 12, prefix=32))  # each sample starts with real text
+    assert torch.equal(first, teacher_samples(model, real, 12, seed=1, device=torch.device("cpu"), progress=False))
+    assert not torch.equal(first, teacher_samples(model, real, 12, seed=2, device=torch.device("cpu"), progress=False))
+
+
+def test_short_text_is_topped_up_with_teacher_samples(root: Path, pair_fused, data: Path) -> None:
+    """15 training sequences and --local-tokens for 64: 3 samples per real sequence (45); none without synthesize."""
+    teacher, student = pair_fused
+    fast = {**FAST, "local_tokens": 24 * 64}
+    on = heal(student, teacher, [str(data)], root / "healed-sampled", local_steps=5, kd_steps=0, **fast)
+    off = heal(student, teacher, [str(data)], root / "healed-unsampled", local_steps=5, kd_steps=0, synthesize=False,
+               **fast)
+    local_on, local_off = on["stages"][0], off["stages"][0]
+    assert local_on["teacher_samples"]["sequences"] == 45 and local_on["teacher_samples"]["tokens"] == 45 * 24
+    assert local_on["tokens"] == 60 * 24 and local_off["tokens"] == 15 * 24 and "teacher_samples" not in local_off
+    assert on["held_out_tokens"] == off["held_out_tokens"] == 24  # held out stays real text
+    assert CliRunner().invoke(main, ["verify", str(root / "healed-sampled")]).exit_code == 0

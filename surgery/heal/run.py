@@ -23,6 +23,7 @@ from .export import disk_tensors, to_bytes
 from .pairing import PRUNING_JSON, HealError, Pairing, pair
 
 HELD_OUT_SHARE = 16  # one sequence in 16 is kept aside to measure each stage
+SAMPLES_PER_SEQUENCE = 3  # teacher samples per real sequence at most, when the local stage is short of text
 DEFAULT_TOKENS = 8 * 2**20  # read at most this much text when --tokens is not given, and distil on this many
 
 
@@ -95,6 +96,7 @@ def heal(
     lr: float = 5e-4,
     local_lr: float = 3e-4,
     local_inputs: str = "student",
+    synthesize: bool = True,
     seq_len: int = 1024,
     device: str | None = None,
     dtype: str | None = None,
@@ -106,6 +108,9 @@ def heal(
 
     tokens None = all the text in `data`, up to DEFAULT_TOKENS. kd_steps None = as many steps as
     distil on `kd_tokens` tokens, cycling through the training sequences (epochs) when the text is shorter.
+    synthesize: when the text gives the local stage fewer than `local_tokens` tokens, the teacher's sampled
+    continuations of prefixes of the text make up the difference, up to SAMPLES_PER_SEQUENCE per real
+    sequence (surgery.heal.synthetic).
     """
     from ..evaluate import load_model
 
@@ -135,7 +140,18 @@ def heal(
         trained: dict[str, torch.Tensor] = {}
         if local_steps > 0:
             n_local = max(1, min(len(train_ids), local_tokens // seq_len))
-            batches = [*train_ids[:n_local].split(batch_size), *held_ids.split(batch_size)]
+            local_ids, sampled = train_ids[:n_local], {}
+            missing = min(local_tokens // seq_len, (1 + SAMPLES_PER_SEQUENCE) * n_local) - n_local
+            if synthesize and missing > 0:
+                from .synthetic import teacher_samples
+
+                t0 = time.perf_counter()
+                extra = teacher_samples(load_model(pairing.teacher.dir, str(dev), dt), local_ids, missing, seed, dev,
+                                        progress=progress)
+                local_ids = torch.cat([local_ids, extra])
+                sampled = {"teacher_samples": {"sequences": int(extra.shape[0]), "tokens": int(extra.numel()),
+                                               "seconds": round(time.perf_counter() - t0, 2)}}
+            batches = [*local_ids.split(batch_size), *held_ids.split(batch_size)]
             from .local import local_stage
 
             local = local_stage(pairing, batches, held_ids.numel(), steps=local_steps, lr=local_lr,
@@ -143,7 +159,7 @@ def heal(
                                 progress=progress)
             trained.update(local.params)
             record["stages"].append({"stage": "local", "inputs": local_inputs, "steps_per_layer": local_steps, "lr": local_lr,
-                                     "tokens": int(n_local * seq_len),
+                                     "tokens": int(local_ids.numel()), **sampled,
                                      "layers": {str(k): v for k, v in sorted(local.layers.items())}})
         steps = kd_steps if kd_steps is not None else -(-kd_tokens // (batch_size * seq_len))
         if steps > 0:
