@@ -70,8 +70,6 @@ if triton is not None:
 
 
 ROWS_PER_PROGRAM = 256  # about this many rows per program: enough programs to fill the GPU when experts are few
-
-
 TILE = {"BLOCK_D": 128, "BLOCK_R": 16, "num_warps": 4}  # 16 fp32 per thread per accumulator
 
 
@@ -79,8 +77,9 @@ def segment_sums(v: torch.Tensor, counts: torch.Tensor, a: torch.Tensor | None =
                  b: torch.Tensor | None = None, with_sum: bool = False, tile: dict | None = None) -> dict[str, torch.Tensor]:
     """{"sum", "sq", "a", "b"} per expert ([E, D] float32) for rows of v sorted by expert.
 
-    `tile` overrides the block shape (the GPU benchmark compares a few). Each expert's rows are split into `split` shares (sized from the row count known on the host,
-    so nothing waits on the GPU); the per-share partial sums are added afterwards, in a fixed order.
+    Each expert's rows are split into shares (how many follows from the row count the host already
+    knows, so nothing waits on the GPU); the per-share partial sums are added afterwards, in a fixed
+    order. `tile` overrides the block shape (the GPU benchmark compares a few).
     """
     v = v.contiguous()
     num_experts, d = counts.numel(), v.shape[1]
