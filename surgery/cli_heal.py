@@ -81,6 +81,10 @@ def heal(student: str, teacher: str, data: tuple[str, ...], out_dir: Path, token
             mean_after = sum(a for _, a in errors) / max(len(errors), 1)
             click.echo(f"Layer-local fit: {len(errors)} layers, mean held-out block error {mean_before:.4f} → "
                        f"{mean_after:.4f}")
+            if "teacher_samples" in stage:
+                t = stage["teacher_samples"]
+                click.echo(f"  on {stage['tokens']} tokens, {t['tokens']} of them sampled from the teacher "
+                           f"({t['sequences']} sequences, {t['seconds']:.0f} s; --no-synthesize to skip)")
         else:
             click.echo(f"Distillation: {stage['steps']} steps, {stage['tokens']} tokens, held-out KL "
                        f"{stage['held_out_kl_before']:.4f} → {stage['held_out_kl_after']:.4f}")
