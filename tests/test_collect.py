@@ -606,3 +606,19 @@ def test_triton_segment_sums_match_one_hot_sums() -> None:
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout.strip().splitlines()[-1]) < 1e-6
+
+
+def test_tokenizer_of_another_model_exits_2(model, data_file: Path, tmp_path: Path, cli) -> None:
+    """Token ids beyond config.json's vocab_size are refused before the model runs, naming the config."""
+    src = tmp_path / "small-vocab"
+    shutil.copytree(model("qwen3_moe"), src)
+    config = json.loads((src / "config.json").read_text())
+    config["vocab_size"] = 8  # the tiny tokenizer's ids go well past 8
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "stats.safetensors"
+    result = cli("collect", src, "-d", data_file, "-o", out, "--samples", "2", "--seq-len", "32", "--holdout", "0",
+                 "--device", "cpu", "--dtype", "float32")
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(src / "config.json") in lines[0] and "vocab_size is 8" in lines[0], lines
+    assert not out.exists()

@@ -148,6 +148,9 @@ def collect(
 
     config = AutoConfig.from_pretrained(model_dir)
     vocab = int(config.get_text_config().vocab_size)  # token_bits: which token ids each expert saw
+    if ids.numel() and int(ids.max()) >= vocab:
+        raise UserError(f"{ckpt.config_path}: the tokenizer in {model_dir} gives token id {int(ids.max())}, but "
+                        f"vocab_size is {vocab}: the tokenizer does not belong to this model")
     tol = 1e-4 if dt == torch.float32 else 3e-2
     grad_sums: dict[int, GradientSums] = {}
     start = time.perf_counter()
