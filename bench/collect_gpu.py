@@ -190,7 +190,7 @@ def main() -> None:
 
     from surgery.architectures import get_spec
     from surgery.collect.hooks import Instrument
-    from surgery.data import build_sequences
+    from surgery.model.data import build_sequences
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.tiles:

@@ -1,7 +1,7 @@
 """Novices vs plain removal (MoNE issue): do mean-output constants recover part of the pruning loss?
 
 For each fixture, ratio and criterion: score once from the statistics file, write the checkpoint twice
-(experts removed; experts replaced by novices, `surgery.novices`), evaluate both in float32 on CPU
+(experts removed; experts replaced by novices, `surgery.rewrite.novices`), evaluate both in float32 on CPU
 (perplexity per eval domain, KL and top-1 against the unpruned model) and print a Markdown table.
 
   python bench/novices_quality.py --model ../shared/fixtures/qwen3-moe-tiny \
@@ -25,9 +25,9 @@ import torch
 
 from stats_formats import StatsFile
 from surgery.cli import _score
-from surgery.evaluate import evaluate, load_model, load_tokenizer
-from surgery.novices import write_novice_checkpoint
-from surgery.rewrite import rewrite_checkpoint
+from surgery.eval.perplexity import evaluate, load_model, load_tokenizer
+from surgery.rewrite.novices import write_novice_checkpoint
+from surgery.rewrite.experts import rewrite_checkpoint
 from bench_common import emit, list_eval_files
 
 

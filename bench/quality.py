@@ -23,8 +23,8 @@ import torch
 
 from surgery.cli import _score
 from surgery.criteria import CRITERIA
-from surgery.evaluate import evaluate, load_model, load_tokenizer
-from surgery.rewrite import rewrite_checkpoint
+from surgery.eval.perplexity import evaluate, load_model, load_tokenizer
+from surgery.rewrite.experts import rewrite_checkpoint
 from bench_common import emit, list_eval_files
 
 

@@ -29,7 +29,7 @@ from bench_common import emit, list_eval_files  # noqa: E402
 from quality import _flat  # noqa: E402
 
 from surgery.cli import _prune_rounds  # noqa: E402
-from surgery.evaluate import evaluate, load_model, load_tokenizer  # noqa: E402
+from surgery.eval.perplexity import evaluate, load_model, load_tokenizer  # noqa: E402
 
 MODES = ("one-shot", "rounds", "progressive", "rounds-heal")
 

@@ -1,6 +1,6 @@
 """The per-expert statistics file: schema (schema.py) and reading, writing, merging, export (file.py)."""
 
-from .file import (
+from stats_formats.file import (
     SUMMARY_COLUMNS,
     StatsError,
     StatsFile,
@@ -13,7 +13,7 @@ from .file import (
     to_csv,
     to_json,
 )
-from .schema import (
+from stats_formats.schema import (
     FIELD_BY_NAME,
     FIELDS,
     HOLDOUT_FIELDS,

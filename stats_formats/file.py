@@ -24,7 +24,7 @@ from safetensors.numpy import save, save_file
 
 from surgery import __version__
 
-from .schema import (
+from stats_formats.schema import (
     FIELD_BY_NAME,
     FIELDS,
     HOLDOUT_FIELDS,

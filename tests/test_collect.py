@@ -24,7 +24,7 @@ from stats_formats.schema import MCSUITE_FIELDS
 from surgery.criteria.mcsuite import eao
 from surgery.collect.hooks import SelfCheckError
 from surgery.collect.run import collect
-from surgery.data import build_sequences
+from surgery.model.data import build_sequences
 from tiny_models import ARCHS, LAYOUTS, build_tiny, load_model
 from tiny_tokenizer import save_tiny_tokenizer
 

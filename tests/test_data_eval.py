@@ -1,4 +1,4 @@
-"""Text loading (surgery.data), evaluation (surgery.evaluate) and the `eval` command."""
+"""Text loading (surgery.model.data), evaluation (surgery.eval.perplexity) and the `eval` command."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from click.testing import CliRunner
 from tiny_tokenizer import save_tiny_tokenizer
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-from surgery.cli_eval import eval_cmd
-from surgery.data import (
+from surgery.cli.eval import eval_cmd
+from surgery.model.data import (
     DataError,
     build_sequences,
     cap_seq_len,
     eval_windows,
     read_documents,
 )
-from surgery.evaluate import evaluate, format_report, load_model, load_tokenizer
+from surgery.eval.perplexity import evaluate, format_report, load_model, load_tokenizer
 
 WORDS = "the a expert router token layer model prune gate weight sparse dense mixture of".split()
 
@@ -259,7 +259,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, model_dir, problem):
 
 def test_eval_folder_reports_each_file(tmp_path: Path) -> None:
     """A folder given to `eval -d` stands for its files: one perplexity per file."""
-    from surgery.cli_eval import _per_file
+    from surgery.cli.eval import _per_file
 
     (tmp_path / "b.jsonl").write_text('{"text": "x"}\n')
     (tmp_path / "a.txt").write_text("y\n")

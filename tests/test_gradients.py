@@ -29,8 +29,8 @@ from surgery.collect.gradients import gradient_pass
 from surgery.collect.run import collect
 from surgery.criteria import CRITERIA, LayerInput
 from surgery.criteria.mcsuite import default_drop, oriented
-from surgery.data import build_sequences
-from surgery.plan import PlanError
+from surgery.model.data import build_sequences
+from surgery.plan.select import PlanError
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ = 16

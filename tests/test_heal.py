@@ -18,12 +18,12 @@ from safetensors.torch import load_file, save_file
 from surgery.architectures import get_spec, resolve
 from surgery.cli import main
 from surgery.collect.hooks import find_blocks
-from surgery.evaluate import evaluate, load_tokenizer
-from surgery.heal.export import disk_tensors
-from surgery.heal.run import heal
+from surgery.eval.perplexity import evaluate, load_tokenizer
+from surgery.refine.heal.export import disk_tensors
+from surgery.refine.heal.run import heal
 from surgery.io import Checkpoint
-from surgery.rewrite import rewrite_checkpoint
-from surgery.sparsify import check_nm, sparsify_checkpoint
+from surgery.rewrite.experts import rewrite_checkpoint
+from surgery.refine.sparsify import check_nm, sparsify_checkpoint
 from tiny_models import ARCHS, LAYOUTS, build_tiny, checkpoint_bytes, folder_digest, load_model
 from tiny_tokenizer import save_tiny_tokenizer
 
@@ -398,7 +398,7 @@ def test_rounds_with_heal_between_equal_the_steps_by_hand(root: Path, data: Path
 # Teacher samples when the local stage is short of text
 
 def test_teacher_samples_continue_real_prefixes(pair_fused) -> None:
-    from surgery.heal.synthetic import prompts, teacher_samples
+    from surgery.refine.heal.synthetic import prompts, teacher_samples
 
     teacher, _ = pair_fused
     real = torch.randint(3, 100, (5, 40), generator=torch.Generator().manual_seed(0))

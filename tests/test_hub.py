@@ -21,13 +21,13 @@ from huggingface_hub import snapshot_download as real_snapshot_download
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import filter_repo_objects
 
-import surgery.hub as hub
+import surgery.hub.client as hub
 from stats_factory import default_calibration, default_model, make_stats
 from stats_formats import StatsFile
 from stats_formats.file import StatsError
-from surgery.hub import HubError, is_repo_id, push_folder, resolve_model
-from surgery.model_card import checkpoint_numbers, keep_user_card, update_card_eval, write_model_card
-from surgery.rewrite import rewrite_checkpoint
+from surgery.hub.client import HubError, is_repo_id, push_folder, resolve_model
+from surgery.hub.model_card import checkpoint_numbers, keep_user_card, update_card_eval, write_model_card
+from surgery.rewrite.experts import rewrite_checkpoint
 from tiny_models import INDEX_NAME, checkpoint_bytes, folder_digest
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -13,10 +13,10 @@ from stats_factory import default_calibration, default_model, make_stats
 
 from stats_formats import StatsFile
 from surgery.cli import main
-from surgery.cli_score import criteria_cmd, score_cmd
+from surgery.cli.score import criteria_cmd, score_cmd
 from surgery.criteria import AUTO, CRITERIA, LayerInput
 from surgery.criteria.mcsuite import SIGNALS, default_drop, oriented
-from surgery.plan import PlanError, make_plan
+from surgery.plan.select import PlanError, make_plan
 
 INF = np.inf
 MCS = ["mcs-ewn", "mcs-wsr", "mcs-ews", "mcs-rwn", "mcs-euf", "mcs-ecc", "mcs-evtc", "mcs-ets", "mcs-ean", "mcs-eae",

@@ -1,7 +1,7 @@
 """MoNE novices (`prune --novices`): the written checkpoint matches what vLLM's loader reads, and
 the project's loader gives the logits of the original model whose pruned experts output g_i·mu_i.
 
-The reference is computed here, independently of surgery.novices and surgery.novice_loader: the
+The reference is computed here, independently of surgery.rewrite.novices and surgery.model.novices: the
 original model with novice slots' combine weights zeroed inside each experts call and Σ g·mu added,
 mu taken straight from the statistics file (out_sum / count) with numpy.
 """
@@ -21,9 +21,9 @@ from stats_formats import FIELDS, StatsFile
 from stats_formats.schema import tensor_name
 from surgery.collect.run import collect
 from surgery.errors import UserError
-from surgery.evaluate import load_model as eval_load_model
-from surgery.novice_loader import load_model as load_novices
-from surgery.novices import NoviceError, encode, write_novice_checkpoint
+from surgery.eval.perplexity import load_model as eval_load_model
+from surgery.model.novices import load_model as load_novices
+from surgery.rewrite.novices import NoviceError, encode, write_novice_checkpoint
 from tiny_models import ARCHS, LAYOUTS, build_tiny, checkpoint_bytes, load_model, moe_blocks
 from tiny_tokenizer import save_tiny_tokenizer
 

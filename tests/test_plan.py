@@ -1,4 +1,4 @@
-"""Keep plans (surgery.plan) and the `criteria` / `score` commands (surgery.cli_score)."""
+"""Keep plans (surgery.plan.select) and the `criteria` / `score` commands (surgery.cli.score)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from stats_factory import default_calibration, default_model, make_stats
 
 from stats_formats import StatsFile
 from surgery.criteria import CRITERIA, LayerInput
-from surgery.plan import PlanError, keep_count, make_plan, normalised, plan_document
+from surgery.plan.select import PlanError, keep_count, make_plan, normalised, plan_document
 
 SCORES = np.array([0.5, 0.9, 0.1, 0.7, 0.3, 0.8, 0.2, 0.6])  # best first: 1, 5, 3, 7, 0, 4, 6, 2
 
@@ -184,7 +184,7 @@ def write_stats(path: Path, holdout: bool = True, **model_extra) -> Path:
 
 
 def run(args: list[str]):
-    from surgery.cli_score import criteria_cmd, score_cmd
+    from surgery.cli.score import criteria_cmd, score_cmd
 
     cmd = criteria_cmd if args[0] == "criteria" else score_cmd
     return CliRunner().invoke(cmd, args[1:])

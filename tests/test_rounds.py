@@ -21,9 +21,9 @@ from surgery.collect.hooks import find_blocks
 from surgery.collect.progressive import RouterMask
 from surgery.collect.run import collect
 from surgery.criteria import CRITERIA
-from surgery.plan import PlanError
-from surgery.rewrite import rewrite_checkpoint
-from surgery.rounds import layer_blocks, schedule
+from surgery.plan.select import PlanError
+from surgery.rewrite.experts import rewrite_checkpoint
+from surgery.pipeline.rounds import layer_blocks, schedule
 from tiny_models import ARCHS, LAYOUTS, add_fake_mtp_layer, build_tiny, checkpoint_bytes, load_model, moe_layers
 from tiny_tokenizer import save_tiny_tokenizer
 

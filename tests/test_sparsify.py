@@ -14,15 +14,15 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import surgery.io.writer as writer
-import surgery.sparsify as sp
+import surgery.refine.sparsify as sp
 from stats_formats import StatsFile, tensor_name
 from stats_factory import default_calibration, default_model, make_stats
 from surgery.architectures import resolve
 from surgery.errors import UserError
-from surgery.expert_weights import read_expert
-from surgery.fingerprint import router_sha256
+from surgery.io.expert_weights import read_expert
+from surgery.io.identity import router_sha256
 from surgery.io import Checkpoint, SafetensorsFile
-from surgery.sparsify import SparsifyError, check_nm, check_sparsity, parse_pattern, row_mask, sparsify_checkpoint
+from surgery.refine.sparsify import SparsifyError, check_nm, check_sparsity, parse_pattern, row_mask, sparsify_checkpoint
 from tiny_models import checkpoint_bytes, read_header, write_checkpoint
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from stats_formats import (
     to_json,
 )
 from stats_formats.schema import field_table_markdown
-from surgery.cli_stats import stats
+from surgery.cli.stats import stats
 
 Model = dict[str, Any]
 Tensors = dict[str, np.ndarray]

@@ -1,7 +1,7 @@
 """Per-architecture knowledge (plain data) and the layout read from a checkpoint's tensor names."""
 
-from .layout import ArchitectureError, LayerExperts, MoELayout, check_shapes, first_key, resolve, spec_for, sub_config
-from .registry import SPECS, ArchSpec, get_spec, supported
+from surgery.architectures.layout import ArchitectureError, LayerExperts, MoELayout, check_shapes, first_key, resolve, spec_for, sub_config
+from surgery.architectures.registry import SPECS, ArchSpec, get_spec, supported
 
 __all__ = [
     "SPECS", "ArchSpec", "ArchitectureError", "LayerExperts", "MoELayout", "check_shapes", "first_key",

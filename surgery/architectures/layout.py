@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .registry import ArchSpec, get_spec, supported
+from surgery.architectures.registry import ArchSpec, get_spec, supported
 
 
 class ArchitectureError(Exception):

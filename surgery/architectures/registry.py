@@ -44,7 +44,7 @@ class ArchSpec:
     # For the collector (transformers 5 in-memory modules, relative to the MoE block):
     router_module: str = "gate"
     scoring: str = "softmax"  # how router logits become probabilities p over all experts
-    expert_math: str = "glu_halves"  # in-memory expert layout, see surgery.collect.expert_math
+    expert_math: str = "glu_halves"  # in-memory expert layout, see surgery.model.expert_math
     # On-disk fused gate/up: "out_in" = [E, 2I, H] (nn.Linear rows), "in_out" = [E, H, 2I];
     # gate and up are halves of the 2I axis unless `interleaved` (gpt_oss: gate = ::2, up = 1::2).
     fused_orientation: str = "out_in"

@@ -24,7 +24,7 @@ from stats_formats.schema import (
     field_shape,
 )
 
-from . import segment_sums
+from surgery.collect import segment_sums
 
 CHUNK = 8192  # assignments per reduction step: bounds the temporary [chunk, H] tensors
 GRAM_CHUNK = 8192  # tokens per batched k×k Gram product (a [chunk, k, E] temporary)

@@ -29,11 +29,11 @@ from tqdm import tqdm
 
 from stats_formats.schema import GRADIENT_FIELDS, field_shape
 
-from ..architectures import ArchSpec, MoELayout
-from ..io import Checkpoint
-from .hooks import MoEBlock, SelfCheckError, find_blocks
-from .progressive import RouterMask
-from .streaming import HiddenStore, _load_frame, _load_params, _record_calls
+from surgery.architectures import ArchSpec, MoELayout
+from surgery.io import Checkpoint
+from surgery.collect.hooks import MoEBlock, SelfCheckError, find_blocks
+from surgery.collect.progressive import RouterMask
+from surgery.model.streaming import HiddenStore, _load_frame, _load_params, _record_calls
 
 # Per in-memory expert layout (ArchSpec.expert_math): each fused matrix and its hidden-size axis.
 # glu_halves: gate_up_proj [E, 2I, H], down_proj [E, H, I]; gpt_oss: gate_up_proj [E, H, 2I], down_proj [E, I, H].

@@ -14,10 +14,10 @@ from functools import partial
 
 import torch
 
-from ..architectures import ArchSpec
-from ..errors import UserError
-from .accumulator import Assignments, LayerAccumulator, holdout_accumulator
-from .expert_math import SUPPORTED, grouped_forward, router_probs
+from surgery.architectures import ArchSpec
+from surgery.errors import UserError
+from surgery.collect.accumulator import Assignments, LayerAccumulator, holdout_accumulator
+from surgery.model.expert_math import SUPPORTED, grouped_forward, router_probs
 
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 CHECK_TOKENS = 1024

@@ -22,8 +22,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..architectures import ArchSpec
-from .hooks import SelfCheckError, find_blocks
+from surgery.architectures import ArchSpec
+from surgery.collect.hooks import SelfCheckError, find_blocks
 
 CORRECTION_BIAS = "e_score_correction_bias"
 

@@ -12,17 +12,17 @@ from tqdm import tqdm
 
 from stats_formats import StatsWriter
 
-from ..architectures import resolve
-from ..config_edit import active_groups
-from ..data import build_sequences, cap_seq_len
-from ..errors import UserError
-from ..fingerprint import config_sha256, router_sha256
-from ..io import Checkpoint
-from ..novice_loader import is_novice_checkpoint, load_model
-from .accumulator import LayerAccumulator, all_reduce_field
-from .gradients import GradientSums, gradient_pass, stream_gradients
-from .hooks import Instrument
-from .progressive import RouterMask
+from surgery.architectures import resolve
+from surgery.rewrite.config import active_groups
+from surgery.model.data import build_sequences, cap_seq_len
+from surgery.errors import UserError
+from surgery.io.identity import config_sha256, router_sha256
+from surgery.io import Checkpoint
+from surgery.model.novices import is_novice_checkpoint, load_model
+from surgery.collect.accumulator import LayerAccumulator, all_reduce_field
+from surgery.collect.gradients import GradientSums, gradient_pass, stream_gradients
+from surgery.collect.hooks import Instrument
+from surgery.collect.progressive import RouterMask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -115,7 +115,7 @@ def collect(
     """
     from transformers import AutoConfig
 
-    from ..evaluate import load_tokenizer
+    from surgery.eval.perplexity import load_tokenizer
 
     model_dir = str(model_dir)
     ckpt = Checkpoint(model_dir)
@@ -155,7 +155,7 @@ def collect(
     grad_sums: dict[int, GradientSums] = {}
     start = time.perf_counter()
     if stream_layers:
-        from .streaming import stream_forward
+        from surgery.model.streaming import stream_forward
 
         if is_novice_checkpoint(model_dir):
             raise UserError(f"{model_dir}: --stream-layers cannot load MoNE novice checkpoints; collect without it")
@@ -258,7 +258,7 @@ def _progressive_layers(layout, keep: dict[int, list[int]] | None) -> dict[int, 
     """The validated plan restricted to layers transformers runs (MTP layers are never built)."""
     if not keep:
         return {}
-    from ..rewrite import complete_plan
+    from surgery.rewrite.experts import complete_plan
 
     full = complete_plan(layout, keep, "progressive plan")
     return {layer: ids for layer, ids in full.items() if layer < layout.num_hidden_layers}

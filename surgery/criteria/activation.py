@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Layer, lowest_where
+from surgery.criteria.base import Layer, lowest_where
 
 MONE_FORMULA = (
     "phi_var * phi_freq, phi_freq = M_g[1,0]/N, phi_var = sqrt(sum_c (Q_ic - S_ic^2/n_i)/(n_i - 1)); n_i<=1 -> -inf"

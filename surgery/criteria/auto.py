@@ -13,9 +13,9 @@ from typing import Protocol
 
 import numpy as np
 
-from ..plan import PlanError, Ranker
-from .base import Criterion, LayerInput
-from .reconstruction import drop_error
+from surgery.plan.select import PlanError, Ranker
+from surgery.criteria.base import Criterion, LayerInput
+from surgery.criteria.reconstruction import drop_error
 
 CANDIDATES = ("frequency", "soft_frequency", "reap", "ean", "man", "msan", "gated_sq", "mone", "recon")
 AUTO_FORMULA = (

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..plan import Selector as LayerSelector
+from surgery.plan.select import Selector as LayerSelector
 
 Layer = Mapping[str, np.ndarray]  # one layer's schema fields (float64; token_bits uint8), see stats_formats.schema
-# expert id -> {"gate", "up", "down"} matrices; the layer's own (surgery.expert_weights.LayerWeights)
+# expert id -> {"gate", "up", "down"} matrices; the layer's own (surgery.io.expert_weights.LayerWeights)
 # also has router() -> the router weight [E, H]
 ExpertWeights = Callable[[int], dict[str, np.ndarray]]
 NEEDS = ("stats", "weights", "none")
@@ -50,7 +50,7 @@ class Criterion:
             raise ValueError(f"criterion {self.name}: needs must be one of {NEEDS}, not {self.needs!r}")
 
     def ranker(self, inp: LayerInput, scores: np.ndarray) -> np.ndarray | LayerSelector:
-        """What surgery.plan.make_plan takes for this layer: the selector if any, else the scores."""
+        """What surgery.plan.select.make_plan takes for this layer: the selector if any, else the scores."""
         if self.select is None:
             return scores
         select = self.select

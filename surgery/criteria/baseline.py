@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import LayerInput
+from surgery.criteria.base import LayerInput
 
 RANDOM_FORMULA = "uniform scores from numpy default_rng(seed + layer)"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Layer, lowest_where
+from surgery.criteria.base import Layer, lowest_where
 
 PRESETS: dict[str, tuple[int, int, int]] = {
     "frequency": (0, 0, 0),

@@ -19,9 +19,9 @@ import numpy as np
 
 from stats_formats import StatsError
 
-from ..plan import PlanError
-from .base import Criterion, Layer, lowest_where
-from .mcsuite import _scored
+from surgery.plan.select import PlanError
+from surgery.criteria.base import Criterion, Layer, lowest_where
+from surgery.criteria.mcsuite import _scored
 
 
 def _field(layer: Layer, name: str) -> np.ndarray:

@@ -20,9 +20,9 @@ import numpy as np
 from stats_formats import StatsError
 from stats_formats.schema import HIST_HALF, HIST_LOG2_RANGE, HIST_STEPS
 
-from ..plan import PlanError
-from .base import Criterion, ExpertWeights, Layer, LayerInput, from_router, from_stats, from_weights, lowest_where
-from .weights import MATRICES, _flat
+from surgery.plan.select import PlanError
+from surgery.criteria.base import Criterion, ExpertWeights, Layer, LayerInput, from_router, from_stats, from_weights, lowest_where
+from surgery.criteria.weights import MATRICES, _flat
 
 DROPS = ("low", "high")
 OUTLIER_SIGMAS = 3.0
@@ -240,7 +240,7 @@ def mcsuite_criteria() -> list[Criterion]:
 
 def default_drop(name: str) -> str:
     """The direction a criterion drops by default: "high" for the MC-Suite similarity signals, else "low"."""
-    from .gradients import SIGNALS as GRADIENT_SIGNALS  # here: gradients builds on this module
+    from surgery.criteria.gradients import SIGNALS as GRADIENT_SIGNALS  # here: gradients builds on this module
 
     if name in GRADIENT_SIGNALS:
         return GRADIENT_SIGNALS[name][1]

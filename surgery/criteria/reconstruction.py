@@ -14,7 +14,7 @@ from math import comb, prod
 
 import numpy as np
 
-from .base import LayerInput
+from surgery.criteria.base import LayerInput
 
 EXACT_LIMIT = 20000  # candidate drop sets up to which recon enumerates them all
 LOO_FORMULA = "K_ii = sum r g^2 ||f||^2: output error of removing i alone (leave-one-out; equals gated_sq)"

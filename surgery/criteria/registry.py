@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from functools import partial
 
-from .activation import MONE_FORMULA, mone
-from .auto import AUTO_FORMULA, CANDIDATES
-from .base import Criterion, from_stats, from_weights
-from .baseline import RANDOM_FORMULA, random_scores
-from .family import PRESETS, formula, unified
-from .gradients import gradient_criteria
-from .mcsuite import mcsuite_criteria
-from .reconstruction import LOO_FORMULA, RECON_FORMULA, loo, recon_scores, recon_select
-from .weights import AIMER_FORMULA, WEIGHT_NORM_FORMULA, aimer, weight_norm
+from surgery.criteria.activation import MONE_FORMULA, mone
+from surgery.criteria.auto import AUTO_FORMULA, CANDIDATES
+from surgery.criteria.base import Criterion, from_stats, from_weights
+from surgery.criteria.baseline import RANDOM_FORMULA, random_scores
+from surgery.criteria.family import PRESETS, formula, unified
+from surgery.criteria.gradients import gradient_criteria
+from surgery.criteria.mcsuite import mcsuite_criteria
+from surgery.criteria.reconstruction import LOO_FORMULA, RECON_FORMULA, loo, recon_scores, recon_select
+from surgery.criteria.weights import AIMER_FORMULA, WEIGHT_NORM_FORMULA, aimer, weight_norm
 
 AUTO = "auto"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import ExpertWeights
+from surgery.criteria.base import ExpertWeights
 
 MATRICES = ("gate", "up", "down")
 WEIGHT_NORM_FORMULA = "||[W_gate, W_up, W_down]||_F"

@@ -1,8 +1,8 @@
 """Checkpoint I/O at the byte level: validated safetensors headers, positioned reads, sequential writes."""
 
-from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
-from .safetensors_file import DTYPE_BITS, CheckpointError, SafetensorsFile, TensorInfo, decode, nbytes
-from .writer import OutTensor, atomic_output_dir, rewrite_shard, write_safetensors, write_safetensors_hashing
+from surgery.io.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
+from surgery.io.safetensors_file import DTYPE_BITS, CheckpointError, SafetensorsFile, TensorInfo, decode, nbytes
+from surgery.io.writer import OutTensor, atomic_output_dir, rewrite_shard, write_safetensors, write_safetensors_hashing
 
 __all__ = [
     "Checkpoint", "CheckpointError", "SafetensorsFile", "TensorInfo", "OutTensor", "DTYPE_BITS",

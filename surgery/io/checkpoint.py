@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .safetensors_file import CheckpointError, SafetensorsFile, TensorInfo
+from surgery.io.safetensors_file import CheckpointError, SafetensorsFile, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from surgery.errors import UserError
 
 # Bits per element of every dtype the safetensors format defines (0.8).
 DTYPE_BITS: dict[str, int] = {

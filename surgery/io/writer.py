@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .safetensors_file import CheckpointError, SafetensorsFile, TensorInfo, nbytes
+from surgery.io.safetensors_file import CheckpointError, SafetensorsFile, TensorInfo, nbytes
 
 CHUNK = 64 * 1024 * 1024
 HASH_CHUNK = 8 * 1024 * 1024

@@ -1,0 +1,31 @@
+"""`moe-surgery push`: upload a pruned checkpoint folder to the Hugging Face Hub in one commit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True,
+              help="Create the repository as private (an existing one keeps its visibility).")
+@click.option("--revision", help="Branch to commit to, created from main if missing (default: main).")
+@click.option("--commit-message", help="Commit title (default: 'Upload pruned checkpoint (moe-surgery VERSION)').")
+@click.option("--include-stats", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also upload this statistics file, as moe_surgery/<file name> in the repository.")
+def push(out_dir: Path, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
+         include_stats: Path | None) -> None:
+    """Upload OUT_DIR to the Hub repository REPO_ID (org/name), creating the repository if needed.
+
+    The folder must pass `moe-surgery verify`. All files go in one commit, so a failed push
+    changes nothing in the repository; the local folder is never modified. The token comes from
+    HF_TOKEN or `hf auth login`.
+    """
+    from surgery.hub.client import push_folder
+
+    url = push_folder(out_dir, repo_id, private=private, revision=revision, commit_message=commit_message,
+                      include_stats=include_stats)
+    click.echo(f"Pushed {out_dir} to {repo_id}: {url}")

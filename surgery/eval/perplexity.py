@@ -1,0 +1,176 @@
+"""Perplexity of a model on text files, and optionally its divergence from a reference model.
+
+Used to judge a pruned checkpoint: perplexity per domain says how much quality was lost,
+KL and top-1 agreement against the original say how far its predictions moved.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from surgery.model.data import cap_seq_len, eval_windows
+from surgery.errors import UserError
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None):
+    """A causal LM from a local folder, in eval mode on `device` (dtype from config unless given).
+
+    MoNE novice checkpoints (config lists `approximate_experts`) go through `surgery.model.novices`.
+    """
+    # transformers is an optional extra and slow to import: only commands that run a model pay.
+    from transformers import AutoModelForCausalLM
+
+    from surgery.model.novices import is_novice_checkpoint, load_model as load_novice_model
+
+    if is_novice_checkpoint(path):
+        return load_novice_model(path, device, dtype)
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    return model.eval().to(device)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer stored next to the model.
+
+    Without tokenizer files transformers silently builds an empty tokenizer from the model
+    type, which would turn any text into nothing; refuse that instead.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if len(tokenizer) < 2:
+        raise UserError(f"{path}: no usable tokenizer (tokenizer.json / tokenizer_config.json missing?); "
+                        "copy the original model's tokenizer files into this folder")
+    return tokenizer
+
+
+@dataclass
+class _Totals:
+    """Sums over predicted positions of one file; float64 Python floats so long runs don't drift."""
+
+    positions: int = 0
+    nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+
+
+def evaluate(
+    model,
+    tokenizer,
+    data_paths: list[str],
+    seq_len: int = 512,
+    max_tokens: int = 16384,
+    batch_size: int = 8,
+    reference=None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Perplexity per data file and their geometric mean; KL(reference || model) and top-1
+    agreement per file and averaged over files when a reference model is given.
+
+    Every file gets the same weight in the overall numbers, so a large domain does not drown
+    out a small one. seq_len is capped at the model's max_position_embeddings.
+    """
+    seq_len = cap_seq_len(model.config.to_dict(), seq_len)
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2 to predict anything (got {seq_len})")
+    windows = [(str(p), eval_windows(p, tokenizer, seq_len, max_tokens)) for p in data_paths]
+    files = []
+    with torch.no_grad(), tqdm(
+        total=sum(len(w) for _, w in windows), unit="seq", desc="eval", disable=not progress
+    ) as bar:
+        for path, w in windows:
+            totals = _Totals()
+            for batch in w.split(batch_size):
+                _score_batch(model, reference, batch.to(device), totals)
+                bar.update(len(batch))
+            files.append(_file_result(path, w, totals, reference is not None))
+    return _summary(files, seq_len, reference is not None)
+
+
+def _score_batch(model, reference, input_ids: torch.Tensor, totals: _Totals) -> None:
+    """Add one batch's next-token NLL (and KL, agreement) to totals.
+
+    Logits go to float32 one row at a time: a whole batch at a 150k vocabulary would
+    need gigabytes.
+    """
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
+    ref_logits = None
+    if reference is not None:
+        ref_logits = reference(input_ids=input_ids, use_cache=False).logits[:, :-1]
+        if ref_logits.shape != logits.shape:
+            raise ValueError(
+                f"reference vocabulary ({ref_logits.shape[-1]}) differs from the model's ({logits.shape[-1]})"
+            )
+    targets = input_ids[:, 1:]
+    for i in range(len(input_ids)):
+        row = logits[i].float()
+        totals.positions += len(targets[i])
+        totals.nll += F.cross_entropy(row, targets[i], reduction="sum").item()
+        if ref_logits is not None:
+            ref_row = ref_logits[i].float()
+            totals.kl += F.kl_div(
+                F.log_softmax(row, -1), F.log_softmax(ref_row, -1), reduction="sum", log_target=True
+            ).item()
+            totals.agree += (row.argmax(-1) == ref_row.argmax(-1)).sum().item()
+
+
+def _ppl(nll: float) -> float:
+    """exp(nll), infinite rather than an OverflowError for a badly broken model."""
+    return math.exp(nll) if nll < 709.0 else math.inf
+
+
+def _file_result(path: str, windows: torch.Tensor, totals: _Totals, with_reference: bool) -> dict:
+    nll = totals.nll / totals.positions
+    result = {
+        "file": path,
+        "domain": Path(path).stem,
+        "windows": len(windows),
+        "tokens": windows.numel(),
+        "nll": nll,
+        "ppl": _ppl(nll),
+    }
+    if with_reference:
+        result["kl"] = totals.kl / totals.positions
+        result["top1"] = totals.agree / totals.positions
+    return result
+
+
+def _summary(files: list[dict], seq_len: int, with_reference: bool) -> dict:
+    result = {
+        "files": files,
+        "seq_len": seq_len,
+        "geomean_ppl": _ppl(sum(f["nll"] for f in files) / len(files)),
+    }
+    if with_reference:
+        result["kl"] = sum(f["kl"] for f in files) / len(files)
+        result["top1"] = sum(f["top1"] for f in files) / len(files)
+    return result
+
+
+def format_report(result: dict) -> str:
+    """A plain-text table, one row per file, then the overall numbers."""
+    with_reference = "kl" in result
+    header = ["file", "tokens", "ppl"] + (["kl", "top1"] if with_reference else [])
+    rows = []
+    for f in result["files"]:
+        row = [f["file"], str(f["tokens"]), f"{f['ppl']:.4g}"]
+        if with_reference:
+            row += [f"{f['kl']:.4g}", f"{f['top1']:.4f}"]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+        for r in [header, *rows]
+    ]
+    summary = f"geometric mean ppl: {result['geomean_ppl']:.4g}"
+    if with_reference:
+        summary += f"   mean kl: {result['kl']:.4g}   mean top1: {result['top1']:.4f}"
+    return "\n".join([*lines, summary])

@@ -1,0 +1,325 @@
+"""The model card (README.md) of a pruned checkpoint: Hub metadata, what was removed, how to redo it.
+
+Cards we write end with `<!-- moe-surgery:card sha256=... -->`, the hash of everything before
+it. A README whose hash still matches is ours and may be regenerated; any other README, except a
+byte-for-byte copy of the source model's card, was written or edited by a person and is kept.
+
+The metadata sets `base_model` but no `base_model_relation`: the Hub defines only "adapter",
+"merge", "quantized" and "finetune", and removing experts without retraining is none of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+from huggingface_hub import ModelCardData
+from huggingface_hub.repocard import metadata_load
+
+from surgery.architectures import resolve
+from surgery.hub.client import is_repo_id, parse_repo_id
+from surgery.io import Checkpoint
+
+README = "README.md"
+TAGS = ["moe", "expert-pruning", "moe-surgery"]
+# Carried from the source card: the pruned weights are a derivative under the same terms.
+INHERITED_KEYS = ("license", "license_name", "license_link", "language")
+EVAL_BEGIN = "<!-- moe-surgery:eval -->"
+EVAL_END = "<!-- /moe-surgery:eval -->"
+_EVAL_RE = re.compile(re.escape(EVAL_BEGIN) + r".*?" + re.escape(EVAL_END), re.S)
+_STAMP_RE = re.compile(r"\n<!-- moe-surgery:card sha256=([0-9a-f]{64}) -->\n\Z")
+
+
+@dataclass(frozen=True)
+class CheckpointNumbers:
+    """Sizes of one checkpoint, read from its config and safetensors headers only."""
+
+    experts: dict[int, int]  # MoE layer -> routed experts stored
+    top_k: int
+    total_params: int  # stored tensor elements (packed dtypes such as MXFP4 count storage elements)
+    active_params: int  # non-expert elements + top_k experts' elements in every MoE layer
+    disk_bytes: int  # sum of the shard sizes
+
+
+def checkpoint_numbers(path: str | Path) -> CheckpointNumbers:
+    """Count parameters per role; expert counts come from the tensors, so non-uniform checkpoints work."""
+    ckpt = Checkpoint(path)
+    try:
+        layout = resolve(ckpt.config, ckpt.names())
+        numel = {name: math.prod(ckpt.info(name).shape) for name in ckpt.names()}
+        total = sum(numel.values())
+        active = total
+        experts: dict[int, int] = {}
+        for layer, entry in layout.layers.items():
+            # MoNE novices keep only an `approx_value` vector: they are not stored experts.
+            real = {e: [n for n in ns if not n.endswith(".approx_value")] for e, ns in entry.per_expert.items()}
+            real = {e: ns for e, ns in real.items() if ns}
+            names = [n for ns in real.values() for n in ns] + entry.fused
+            count = len(real) or ckpt.info(entry.fused[0]).shape[0]
+            expert_params = sum(numel[n] for n in names)
+            active -= expert_params - min(layout.top_k, count) * (expert_params // count)
+            experts[layer] = count
+        return CheckpointNumbers(experts, layout.top_k, total, active, ckpt.total_bytes)
+    finally:
+        ckpt.close()
+
+
+def write_model_card(
+    out_dir: str | Path,
+    source: str,
+    provenance: dict,
+    *,
+    command: str,
+    eval_result: dict | None = None,
+    calibration: dict | None = None,
+) -> bool:
+    """Write OUT_DIR/README.md for a checkpoint `rewrite_checkpoint` produced; returns False (and
+    writes nothing) when the README there was written or edited by a person.
+
+    `source` is MODEL as the user gave it, `provenance` the content of pruning.json, `command`
+    the prune command line, `calibration` the statistics file's calibration record.
+    """
+    out_dir = Path(out_dir)
+    source_dir = Path(provenance["source"]["path"])
+    readme = out_dir / README
+    if readme.is_file() and _is_user_card(readme, source_dir):
+        return False
+    before, after = checkpoint_numbers(source_dir), checkpoint_numbers(out_dir)
+    repo_id, commit = hub_origin(source, source_dir)
+    meta = _metadata(repo_id, _source_metadata(source_dir / README), provenance["model_type"])
+    body = "\n".join([
+        _intro(out_dir.name, source, repo_id, commit, provenance, after),
+        _pruning_section(provenance, before, after),
+        _calibration_section(calibration, provenance.get("plan") or {}),
+        f"{EVAL_BEGIN}\n{_eval_section(eval_result) if eval_result else ''}{EVAL_END}\n",
+        _reproduce_section(command, provenance),
+    ])
+    _save(readme, f"---\n{meta.to_yaml()}\n---\n\n{body}")
+    return True
+
+
+def update_card_eval(out_dir: str | Path, eval_result: dict) -> bool:
+    """Put `moe-surgery eval` results into a card we wrote and nobody edited; False if there is none."""
+    readme = Path(out_dir) / README
+    content = _unstamp(readme.read_text(encoding="utf-8")) if readme.is_file() else None
+    if content is None:
+        return False
+    block = f"{EVAL_BEGIN}\n{_eval_section(eval_result)}{EVAL_END}"
+    _save(readme, _EVAL_RE.sub(lambda _: block, content, count=1))
+    return True
+
+
+@contextmanager
+def keep_user_card(out_dir: str | Path, source_dir: str | Path) -> Iterator[None]:
+    """Around a rewrite with --overwrite: a README.md the user edited in the old OUT_DIR survives it."""
+    readme = Path(out_dir) / README
+    saved = readme.read_bytes() if readme.is_file() and _is_user_card(readme, Path(source_dir)) else None
+    yield
+    if saved is not None:
+        readme.write_bytes(saved)
+
+
+def hub_origin(source: str, source_dir: Path) -> tuple[str | None, str | None]:
+    """(repo id, commit) of the source: from the HF cache layout `models--org--name/snapshots/<commit>`,
+    else from a repo id given as MODEL; (None, None) for a plain local folder."""
+    parts = source_dir.parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--"):].replace("--", "/"), parts[-1]
+    if is_repo_id(source):
+        return parse_repo_id(source)[0], None
+    return None, None
+
+
+def _is_user_card(readme: Path, source_dir: Path) -> bool:
+    """Neither a pristine card of ours nor the source model's card copied by the rewriter."""
+    text = readme.read_bytes()
+    source_card = source_dir / README
+    if source_card.is_file() and source_card.read_bytes() == text:
+        return False
+    return _unstamp(text.decode("utf-8", errors="replace")) is None
+
+
+def _stamp(content: str) -> str:
+    return f"{content}\n<!-- moe-surgery:card sha256={_sha256(content)} -->\n"
+
+
+def _unstamp(text: str) -> str | None:
+    """The card without its stamp when the stamp matches (an unedited card of ours), else None."""
+    m = _STAMP_RE.search(text)
+    if m is None or _sha256(text[: m.start()]) != m[1]:
+        return None
+    return text[: m.start()]
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _save(readme: Path, content: str) -> None:
+    readme.write_text(_stamp(content), encoding="utf-8")
+
+
+def _source_metadata(readme: Path) -> dict:
+    """The source card's YAML metadata; a missing or malformed card gives nothing to inherit."""
+    if not readme.is_file():
+        return {}
+    try:
+        return metadata_load(readme) or {}
+    except (yaml.YAMLError, ValueError, UnicodeDecodeError):
+        return {}
+
+
+def _metadata(repo_id: str | None, source_meta: dict, model_type: str) -> ModelCardData:
+    inherited = {k: source_meta[k] for k in INHERITED_KEYS if source_meta.get(k) is not None}
+    return ModelCardData(
+        base_model=repo_id,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=[*TAGS, model_type],
+        **inherited,
+    )
+
+
+def _intro(title: str, source: str, repo_id: str | None, commit: str | None, provenance: dict,
+           after: CheckpointNumbers) -> str:
+    before_count, after_count = provenance["num_experts_before"], provenance["num_experts_after"]
+    if repo_id:
+        origin = f"[{repo_id}](https://huggingface.co/{repo_id})" + (f" (commit `{commit[:12]}`)" if commit else "")
+    else:
+        origin = f"the local checkpoint `{source}` (not a Hub repository, so `base_model` is not set)"
+    if provenance.get("novices"):
+        what = [
+            f"{origin} with routed experts replaced by moe-surgery: {before_count} → {after_count} full experts per "
+            "MoE layer, the others replaced by constant MoNE \"novices\".",
+            "A novice keeps its router row and expert id and returns its mean calibration output times its gate "
+            "(config key `approximate_experts`, the layout vLLM serves); in transformers load it with "
+            "`surgery.model.novices.load_model`. The kept experts are byte-for-byte copies; nothing was retrained.",
+        ]
+    else:
+        what = [
+            f"{origin} with routed experts removed by moe-surgery: {before_count} → {after_count} experts per MoE layer.",
+            "The kept experts are byte-for-byte copies of the original ones, renumbered 0..k-1, and the router rows "
+            "were sliced to match; nothing was retrained.",
+        ]
+    lines = [f"# {title}", "", *what]
+    if len(set(after.experts.values())) > 1:
+        lines += ["", "**Non-uniform:** MoE layers keep different numbers of experts (config key "
+                  "`moe_surgery_experts_per_layer`); vanilla transformers cannot load this checkpoint."]
+    return "\n".join(lines) + "\n"
+
+
+def _pruning_section(provenance: dict, before: CheckpointNumbers, after: CheckpointNumbers) -> str:
+    plan = provenance.get("plan") or {}
+    removed = 1 - sum(after.experts.values()) / sum(before.experts.values())
+    ratio = plan.get("ratio", removed)
+    rows = [
+        ("Routed experts per MoE layer", _experts(before), _experts(after)),
+        ("Experts per token (top-k)", str(before.top_k), str(after.top_k)),
+        ("Parameters, total", _params(before.total_params), _params(after.total_params)),
+        ("Parameters, active per token", _params(before.active_params), _params(after.active_params)),
+        ("Disk size (safetensors shards)", _size(before.disk_bytes), _size(after.disk_bytes)),
+    ]
+    table = ["| | Original | Pruned |", "|---|---:|---:|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join([
+        "## Pruning",
+        "",
+        f"- Criterion: {_criterion(plan)}",
+        f"- Ratio: {ratio:g} ({ratio * 100:.4g}% of the routed experts removed, {len(after.experts)} MoE layers)",
+        "- Kept expert ids per layer, the plan and its scores: `pruning.json`",
+        "",
+        *table,
+        "",
+        "Parameters are stored tensor elements; active = everything outside the routed experts plus "
+        "top-k experts per MoE layer.",
+        "",
+    ])
+
+
+def _criterion(plan: dict) -> str:
+    name = plan.get("criterion")
+    if name is None:
+        return "hand-made plan (`--plan`)"
+    winner = (plan.get("auto") or {}).get("winner")
+    return f"`{name}` (selected `{winner}` on held-out data)" if winner else f"`{name}`"
+
+
+def _calibration_section(calibration: dict | None, plan: dict) -> str:
+    stats_sha = plan.get("stats_sha256")
+    if calibration:
+        lines = [
+            f"- Data: {', '.join(f'`{s}`' for s in calibration['sources'])}",
+            f"- {calibration['num_sequences']} sequences of up to {calibration['seq_len']} tokens, "
+            f"{calibration['num_tokens']:,} tokens in all (shuffle seed {calibration['seed']})",
+        ]
+        if calibration.get("holdout_sequences"):
+            lines.append(f"- {calibration['holdout_sequences']} more sequences held out to choose the criterion")
+    elif stats_sha:
+        lines = ["- Statistics were collected with `moe-surgery collect`; the data was not recorded here."]
+    else:
+        lines = ["- None: the plan did not use activation statistics."]
+    if stats_sha:
+        lines.append(f"- Statistics file sha256: `{stats_sha}`")
+    return "\n".join(["## Calibration data", "", *lines, ""])
+
+
+def _eval_section(result: dict) -> str:
+    """The `evaluate()` result as a table; KL and top-1 columns only when a reference was compared."""
+    ref = "kl" in result
+    head = "| Data | Tokens | Perplexity |" + (" KL(reference ‖ model) | Top-1 agreement |" if ref else "")
+    rule = "|---|---:|---:|" + ("---:|---:|" if ref else "")
+    rows = [_eval_row(f["domain"], f"{f['tokens']:,}", f, ref) for f in result["files"]]
+    mean = _eval_row("**Geometric mean**", "", {"ppl": result["geomean_ppl"], **result}, ref)
+    return "\n".join([
+        "## Evaluation",
+        "",
+        f"`moe-surgery eval`, windows of {result['seq_len']} tokens:",
+        "",
+        head, rule, *rows, mean,
+        "",
+    ]) + "\n"
+
+
+def _eval_row(name: str, tokens: str, values: dict, ref: bool) -> str:
+    cells = [name, tokens, f"{values['ppl']:.4g}"] + ([f"{values['kl']:.4g}", f"{values['top1']:.4f}"] if ref else [])
+    return "| " + " | ".join(cells) + " |"
+
+
+def _reproduce_section(command: str, provenance: dict) -> str:
+    return "\n".join([
+        "## Reproduce",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Written by moe-surgery {provenance['tool_version']} on {provenance['created']}; `pruning.json` holds "
+        "the full plan" + (" and the sha256 of every source shard." if provenance["source"]["shards_sha256"] else "."),
+    ])
+
+
+def _experts(numbers: CheckpointNumbers) -> str:
+    counts = set(numbers.experts.values())
+    return str(counts.pop()) if len(counts) == 1 else f"{min(counts)}–{max(counts)} (varies by layer)"
+
+
+def _params(n: int) -> str:
+    return f"{n:,} ({_human(n, 1000, ('', 'K', 'M', 'B', 'T'))})"
+
+
+def _size(n: int) -> str:
+    return _human(n, 1000, (" B", " kB", " MB", " GB", " TB"))
+
+
+def _human(n: float, base: int, units: tuple[str, ...]) -> str:
+    """Three significant digits and a unit: 30.5B, 61.1 GB."""
+    i = 0
+    while n >= base and i < len(units) - 1:
+        n /= base
+        i += 1
+    return f"{n:.3g}{units[i]}"

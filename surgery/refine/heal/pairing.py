@@ -1,0 +1,132 @@
+"""Which student expert is which teacher expert: read from the student's pruning.json, checked.
+
+The healer trains the student to imitate the checkpoint it was cut from, so the pair must agree
+on everything pruning leaves alone (architecture, widths, layer count) and the keep-lists must
+fit the teacher. The mapping is never guessed: no pruning.json, no heal.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from surgery.architectures import MoELayout, resolve
+from surgery.architectures.layout import sub_config
+from surgery.errors import UserError
+from surgery.io import Checkpoint
+from surgery.model.novices import is_novice_checkpoint
+from surgery.refine.sparsify import router_mismatch
+from surgery.refine.heal.export import TORCH_DTYPES
+
+PRUNING_JSON = "pruning.json"
+# Config keys that expert removal and sparsification leave unchanged.
+_SAME_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
+
+
+class HealError(UserError):
+    """The student/teacher pair or the request cannot be healed."""
+
+
+@dataclass
+class Pairing:
+    student: Checkpoint
+    teacher: Checkpoint
+    student_layout: MoELayout
+    teacher_layout: MoELayout
+    expert_map: dict[int, list[int]]  # MoE layer -> teacher ids of the student's experts, in order
+    sparsified: bool  # zeros from `sparsify` must stay zero
+    record: dict = field(default_factory=dict)  # the student's pruning.json
+
+    @property
+    def touched_layers(self) -> list[int]:
+        """MoE layers pruning changed: experts removed, or weights zeroed."""
+        if self.sparsified:
+            return sorted(self.student_layout.layers)
+        return sorted(layer for layer, ids in self.expert_map.items()
+                      if len(ids) < self.teacher_layout.num_experts)
+
+    def close(self) -> None:
+        self.student.close()
+        self.teacher.close()
+
+
+def _read_record(student_dir: Path) -> dict:
+    path = student_dir / PRUNING_JSON
+    if not path.is_file():
+        raise HealError(f"{path}: missing; heal needs the record `prune` or `sparsify` writes to map student "
+                        "experts to the teacher's")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HealError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or not (doc.get("expert_map") or doc.get("sparsity")):
+        raise HealError(f"{path}: has neither an expert_map (from prune) nor a sparsity record (from sparsify)")
+    return doc
+
+
+def _expert_map(doc: dict, student: MoELayout, teacher: MoELayout, where: Path) -> dict[int, list[int]]:
+    raw = doc.get("expert_map") or {}
+    try:
+        keep = {int(layer): [int(i) for i in ids] for layer, ids in raw.items()}
+    except (TypeError, ValueError, AttributeError):
+        raise HealError(f"{where}: expert_map must map layer indices to lists of expert ids") from None
+    out = {}
+    for layer in student.layers:
+        if layer not in teacher.layers:
+            raise HealError(f"{where}: layer {layer} is an MoE layer of the student but not of the teacher")
+        n_teacher = teacher.num_experts
+        ids = keep.get(layer, list(range(n_teacher)))
+        bad = [i for i in ids if not 0 <= i < n_teacher]
+        if bad:
+            raise HealError(f"{where}: layer {layer}: kept ids {bad} out of range for the teacher's {n_teacher} experts")
+        if len(ids) != student.num_experts:
+            raise HealError(f"{where}: layer {layer}: expert_map keeps {len(ids)} experts, the student has "
+                            f"{student.num_experts}")
+        out[layer] = ids
+    return out
+
+
+def _check_same(student: Checkpoint, teacher: Checkpoint, s_layout: MoELayout, t_layout: MoELayout) -> None:
+    s_cfg = sub_config(student.config, s_layout.spec)
+    t_cfg = sub_config(teacher.config, t_layout.spec)
+    for key in _SAME_KEYS:
+        a, b = (s_cfg.get(key, student.config.get(key)), t_cfg.get(key, teacher.config.get(key)))
+        if a != b:
+            raise HealError(f"{teacher.config_path}: {key} is {b!r}, the student's ({student.config_path}) is {a!r}; "
+                            "the teacher must be the checkpoint the student was pruned from")
+
+
+def _check_dtypes(student: Checkpoint, layout: MoELayout) -> None:
+    for entry in layout.layers.values():
+        names = [*entry.router, *entry.fused, *(n for ns in entry.per_expert.values() for n in ns)]
+        for name in names:
+            dtype = student.info(name).dtype
+            if dtype not in TORCH_DTYPES:
+                raise HealError(f"{student.file_of(name).path}: {name} is {dtype}; quantized students (FP8, MXFP4) "
+                                "cannot be healed yet")
+
+
+def pair(student_dir: str | Path, teacher_dir: str | Path) -> Pairing:
+    """Open and check the pair; raises HealError naming the file at fault."""
+    student_dir, teacher_dir = Path(student_dir), Path(teacher_dir)
+    if is_novice_checkpoint(student_dir):
+        raise HealError(f"{student_dir / 'config.json'}: MoNE novice checkpoints cannot be healed yet")
+    doc = _read_record(student_dir)
+    student, teacher = Checkpoint(student_dir), Checkpoint(teacher_dir)
+    try:
+        s_layout = resolve(student.config, student.names(), str(student.config_path))
+        t_layout = resolve(teacher.config, teacher.names(), str(teacher.config_path))
+        _check_same(student, teacher, s_layout, t_layout)
+        expert_map = _expert_map(doc, s_layout, t_layout, student_dir / PRUNING_JSON)
+        _check_dtypes(student, s_layout)
+        if not doc.get("heal"):  # a healed student's routers have moved on; a fresh one must match exactly
+            bad = router_mismatch(student, s_layout, teacher, expert_map)
+            if bad is not None:
+                raise HealError(f"{teacher.dir}: {bad} is not the source of the student's ({student_dir}) kept router "
+                                "rows; the teacher must be the checkpoint the student was pruned from")
+    except BaseException:
+        student.close()
+        teacher.close()
+        raise
+    return Pairing(student, teacher, s_layout, t_layout, expert_map, bool(doc.get("sparsity")), doc)
