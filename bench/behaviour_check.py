@@ -8,11 +8,11 @@ file in WORK (/tmp/behaviour-work, wiped first), then runs each command with
 `PYTHONPATH=PATH python -m surgery.cli ...` and cwd WORK, so paths recorded in outputs are the
 same for any tree. Every output file is hashed after normalisation (see NORMALISED):
 
-- statistics files (.safetensors with the stats metadata key): sha256 of each tensor's bytes,
-  plus the metadata JSON with volatile keys dropped;
-- other .json files: sha256 of the JSON with volatile keys dropped, re-serialised sorted;
-- README.md model cards and `stats show` text: volatile lines dropped;
-- anything else: sha256 of the raw bytes.
+- .safetensors with metadata beyond {"format"} (statistics files): sha256 of each tensor's bytes,
+  plus the tensor dtypes/shapes and the metadata JSON with VOLATILE_KEYS dropped;
+- .json files: sha256 of the JSON with VOLATILE_KEYS dropped (any depth), re-serialised (key order kept);
+- .json, README.md and .txt text first gets the TEXT_SUBS substitutions;
+- anything else (model shards, csv, tokenizer files): sha256 of the raw bytes.
 
 `compare` prints every file whose hash differs (or exists in only one manifest), exit 1 if any.
 """
@@ -36,17 +36,22 @@ from typing import Any
 WORK = Path("/tmp/behaviour-work")
 SEED = 0
 
-# Dropped JSON keys (at any depth), by name. Only keys found to vary between two runs of the SAME
-# code, or that name the tool's own version (which a refactor may bump without changing behaviour):
-# - created_at / created / timestamp / date*: wall-clock time of writing;
-# - *seconds / duration* / elapsed*: timings;
-# - moe_surgery_version / tool_version / version (of the tool, never schema_version): the package
-#   version string, not behaviour.
-VOLATILE_KEY = re.compile(r"(^|_)(time|timestamp|created(_at)?|date|datetime|seconds|duration|elapsed|wall_s)($|_)"
-                          r"|^(tool_|moe_surgery_)?version$")
-# Text lines (model cards, `stats show`) that carry the same facts as the keys above.
-VOLATILE_LINE = re.compile(r"(created|written|date|time|version|seconds|elapsed)\b.*\d", re.IGNORECASE)
-NORMALISED = {"json_keys": VOLATILE_KEY.pattern, "text_lines": VOLATILE_LINE.pattern}
+# Normalisation, found by diffing two runs of the SAME code (everything else was byte-identical):
+# - `created` (statistics metadata, pruning.json, its `sparsity` block): wall-clock time of writing;
+# - `tool_version`: the package version string, which a refactor may bump without changing behaviour;
+#   other `version` keys (statistics schema, tokenizer.json) are content and are kept;
+# - the statistics file's own whole-file sha256, quoted by plans, pruning.json, model cards,
+#   `stats show` and `stats export`: it covers `created`, so it differs on every run. Its tensors and
+#   scrubbed metadata are compared directly instead, so the placeholder hides nothing;
+# - in text: ISO timestamps, "moe-surgery X.Y.Z" and the model card's self-hash (of text holding the time).
+VOLATILE_KEYS = {"created", "tool_version"}
+TEXT_SUBS = [
+    (re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)?"), "<time>"),
+    (re.compile(r"moe-surgery \d+\.\d+\S*"), "moe-surgery <version>"),
+    (re.compile(r"moe-surgery:card sha256=[0-9a-f]{64}"), "moe-surgery:card sha256=<card>"),
+]
+NORMALISED = {"json_keys": sorted(VOLATILE_KEYS), "text": [[p.pattern, r] for p, r in TEXT_SUBS],
+              "stats_sha256": "<stats-sha256>"}
 
 STATS = "stats.safetensors"
 COMMANDS: list[tuple[str, list[str]]] = [
@@ -132,17 +137,17 @@ def write_calibration(path: Path) -> None:
 
 
 def scrub(value: Any) -> Any:
-    """JSON value without VOLATILE_KEY keys, at any depth."""
+    """JSON value without VOLATILE_KEYS keys, at any depth."""
     if isinstance(value, dict):
-        return {k: scrub(v) for k, v in value.items() if not VOLATILE_KEY.search(k)}
+        return {k: scrub(v) for k, v in value.items() if k not in VOLATILE_KEYS}
     if isinstance(value, list):
         return [scrub(v) for v in value]
     return value
 
 
 def json_digest(value: Any) -> str:
-    """sha256 of a scrubbed JSON value, serialised with sorted keys."""
-    return hashlib.sha256(json.dumps(scrub(value), sort_keys=True).encode()).hexdigest()
+    """sha256 of a scrubbed JSON value, re-serialised in its own key order."""
+    return hashlib.sha256(json.dumps(scrub(value)).encode()).hexdigest()
 
 
 def safetensors_digest(path: Path) -> str | dict[str, str]:
@@ -157,72 +162,87 @@ def safetensors_digest(path: Path) -> str | dict[str, str]:
     out = {name: hashlib.sha256(raw[start + e["data_offsets"][0]:start + e["data_offsets"][1]]).hexdigest()
            for name, e in sorted(header.items())}
     out["__header__"] = json_digest({k: [e["dtype"], e["shape"]] for k, e in header.items()})
-    out["__metadata__"] = json_digest({k: parse_json(v) for k, v in metadata.items()})
+    out["__metadata__"] = json_digest({k: json.loads(v) if v[:1] in "{[" else v for k, v in metadata.items()})
     return out
 
 
-def parse_json(text: str) -> Any:
-    """A metadata value as JSON when it is JSON, else the string."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+def normalise_text(text: str, stats_sha: str) -> str:
+    """Text with the statistics file's sha256 and TEXT_SUBS replaced by placeholders."""
+    if stats_sha:
+        text = text.replace(stats_sha, "<stats-sha256>")
+    for pattern, placeholder in TEXT_SUBS:
+        text = pattern.sub(placeholder, text)
+    return text
 
 
-def file_digest(path: Path) -> str | dict[str, str]:
+def file_digest(path: Path, stats_sha: str) -> str | dict[str, str]:
     """The normalised digest of one output file (see the module docstring)."""
     if path.suffix == ".safetensors":
         return safetensors_digest(path)
     if path.suffix == ".json":
-        return json_digest(json.loads(path.read_text()))
+        return json_digest(json.loads(normalise_text(path.read_text(), stats_sha)))
     if path.name == "README.md" or path.suffix == ".txt":
-        lines = [ln for ln in path.read_text().splitlines() if not VOLATILE_LINE.search(ln)]
-        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+        return hashlib.sha256(normalise_text(path.read_text(), stats_sha).encode()).hexdigest()
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def tree_digests(root: Path) -> dict[str, Any]:
+def tree_digests(root: Path, stats_sha: str) -> dict[str, Any]:
     """Digests of every file under root, by path relative to WORK."""
-    return {str(f.relative_to(WORK)): file_digest(f) for f in sorted(root.rglob("*")) if f.is_file()}
+    return {str(f.relative_to(WORK)): file_digest(f, stats_sha) for f in sorted(root.rglob("*")) if f.is_file()}
 
 
-def run_command(tree: Path, name: str, args: list[str]) -> dict[str, Any]:
-    """Run one CLI command against `tree`; its exit code and seconds (the latter not compared)."""
+def tree_env(tree: Path) -> dict[str, str]:
+    """Environment whose `surgery` is the one in `tree` (checked: an editable install must not win)."""
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0", "CUDA_VISIBLE_DEVICES": ""}
+    probe = subprocess.run([sys.executable, "-c", "import surgery; print(surgery.__file__)"], cwd=WORK, env=env,
+                           capture_output=True, text=True)
+    if probe.returncode != 0 or not Path(probe.stdout.strip()).resolve().is_relative_to(tree):
+        sys.exit(f"{tree}: surgery imports from {probe.stdout.strip() or probe.stderr[-500:]}")
+    return env
+
+
+def run_command(env: dict[str, str], name: str, args: list[str]) -> dict[str, Any]:
+    """Run one CLI command; its arguments and exit code (seconds go to stderr only)."""
     begin = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "surgery.cli", *args], cwd=WORK, env=env,
                           capture_output=True, text=True)
     seconds = round(time.monotonic() - begin, 1)
-    if proc.returncode != 0:
-        sys.exit(f"{name} failed ({proc.returncode}): {' '.join(args)}\n{proc.stderr[-3000:]}")
     if name in STDOUT_FILES:
         (WORK / STDOUT_FILES[name]).write_text(proc.stdout)
-    print(f"  {name}: {seconds}s", file=sys.stderr)
-    return {"args": args, "returncode": proc.returncode, "seconds": seconds}
+    print(f"  {name}: {seconds}s, exit {proc.returncode}", file=sys.stderr)
+    if proc.returncode != 0:  # recorded, so that `compare` lists it; the run goes on and exits 1 at the end
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return {"args": args, "returncode": proc.returncode, "error": proc.stderr.strip().splitlines()[-1:]}
+    return {"args": args, "returncode": proc.returncode}
 
 
 def run(tree: Path, out: Path) -> None:
     """Build the inputs, run every command on `tree`, write the manifest to `out`."""
     tree = tree.resolve()
-    if not (tree / "surgery" / "cli.py").exists() and not (tree / "surgery" / "cli").exists():
-        sys.exit(f"{tree}: no surgery package")
     if WORK.exists():
         shutil.rmtree(WORK)
     (WORK / "out").mkdir(parents=True)
     begin = time.monotonic()
+    env = tree_env(tree)
     build_model(WORK / "model")
     write_calibration(WORK / "calib.jsonl")
     commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True)
-    commands = {name: run_command(tree, name, args) for name, args in COMMANDS}
+    commands = {name: run_command(env, name, args) for name, args in COMMANDS}
+    stats_sha = hashlib.sha256((WORK / STATS).read_bytes()).hexdigest() if (WORK / STATS).exists() else ""
+    outputs = tree_digests(WORK / "out", stats_sha)
+    if stats_sha:
+        outputs[STATS] = file_digest(WORK / STATS, stats_sha)
     manifest = {
-        "tree": str(tree), "commit": commit.stdout.strip(), "seconds": round(time.monotonic() - begin, 1),
-        "normalised": NORMALISED, "commands": commands,
-        "inputs": tree_digests(WORK / "model") | {"calib.jsonl": file_digest(WORK / "calib.jsonl")},
-        "outputs": tree_digests(WORK / "out") | {STATS: file_digest(WORK / STATS)},
+        "tree": str(tree), "commit": commit.stdout.strip(), "normalised": NORMALISED, "commands": commands,
+        "inputs": tree_digests(WORK / "model", "") | {"calib.jsonl": file_digest(WORK / "calib.jsonl", "")},
+        "outputs": outputs,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    print(f"{out}: {len(manifest['outputs'])} output files, {manifest['seconds']}s", file=sys.stderr)
+    print(f"{out}: {len(manifest['outputs'])} output files, {time.monotonic() - begin:.1f}s", file=sys.stderr)
+    failed = [name for name, c in commands.items() if c["returncode"] != 0]
+    if failed:
+        sys.exit(f"failed commands: {', '.join(failed)}")
 
 
 def flatten(section: dict[str, Any]) -> dict[str, str]:
