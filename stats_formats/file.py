@@ -7,6 +7,8 @@ produced by a merge all pass the same validation, so scoring code can trust what
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import contextlib
 import csv
 import hashlib
@@ -22,7 +24,14 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save, save_file
 
-from surgery import __version__
+
+def tool_version() -> str:
+    """The installed moe-surgery version, read from package metadata: the format never imports the tool."""
+    try:
+        return importlib.metadata.version("moe-surgery")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
 
 from stats_formats.schema import (
     FIELD_BY_NAME,
@@ -151,7 +160,7 @@ def _parse_metadata(label: str, header: Mapping[str, str] | None) -> dict[str, A
     if _major_version(label, version) != SUPPORTED_MAJOR:
         raise StatsError(
             f"{label}: format version {version} is not supported; "
-            f"moe-surgery {__version__} reads versions {SUPPORTED_MAJOR}.x"
+            f"this reader (moe-surgery {tool_version()}) reads versions {SUPPORTED_MAJOR}.x"
         )
     check_model(label, meta.get("model"))
     check_calibration(label, meta.get("calibration"))
@@ -365,7 +374,7 @@ class StatsFile:
             "version": SCHEMA_VERSION,
             "model": model,
             "calibration": calibration,
-            "tool_version": __version__,
+            "tool_version": tool_version(),
             "created": _now(),
         }
         arrays = {name: np.asarray(value) for name, value in tensors.items()}

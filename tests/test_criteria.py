@@ -11,7 +11,8 @@ from stats_factory import default_model, fake_tokens, layer_fields
 
 from surgery.criteria import AUTO, CRITERIA, PRESETS, LayerInput, auto_candidates, holdout_error, holdout_grams, run_auto
 from surgery.criteria.reconstruction import drop_error, recon_scores, recon_select
-from surgery.plan.select import PlanError, make_plan
+from surgery.errors import PlanError
+from surgery.plan.select import make_plan
 
 INF = np.inf
 

@@ -21,7 +21,8 @@ from surgery.model.data import (
     eval_windows,
     read_documents,
 )
-from surgery.eval.perplexity import evaluate, format_report, load_model, load_tokenizer
+from surgery.eval.perplexity import evaluate, format_report
+from surgery.model.load import load_model, load_tokenizer
 
 WORDS = "the a expert router token layer model prune gate weight sparse dense mixture of".split()
 

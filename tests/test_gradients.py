@@ -28,9 +28,9 @@ from surgery.architectures import get_spec
 from surgery.collect.gradients import gradient_pass
 from surgery.collect.run import collect
 from surgery.criteria import CRITERIA, LayerInput
-from surgery.criteria.mcsuite import default_drop, oriented
+from surgery.criteria import default_drop, oriented
 from surgery.model.data import build_sequences
-from surgery.plan.select import PlanError
+from surgery.errors import PlanError
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ = 16

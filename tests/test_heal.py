@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from surgery.architectures import get_spec, resolve
 from surgery.cli import main
-from surgery.collect.hooks import find_blocks
-from surgery.eval.perplexity import evaluate, load_tokenizer
+from surgery.model.blocks import find_blocks
+from surgery.eval.perplexity import evaluate
+from surgery.model.load import load_tokenizer
 from surgery.refine.heal.export import disk_tensors
 from surgery.refine.heal.run import heal
 from surgery.io import Checkpoint

@@ -15,8 +15,10 @@ from stats_formats import StatsFile
 from surgery.cli import main
 from surgery.cli.score import criteria_cmd, score_cmd
 from surgery.criteria import AUTO, CRITERIA, LayerInput
-from surgery.criteria.mcsuite import SIGNALS, default_drop, oriented
-from surgery.plan.select import PlanError, make_plan
+from surgery.criteria import default_drop, oriented
+from surgery.criteria.mcsuite import SIGNALS
+from surgery.errors import PlanError
+from surgery.plan.select import make_plan
 
 INF = np.inf
 MCS = ["mcs-ewn", "mcs-wsr", "mcs-ews", "mcs-rwn", "mcs-euf", "mcs-ecc", "mcs-evtc", "mcs-ets", "mcs-ean", "mcs-eae",

@@ -21,8 +21,8 @@ from stats_formats import FIELDS, StatsFile
 from stats_formats.schema import tensor_name
 from surgery.collect.run import collect
 from surgery.errors import UserError
-from surgery.eval.perplexity import load_model as eval_load_model
-from surgery.model.novices import load_model as load_novices
+from surgery.model.load import load_model as eval_load_model
+from surgery.model import load_model as load_novices
 from surgery.rewrite.novices import NoviceError, encode, write_novice_checkpoint
 from tiny_models import ARCHS, LAYOUTS, build_tiny, checkpoint_bytes, load_model, moe_blocks
 from tiny_tokenizer import save_tiny_tokenizer

@@ -12,7 +12,8 @@ from stats_factory import default_calibration, default_model, make_stats
 
 from stats_formats import StatsFile
 from surgery.criteria import CRITERIA, LayerInput
-from surgery.plan.select import PlanError, keep_count, make_plan, normalised, plan_document
+from surgery.errors import PlanError
+from surgery.plan.select import keep_count, make_plan, normalised, plan_document
 
 SCORES = np.array([0.5, 0.9, 0.1, 0.7, 0.3, 0.8, 0.2, 0.6])  # best first: 1, 5, 3, 7, 0, 4, 6, 2
 

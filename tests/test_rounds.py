@@ -17,11 +17,11 @@ from click.testing import CliRunner
 from stats_formats import FIELD_BY_NAME, FIELDS, HOLDOUT_FIELDS, StatsFile
 from surgery.architectures import get_spec
 from surgery.cli import main
-from surgery.collect.hooks import find_blocks
+from surgery.model.blocks import find_blocks
 from surgery.collect.progressive import RouterMask
 from surgery.collect.run import collect
 from surgery.criteria import CRITERIA
-from surgery.plan.select import PlanError
+from surgery.errors import PlanError
 from surgery.rewrite.experts import rewrite_checkpoint
 from surgery.pipeline.rounds import layer_blocks, schedule
 from tiny_models import ARCHS, LAYOUTS, add_fake_mtp_layer, build_tiny, checkpoint_bytes, load_model, moe_layers

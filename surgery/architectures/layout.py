@@ -142,3 +142,15 @@ def check_shapes(layout: MoELayout, shapes: dict[str, tuple[int, ...]]) -> list[
             if ids != list(range(e)):
                 problems.append(f"layer {layer} has per-expert tensors for ids {ids[:3]}..{ids[-1]} ({len(ids)}), config says {e}")
     return problems
+
+
+def active_groups(layout: MoELayout) -> int | None:
+    """n_group when the router is group-limited (groups are contiguous id blocks), else None."""
+    spec, cfg = layout.spec, layout.config
+    if not spec.group_keys:
+        return None
+    if spec.group_when and cfg.get(spec.group_when[0]) != spec.group_when[1]:
+        return None
+    n_group = cfg.get(spec.group_keys[0]) or 1
+    return int(n_group) if int(n_group) > 1 else None
+

@@ -144,7 +144,8 @@ def prune(model: str, out_dir: Path, plan_path: Path | None, stats_path: Path | 
 
     from surgery.hub.client import check_can_push, push_folder, resolve_model
     from surgery.hub.model_card import keep_user_card, write_model_card
-    from surgery.rewrite.experts import load_plan, rewrite_checkpoint
+    from surgery.plan.document import load_plan
+    from surgery.rewrite.experts import rewrite_checkpoint
 
     if push_repo:
         check_can_push(push_repo)  # no token / offline: fail before the rewrite
@@ -152,7 +153,7 @@ def prune(model: str, out_dir: Path, plan_path: Path | None, stats_path: Path | 
         raise UserError("give either --plan PLAN.json or --criterion NAME (with --stats and --ratio/--keep)")
     if drop is not None and criterion is not None:
         from surgery.criteria import CRITERIA
-        from surgery.criteria.mcsuite import oriented
+        from surgery.criteria import oriented
 
         if criterion in CRITERIA:
             oriented(CRITERIA[criterion], drop)  # refuses recon and auto before any collecting

@@ -62,9 +62,9 @@ def collect(model: str, data: tuple[str, ...], output: Path, samples: int, seq_l
     model_dir = resolve_model(model, revision=revision, purpose="collect")
     progressive = None
     if progressive_plan is not None:
-        from surgery.rewrite.experts import load_plan
+        from surgery.plan.document import read_plan_for
 
-        progressive = load_plan(progressive_plan)[0]
+        progressive = read_plan_for(progressive_plan, model_dir)
     summary = run_collect(model_dir, list(data), output, samples=samples, seq_len=seq_len, seed=seed,
                           batch_size=batch_size, holdout=holdout, device=device, dtype=dtype,
                           stream_layers=stream_layers, hidden_states=hidden_states, progress=True,

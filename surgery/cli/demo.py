@@ -21,7 +21,8 @@ def demo(workdir: Path, ratio: float, steps: int) -> None:
     from surgery.collect.run import collect
     from surgery.cli import _score
     from surgery.pipeline.demo import build_demo_model, make_corpus
-    from surgery.eval.perplexity import evaluate, load_model, load_tokenizer
+    from surgery.eval.perplexity import evaluate
+    from surgery.model.load import load_model, load_tokenizer
     from surgery.rewrite.experts import rewrite_checkpoint
     from transformers.utils import logging as hf_logging
 

@@ -10,7 +10,8 @@ import click
 import torch
 
 from surgery.model.data import DataError, read_documents
-from surgery.eval.perplexity import evaluate, format_report, load_model, load_tokenizer
+from surgery.eval.perplexity import evaluate, format_report
+from surgery.model.load import load_model, load_tokenizer
 
 
 def _per_file(paths) -> list[str]:

@@ -17,10 +17,11 @@ from stats_formats import FIELDS, StatsError, StatsFile
 from surgery.architectures import ArchitectureError, spec_for
 from surgery.cli.options import drop_option
 from surgery.criteria import AUTO, CRITERIA, Criterion, ExpertWeights, LayerInput, auto_candidates, holdout_grams, run_auto
-from surgery.criteria.mcsuite import oriented
+from surgery.criteria import oriented
 from surgery.io.expert_weights import expert_matrices
 from surgery.io import Checkpoint, CheckpointError
-from surgery.plan.select import PlanError, make_plan, plan_document
+from surgery.errors import PlanError
+from surgery.plan.select import make_plan, plan_document
 
 USER_ERRORS = (PlanError, StatsError, CheckpointError, ArchitectureError)
 GLOBAL_WARNING = (

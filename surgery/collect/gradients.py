@@ -31,7 +31,8 @@ from stats_formats.schema import GRADIENT_FIELDS, field_shape
 
 from surgery.architectures import ArchSpec, MoELayout
 from surgery.io import Checkpoint
-from surgery.collect.hooks import MoEBlock, SelfCheckError, find_blocks
+from surgery.model.blocks import MoEBlock, find_blocks
+from surgery.collect.hooks import SelfCheckError
 from surgery.collect.progressive import RouterMask
 from surgery.model.streaming import HiddenStore, _load_frame, _load_params, _record_calls
 

@@ -9,12 +9,12 @@ batch the original forward also runs and the two outputs must agree (the self-ch
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from surgery.architectures import ArchSpec
+from surgery.model.blocks import MoEBlock, find_blocks
 from surgery.errors import UserError
 from surgery.collect.accumulator import Assignments, LayerAccumulator, holdout_accumulator
 from surgery.model.expert_math import SUPPORTED, grouped_forward, router_probs
@@ -25,27 +25,6 @@ CHECK_TOKENS = 1024
 
 class SelfCheckError(UserError):
     """Our recomputed expert outputs disagree with the model's own MoE output."""
-
-
-@dataclass
-class MoEBlock:
-    layer: int
-    name: str
-    experts: torch.nn.Module
-    router: torch.nn.Module
-
-
-def find_blocks(model: torch.nn.Module, spec: ArchSpec) -> list[MoEBlock]:
-    """MoE blocks are modules with an `experts` child and the registry's router child."""
-    blocks = []
-    for name, module in model.named_modules():
-        experts = getattr(module, "experts", None)
-        router = getattr(module, spec.router_module, None)
-        if isinstance(experts, torch.nn.Module) and isinstance(router, torch.nn.Module) and hasattr(experts, "down_proj"):
-            found = _LAYER_RE.findall(name + ".")
-            if found:
-                blocks.append(MoEBlock(int(found[-1]), name, experts, router))
-    return sorted(blocks, key=lambda b: b.layer)
 
 
 class Instrument:

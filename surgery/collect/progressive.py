@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from surgery.architectures import ArchSpec
-from surgery.collect.hooks import SelfCheckError, find_blocks
+from surgery.collect.hooks import SelfCheckError
+from surgery.model.blocks import find_blocks
 
 CORRECTION_BIAS = "e_score_correction_bias"
 

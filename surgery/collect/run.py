@@ -13,12 +13,13 @@ from tqdm import tqdm
 from stats_formats import StatsWriter
 
 from surgery.architectures import resolve
-from surgery.rewrite.config import active_groups
+from surgery.architectures.layout import active_groups
 from surgery.model.data import build_sequences, cap_seq_len
 from surgery.errors import UserError
 from surgery.io.identity import config_sha256, router_sha256
 from surgery.io import Checkpoint
-from surgery.model.novices import is_novice_checkpoint, load_model
+from surgery.model.load import load_model
+from surgery.model.novices import is_novice_checkpoint
 from surgery.collect.accumulator import LayerAccumulator, all_reduce_field
 from surgery.collect.gradients import GradientSums, gradient_pass, stream_gradients
 from surgery.collect.hooks import Instrument
@@ -115,7 +116,7 @@ def collect(
     """
     from transformers import AutoConfig
 
-    from surgery.eval.perplexity import load_tokenizer
+    from surgery.model.load import load_tokenizer
 
     model_dir = str(model_dir)
     ckpt = Checkpoint(model_dir)
@@ -255,13 +256,8 @@ def _instrument(model, spec, dev, tol, holdout_flag: bool, masked: dict[int, lis
 
 
 def _progressive_layers(layout, keep: dict[int, list[int]] | None) -> dict[int, list[int]]:
-    """The validated plan restricted to layers transformers runs (MTP layers are never built)."""
-    if not keep:
-        return {}
-    from surgery.rewrite.experts import complete_plan
-
-    full = complete_plan(layout, keep, "progressive plan")
-    return {layer: ids for layer, ids in full.items() if layer < layout.num_hidden_layers}
+    """The plan (validated by the caller) restricted to layers transformers runs (MTP layers are never built)."""
+    return {layer: ids for layer, ids in (keep or {}).items() if layer < layout.num_hidden_layers}
 
 
 def _dims(accs: dict[int, LayerAccumulator]) -> tuple[int, int]:

@@ -1,11 +1,11 @@
 """Expert-importance criteria: higher score = more important = keep."""
 
 from surgery.criteria.auto import AutoResult, holdout_error, holdout_grams, run_auto
-from surgery.criteria.base import Criterion, ExpertWeights, Layer, LayerInput
+from surgery.criteria.base import Criterion, ExpertWeights, Layer, LayerInput, Ranker, Selector, oriented
 from surgery.criteria.family import PRESETS, unified
-from surgery.criteria.registry import AUTO, CRITERIA, auto_candidates
+from surgery.criteria.registry import AUTO, CRITERIA, auto_candidates, default_drop
 
 __all__ = [
-    "AUTO", "CRITERIA", "PRESETS", "AutoResult", "Criterion", "ExpertWeights", "Layer", "LayerInput",
-    "auto_candidates", "holdout_error", "holdout_grams", "run_auto", "unified",
+    "AUTO", "CRITERIA", "PRESETS", "AutoResult", "Criterion", "ExpertWeights", "Layer", "LayerInput", "Ranker",
+    "Selector", "auto_candidates", "default_drop", "oriented", "holdout_error", "holdout_grams", "run_auto", "unified",
 ]

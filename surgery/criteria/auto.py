@@ -13,7 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
-from surgery.plan.select import PlanError, Ranker
+from surgery.errors import PlanError
+from surgery.criteria.base import Ranker
 from surgery.criteria.base import Criterion, LayerInput
 from surgery.criteria.reconstruction import drop_error
 

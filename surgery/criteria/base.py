@@ -6,12 +6,15 @@ Convention: a higher score means a more important expert, i.e. one to keep.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from surgery.plan.select import Selector as LayerSelector
+from surgery.errors import PlanError
 
+
+Selector = Callable[[int, int | None], list[int]]  # (num_keep, n_group) -> kept expert ids
+Ranker = np.ndarray | Selector  # per-layer scores (higher = keep) or a set selector
 Layer = Mapping[str, np.ndarray]  # one layer's schema fields (float64; token_bits uint8), see stats_formats.schema
 # expert id -> {"gate", "up", "down"} matrices; the layer's own (surgery.io.expert_weights.LayerWeights)
 # also has router() -> the router weight [E, H]
@@ -44,12 +47,13 @@ class Criterion:
     needs: str
     score: Callable[[LayerInput], np.ndarray] | None
     select: Callable[[LayerInput, int, int | None], list[int]] | None = None
+    drop: str = "low"  # the direction the criterion drops by default (the paper's best, see `moe-surgery criteria`)
 
     def __post_init__(self) -> None:
         if self.needs not in NEEDS:
             raise ValueError(f"criterion {self.name}: needs must be one of {NEEDS}, not {self.needs!r}")
 
-    def ranker(self, inp: LayerInput, scores: np.ndarray) -> np.ndarray | LayerSelector:
+    def ranker(self, inp: LayerInput, scores: np.ndarray) -> np.ndarray | Selector:
         """What surgery.plan.select.make_plan takes for this layer: the selector if any, else the scores."""
         if self.select is None:
             return scores
@@ -100,3 +104,45 @@ def from_router(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[LayerInput]
 def lowest_where(values: np.ndarray, undefined: np.ndarray) -> np.ndarray:
     """-inf where the statistic is undefined (e.g. a mean over no routed token): such experts rank last."""
     return np.where(undefined, -np.inf, values)
+
+
+
+ADAPTERS = {"weights": from_weights, "router": from_router, "stats": from_stats}
+
+
+def oriented_score(fn, reads: str, drop: str) -> Callable[[LayerInput], np.ndarray]:
+    """The score of a signal read from `reads`, negated when the criterion drops its highest values."""
+    raw = ADAPTERS[reads](fn)
+    if drop == "low":
+        return raw
+    return lambda inp: negate(raw(inp))
+
+
+def negate(scores: np.ndarray) -> np.ndarray:
+    """-scores, except that -inf (undefined) stays -inf so such experts still rank last."""
+    s = np.asarray(scores, dtype=np.float64)
+    return np.where(np.isneginf(s), -np.inf, -s)
+
+
+DROPS = ("low", "high")
+
+
+def oriented(crit: Criterion, drop: str | None) -> Criterion:
+    """The criterion dropping `drop` ("low" / "high" of its signal); None or the default leaves it unchanged.
+
+    Set selectors (recon) and auto choose whole sets, which have no opposite direction: a PlanError.
+    """
+    if drop is None:
+        return crit
+    if drop not in DROPS:
+        raise PlanError(f"--drop must be one of {DROPS}, not {drop!r}")
+    if crit.select is not None or crit.score is None:
+        raise PlanError(f"--drop does not apply to {crit.name}: it selects whole expert sets, not a score order")
+    if drop == crit.drop:
+        return crit
+    score = crit.score
+
+    def flipped(inp: LayerInput) -> np.ndarray:
+        return negate(score(inp))
+
+    return replace(crit, score=flipped)

@@ -19,9 +19,9 @@ import numpy as np
 
 from stats_formats import StatsError
 
-from surgery.plan.select import PlanError
+from surgery.errors import PlanError
 from surgery.criteria.base import Criterion, Layer, lowest_where
-from surgery.criteria.mcsuite import _scored
+from surgery.criteria.base import oriented_score
 
 
 def _field(layer: Layer, name: str) -> np.ndarray:
@@ -85,4 +85,4 @@ SIGNALS = {
 
 
 def gradient_criteria() -> list[Criterion]:
-    return [Criterion(name, formula, "stats", _scored(fn, "stats", drop)) for name, (fn, drop, formula) in SIGNALS.items()]
+    return [Criterion(name, formula, "stats", oriented_score(fn, "stats", drop), drop=drop) for name, (fn, drop, formula) in SIGNALS.items()]

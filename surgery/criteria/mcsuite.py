@@ -13,26 +13,18 @@ between experts' sets of routed token ids, from the same bit sets as EVTC.
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 
 from stats_formats import StatsError
 from stats_formats.schema import HIST_HALF, HIST_LOG2_RANGE, HIST_STEPS
 
-from surgery.plan.select import PlanError
-from surgery.criteria.base import Criterion, ExpertWeights, Layer, LayerInput, from_router, from_stats, from_weights, lowest_where
+from surgery.errors import PlanError
+from surgery.criteria.base import oriented_score, Criterion, ExpertWeights, Layer, lowest_where
 from surgery.criteria.weights import MATRICES, _flat
 
-DROPS = ("low", "high")
 OUTLIER_SIGMAS = 3.0
 SMOOTHING = 1 / 6 + 1 / 12  # variance (grid steps^2) of a value's linear split plus the even spread of a bin
-
-
-def negate(scores: np.ndarray) -> np.ndarray:
-    """-scores, except that -inf (undefined) stays -inf so such experts still rank last."""
-    s = np.asarray(scores, dtype=np.float64)
-    return np.where(np.isneginf(s), -np.inf, -s)
 
 
 def _mean_cosine_to_others(vectors: np.ndarray) -> np.ndarray:
@@ -222,47 +214,9 @@ SIGNALS = {
                 "#{routed f_ic outside mu_i +- 3 sigma_i}, mu, sigma over all n_i*H values; estimated from out_hist "
                 "(eighth-octave bins, slope-corrected; ~0.3%/layer, ~3%/expert off)  [EAO outliers; drop low; n_i=0 -> -inf]"),
 }
-ADAPTERS = {"weights": from_weights, "router": from_router, "stats": from_stats}
-
-
-def _scored(fn, reads: str, drop: str):
-    raw = ADAPTERS[reads](fn)
-    if drop == "low":
-        return raw
-    return lambda inp: negate(raw(inp))
 
 
 def mcsuite_criteria() -> list[Criterion]:
     """The router is read with the experts' weights (--model), so router signals need "weights"."""
-    return [Criterion(name, formula, "weights" if reads == "router" else reads, _scored(fn, reads, drop))
+    return [Criterion(name, formula, "weights" if reads == "router" else reads, oriented_score(fn, reads, drop), drop=drop)
             for name, (fn, reads, drop, formula) in SIGNALS.items()]
-
-
-def default_drop(name: str) -> str:
-    """The direction a criterion drops by default: "high" for the MC-Suite similarity signals, else "low"."""
-    from surgery.criteria.gradients import SIGNALS as GRADIENT_SIGNALS  # here: gradients builds on this module
-
-    if name in GRADIENT_SIGNALS:
-        return GRADIENT_SIGNALS[name][1]
-    return SIGNALS[name][2] if name in SIGNALS else "low"
-
-
-def oriented(crit: Criterion, drop: str | None) -> Criterion:
-    """The criterion dropping `drop` ("low" / "high" of its signal); None or the default leaves it unchanged.
-
-    Set selectors (recon) and auto choose whole sets, which have no opposite direction: a PlanError.
-    """
-    if drop is None:
-        return crit
-    if drop not in DROPS:
-        raise PlanError(f"--drop must be one of {DROPS}, not {drop!r}")
-    if crit.select is not None or crit.score is None:
-        raise PlanError(f"--drop does not apply to {crit.name}: it selects whole expert sets, not a score order")
-    if drop == default_drop(crit.name):
-        return crit
-    score = crit.score
-
-    def flipped(inp: LayerInput) -> np.ndarray:
-        return negate(score(inp))
-
-    return replace(crit, score=flipped)

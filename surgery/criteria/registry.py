@@ -44,3 +44,8 @@ CRITERIA: dict[str, Criterion] = {
 def auto_candidates(global_rank: bool) -> dict[str, Criterion]:
     """The criteria auto compares; set selectors (recon) have no cross-layer scores, so not under --global."""
     return {n: CRITERIA[n] for n in CANDIDATES if not (global_rank and CRITERIA[n].select is not None)}
+
+
+def default_drop(name: str) -> str:
+    """The direction a criterion drops by default (its own declaration; "low" for unknown names)."""
+    return CRITERIA[name].drop if name in CRITERIA else "low"

@@ -7,7 +7,6 @@ KL and top-1 agreement against the original say how far its predictions moved.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,39 +15,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from surgery.model.data import cap_seq_len, eval_windows
-from surgery.errors import UserError
-
-
-def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None):
-    """A causal LM from a local folder, in eval mode on `device` (dtype from config unless given).
-
-    MoNE novice checkpoints (config lists `approximate_experts`) go through `surgery.model.novices`.
-    """
-    # transformers is an optional extra and slow to import: only commands that run a model pay.
-    from transformers import AutoModelForCausalLM
-
-    from surgery.model.novices import is_novice_checkpoint, load_model as load_novice_model
-
-    if is_novice_checkpoint(path):
-        return load_novice_model(path, device, dtype)
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
-    return model.eval().to(device)
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer stored next to the model.
-
-    Without tokenizer files transformers silently builds an empty tokenizer from the model
-    type, which would turn any text into nothing; refuse that instead.
-    """
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if len(tokenizer) < 2:
-        raise UserError(f"{path}: no usable tokenizer (tokenizer.json / tokenizer_config.json missing?); "
-                        "copy the original model's tokenizer files into this folder")
-    return tokenizer
 
 
 @dataclass

@@ -199,7 +199,7 @@ def _intro(title: str, source: str, repo_id: str | None, commit: str | None, pro
             "MoE layer, the others replaced by constant MoNE \"novices\".",
             "A novice keeps its router row and expert id and returns its mean calibration output times its gate "
             "(config key `approximate_experts`, the layout vLLM serves); in transformers load it with "
-            "`surgery.model.novices.load_model`. The kept experts are byte-for-byte copies; nothing was retrained.",
+            "`surgery.model.load_model`. The kept experts are byte-for-byte copies; nothing was retrained.",
         ]
     else:
         what = [

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from surgery.architectures import MoELayout, resolve
-from surgery.rewrite.config import active_groups
+from surgery.architectures.layout import active_groups
 from surgery.io import Checkpoint, CheckpointError, decode
 
 ROLE_PATTERNS = {

@@ -11,7 +11,7 @@ The hook sits on the module call, not on `forward`: the collector (`surgery.coll
 replaces `forward` and still gets the novice outputs downstream, but records the novices' own
 outputs f_i as zero (their weights), not mu_i.
 
-Usage: `from surgery.model.novices import load_model; model = load_model("pruned-novices")`;
+Usage: `from surgery.model import load_model; model = load_model("pruned-novices")`;
 `moe-surgery eval` and `collect` call it for every checkpoint.
 """
 
@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from surgery.architectures import MoELayout, resolve
-from surgery.collect.hooks import find_blocks
+from surgery.model.blocks import find_blocks
 from surgery.errors import UserError
 from surgery.io import INDEX_NAME, Checkpoint
-from surgery.rewrite.novices import CONFIG_KEY, VALUE_SUFFIX, value_name
+from surgery.io.novice_format import CONFIG_KEY, VALUE_SUFFIX, value_name
 
 _log = logging.getLogger(__name__)
 ZEROS_SHARD = "moe-surgery-novice-zeros.safetensors"
@@ -50,7 +50,7 @@ def is_novice_checkpoint(path: str | os.PathLike) -> bool:
     return cfg.is_file() and bool(novice_experts(json.loads(cfg.read_text())))
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
+def load_novice_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
     """A causal LM in eval mode on `device`; novice experts return g_i(x)·mu_i (dtype from config unless given)."""
     path = Path(path)
     if not is_novice_checkpoint(path):

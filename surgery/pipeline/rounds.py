@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgery.architectures import resolve
-from surgery.rewrite.config import active_groups
+from surgery.architectures.layout import active_groups
 from surgery.io import Checkpoint
-from surgery.plan.select import PlanError
+from surgery.errors import PlanError
 from surgery.rewrite.experts import rewrite_checkpoint
 
 NOVICE_STATS = "novice-stats.safetensors"  # the first round's statistics, kept for --novices

@@ -6,19 +6,12 @@ Ties are broken deterministically: higher score first, then lower expert id.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
-from surgery.errors import UserError
-
-Selector = Callable[[int, int | None], list[int]]  # (num_keep, n_group) -> kept expert ids
-Ranker = np.ndarray | Selector  # per-layer scores (higher = keep) or a set selector
-
-
-class PlanError(UserError):
-    """The requested plan cannot be built (one-line message for the CLI)."""
-
+from surgery.criteria.base import Ranker
+from surgery.errors import PlanError
 
 def keep_count(num_experts: int, top_k: int, *, ratio: float | None = None, keep: int | None = None) -> int:
     """Experts kept per layer: keep, or E - round(ratio * E) with halves rounded up; never below top_k."""

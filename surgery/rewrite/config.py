@@ -6,44 +6,6 @@ import copy
 import re
 
 from surgery.architectures import MoELayout
-from surgery.plan.select import PlanError
-
-
-def active_groups(layout: MoELayout) -> int | None:
-    """n_group when the router is group-limited (groups are contiguous id blocks), else None."""
-    spec, cfg = layout.spec, layout.config
-    if not spec.group_keys:
-        return None
-    if spec.group_when and cfg.get(spec.group_when[0]) != spec.group_when[1]:
-        return None
-    n_group = cfg.get(spec.group_keys[0]) or 1
-    return int(n_group) if int(n_group) > 1 else None
-
-
-def check_keep(layout: MoELayout, layer: int, kept: list[int], where: str) -> None:
-    """Refuse keep-lists that break the router's constraints, naming the plan file."""
-    e, k = layout.num_experts, layout.top_k
-    if layout.spec.fixed_top_k and len(kept) < layout.spec.fixed_top_k:
-        raise PlanError(f"{where}: layer {layer} keeps {len(kept)} experts; {layout.spec.model_type} routing needs at least {layout.spec.fixed_top_k}")
-    if len(kept) < k:
-        raise PlanError(f"{where}: layer {layer} keeps {len(kept)} experts, fewer than top-k = {k}")
-    n_group = active_groups(layout)
-    if n_group:
-        size = e // n_group
-        per_group = [sum(1 for i in kept if i // size == g) for g in range(n_group)]
-        if len(set(per_group)) != 1:
-            raise PlanError(
-                f"{where}: layer {layer} keeps {per_group} experts per router group; "
-                f"group-limited routing ({n_group} groups of {size}) needs the same number in every group"
-            )
-        kept_per = per_group[0]
-        if kept_per < layout.spec.min_group_size:
-            raise PlanError(f"{where}: layer {layer} keeps {kept_per} per group; this router needs ≥ {layout.spec.min_group_size}")
-        topk_group = int(layout.config.get(layout.spec.group_keys[1]) or 1)
-        if topk_group * kept_per < k:
-            raise PlanError(
-                f"{where}: layer {layer}: topk_group {topk_group} × {kept_per} kept per group < top-k {k}"
-            )
 
 
 def rewrite_config(config: dict, layout: MoELayout, new_count: int, id_maps: dict[int, dict[int, int]],

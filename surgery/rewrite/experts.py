@@ -22,7 +22,9 @@ from tqdm import tqdm
 
 from surgery import __version__
 from surgery.architectures import MoELayout, check_shapes, resolve
-from surgery.rewrite.config import PlanError, check_keep, rewrite_config
+from surgery.errors import PlanError
+from surgery.plan.document import complete_plan
+from surgery.rewrite.config import rewrite_config
 from surgery.io import (
     INDEX_NAME, Checkpoint, OutTensor, TensorInfo, atomic_output_dir, nbytes, write_safetensors,
     write_safetensors_hashing,
@@ -31,61 +33,6 @@ from surgery.io.safetensors_file import SafetensorsFile
 
 _SHARD_RE = re.compile(r"^(?P<stem>.*?)(?P<idx>\d+)-of-(?P<total>\d+)\.safetensors$")
 HASH_CHUNK = 16 * 1024 * 1024
-
-
-def load_plan(path: str | Path) -> tuple[dict[int, list[int]], dict]:
-    """Read a plan JSON: `{"keep": {"<layer>": [ids]}, ...}`; other keys are kept as provenance."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PlanError(f"{path}: plan file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PlanError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("keep"), dict):
-        raise PlanError(f"{path}: a plan needs a \"keep\" object mapping layer index to expert ids")
-    keep: dict[int, list[int]] = {}
-    for layer, ids in doc["keep"].items():
-        try:
-            layer_i = int(layer)
-            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-                raise ValueError
-        except ValueError:
-            raise PlanError(f"{path}: keep[{layer!r}] must be a list of integer expert ids under an integer layer") from None
-        keep[layer_i] = ids
-    return keep, doc
-
-
-def complete_plan(layout: MoELayout, keep: dict[int, list[int]], where: str) -> dict[int, list[int]]:
-    """Validate a keep map and extend it to MTP layers.
-
-    MTP layers (beyond num_hidden_layers) share the config's single expert count; when the
-    plan does not name them they reuse the keep-list of the last main MoE layer, the layer
-    whose output they continue from.
-    """
-    e = layout.num_experts
-    out: dict[int, list[int]] = {}
-    for layer, ids in keep.items():
-        if layer not in layout.layers:
-            raise PlanError(f"{where}: layer {layer} has no experts (MoE layers: {_ranges(list(layout.layers))})")
-        bad = [i for i in ids if not 0 <= i < e]
-        if bad:
-            raise PlanError(f"{where}: layer {layer} names expert ids {bad} outside 0..{e - 1}")
-        if len(set(ids)) != len(ids):
-            dup = sorted({i for i in ids if ids.count(i) > 1})
-            raise PlanError(f"{where}: layer {layer} lists expert ids {dup} more than once")
-        out[layer] = sorted(ids)
-    main = [layer for layer in out if layer < layout.num_hidden_layers]
-    for mtp in layout.mtp_layers:
-        if mtp not in out and main:
-            out[mtp] = out[max(main)]
-    for layer, ids in out.items():
-        check_keep(layout, layer, ids, where)
-    return out
-
-
-def _ranges(xs: list[int]) -> str:
-    return ", ".join(map(str, xs)) if len(xs) <= 8 else f"{xs[0]}..{xs[-1]}"
 
 
 def _slice_ranges(src: SafetensorsFile, info: TensorInfo, axis: int, kept: list[int]) -> tuple[tuple[int, ...], list]:

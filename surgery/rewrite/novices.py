@@ -29,11 +29,10 @@ import numpy as np
 
 from surgery.architectures import MoELayout, check_shapes, resolve, sub_config
 from surgery.errors import UserError
+from surgery.io.novice_format import CONFIG_KEY, value_name
 from surgery.io import Checkpoint, OutTensor, nbytes
 from surgery.rewrite.experts import write_checkpoint
 
-CONFIG_KEY = "approximate_experts"
-VALUE_SUFFIX = "approx_value"
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
@@ -123,10 +122,6 @@ def encode(values: np.ndarray, dtype: str) -> bytes:
         rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
         return (rounded >> np.uint32(16)).astype("<u2").tobytes()
     raise NoviceError(f"cannot write novice values as {dtype} (supported: {', '.join(FLOAT_DTYPES)})")
-
-
-def value_name(layout: MoELayout, layer: int, expert: int) -> str:
-    return f"{layout.layers[layer].prefix}.experts.{expert}.{VALUE_SUFFIX}"
 
 
 def novice_tensors(ckpt: Checkpoint, layout: MoELayout, plan: NovicePlan) -> dict[str, list[OutTensor]]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from surgery.model.expert_math import expert_forward
-from surgery.collect.hooks import find_blocks
+from surgery.model.blocks import find_blocks
 from surgery.refine.heal.local import lr_at, masks_of, optimizer_step, trainable
 from surgery.refine.heal.pairing import Pairing
 

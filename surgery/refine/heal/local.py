@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from surgery.collect.hooks import find_blocks
+from surgery.model.blocks import find_blocks
 from surgery.model.streaming import HiddenStore, _decoder_layers, _load_frame, _load_params, _record_calls
 from surgery.refine.heal.pairing import Pairing
 

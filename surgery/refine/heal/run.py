@@ -37,7 +37,7 @@ def _file_sha256(path: Path) -> str:
 
 def _sequences(pairing: Pairing, data: list[str], tokens: int | None, seq_len: int, seed: int):
     """(training sequences, held-out sequences, seq_len). tokens None = all the text, up to DEFAULT_TOKENS."""
-    from surgery.eval.perplexity import load_tokenizer
+    from surgery.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(pairing.teacher.dir)
     seq_len = cap_seq_len(pairing.teacher.config, seq_len)
@@ -112,7 +112,7 @@ def heal(
     continuations of prefixes of the text make up the difference, up to SAMPLES_PER_SEQUENCE per real
     sequence (surgery.refine.heal.synthetic).
     """
-    from surgery.eval.perplexity import load_model
+    from surgery.model.load import load_model
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:

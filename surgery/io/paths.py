@@ -1,0 +1,144 @@
+"""Rules for file names that come from files we did not write, and for every file we create.
+
+Checkpoints are downloaded from strangers: the shard names in `model.safetensors.index.json`
+are data, and joining them onto a folder unchecked lets an index point reads (and, through the
+rewriter's output names, writes) anywhere. Two helpers close that:
+
+* `member(folder, name, where)`: the path of a file a checkpoint names (a shard, config.json,
+  the index). A plain file name or one level of subfolder, no `..`, not absolute, no backslash,
+  NUL or control characters; after resolving symbolic links it stays inside the folder, or it is
+  a Hugging Face cache blob (`<repo>/snapshots/<rev>/<file>` -> `<repo>/blobs/<hash>`).
+* `inside(root, name)`: `root / name` for a plain file name only (no separators, not `.`/`..`);
+  what every writer of an output file should build its target with.
+
+Both raise `CheckpointError` with a one-line message. `show(path)` renders a path for such a message.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from surgery.errors import CheckpointError
+
+__all__ = ["inside", "is_plain_name", "member", "short_repr", "show"]
+
+MAX_NAME = 255  # bytes in one path component on every common filesystem
+
+
+def show(path: str | os.PathLike) -> str:
+    """A path as one line of text: as is when printable, else Python's quoted, escaped form."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    return text if text.isprintable() else repr(text)
+
+
+def short_repr(value: object, limit: int = 120) -> str:
+    """`repr(value)` on one line, cut to about `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _component_problem(part: str) -> str | None:
+    if part == "":
+        return "empty path component"
+    if part in (".", ".."):
+        return f"{part!r} path component"
+    if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME:
+        return "path component longer than 255 bytes"
+    return None
+
+
+def _name_problem(name: object, max_parts: int) -> str | None:
+    """Why `name` is not a relative file name of at most `max_parts` components, or None."""
+    if not isinstance(name, str):
+        return f"not a string but {type(name).__name__}"
+    if name == "":
+        return "empty name"
+    if "\x00" in name:
+        return "NUL character"
+    if "\\" in name:
+        return "backslash"
+    if not name.isprintable():
+        return "control character"
+    if name.startswith("/"):
+        return "absolute path"
+    parts = name.split("/")
+    if len(parts) > max_parts:
+        return "more than one folder level" if max_parts > 1 else "path separator"
+    for part in parts:
+        problem = _component_problem(part)
+        if problem:
+            return problem
+    return None
+
+
+def is_plain_name(name: object) -> bool:
+    """True for a single file name: a non-empty string without `/`, `\\`, NUL or control characters,
+    not `.` or `..`, at most 255 bytes."""
+    return _name_problem(name, 1) is None
+
+
+def inside(root: str | os.PathLike, name: str) -> Path:
+    """`root / name` where `name` is a plain file name; anything else raises CheckpointError.
+
+    The writers (`write_safetensors`, `write_safetensors_hashing`, `rewrite_shard`) only create
+    files directly inside the temporary folder `atomic_output_dir` hands out, so a target built
+    as `inside(tmp, name)` is what they accept; a name taken from an input checkpoint (which may
+    hold `sub/x.safetensors`) must be flattened or renamed first.
+    """
+    problem = _name_problem(name, 1)
+    if problem:
+        raise CheckpointError(f"{show(Path(root))}: refusing to create {show(str(name))!r} there: "
+                              f"not a plain file name ({problem})")
+    return Path(root) / name
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _hf_blobs(real_folder: str) -> str | None:
+    """`<repo>/blobs` when `real_folder` is (inside) a Hugging Face cache snapshot `<repo>/snapshots/<rev>`."""
+    p = Path(real_folder)
+    for ancestor in (p, *p.parents):
+        if ancestor.parent.name == "snapshots" and ancestor.parent.parent != ancestor.parent:
+            return str(ancestor.parent.parent / "blobs")
+    return None
+
+
+def member(folder: str | os.PathLike, name: object, where: str | os.PathLike, what: str = "shard") -> Path:
+    """The path of a regular file a checkpoint folder names, checked (see the module docstring).
+
+    `where` is the file that names it (the index) and leads the error message; `what` says what it
+    is in the message ("shard", "file").
+    """
+    lead = f"{show(where)}: names {what} {short_repr(name)}"
+    problem = _name_problem(name, 2)
+    if problem:
+        raise CheckpointError(f"{lead}, which is not a file name inside the checkpoint folder ({problem})")
+    assert isinstance(name, str)
+    path = Path(folder) / name
+    real_folder = os.path.realpath(folder)
+    real = os.path.realpath(path)
+    if not _within(real, real_folder):
+        blobs = _hf_blobs(real_folder)
+        if blobs is None or os.path.dirname(real) != blobs:
+            if not os.path.lexists(path) and not os.path.islink(path.parent):
+                raise CheckpointError(f"{lead}, which is missing")
+            raise CheckpointError(f"{lead}, a symbolic link to {show(real)}, outside the checkpoint folder "
+                                  "(refused: copy the file into the folder)")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        kind = "a broken symbolic link" if os.path.lexists(path) else "missing"
+        raise CheckpointError(f"{lead}, which is {kind}") from None
+    except OSError as e:
+        raise CheckpointError(f"{lead}, which cannot be opened ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"{lead}, which is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{lead}, which is not a regular file")
+    return path
