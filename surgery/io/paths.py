@@ -7,7 +7,8 @@ rewriter's output names, writes) anywhere. Two helpers close that:
 * `member(folder, name, where)`: the path of a file a checkpoint names (a shard, config.json,
   the index). A plain file name or one level of subfolder, no `..`, not absolute, no backslash,
   NUL or control characters; after resolving symbolic links it stays inside the folder, or it is
-  a Hugging Face cache blob (`<repo>/snapshots/<rev>/<file>` -> `<repo>/blobs/<hash>`).
+  a Hugging Face cache blob (`<repo>/snapshots/<rev>/<file>` -> `<repo>/blobs/<sha>`, see
+  `_is_cache_blob`). Any other symbolic link out of the folder is refused.
 * `inside(root, name)`: `root / name` for a plain file name only (no separators, not `.`/`..`);
   what every writer of an output file should build its target with.
 
@@ -17,6 +18,7 @@ Both raise `CheckpointError` with a one-line message. `show(path)` renders a pat
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -91,7 +93,7 @@ def inside(root: str | os.PathLike, name: str) -> Path:
     """
     problem = _name_problem(name, 1)
     if problem:
-        raise CheckpointError(f"{show(Path(root))}: refusing to create {show(str(name))!r} there: "
+        raise CheckpointError(f"{show(Path(root))}: refusing to create {short_repr(name)} there: "
                               f"not a plain file name ({problem})")
     return Path(root) / name
 
@@ -100,13 +102,23 @@ def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _hf_blobs(real_folder: str) -> str | None:
-    """`<repo>/blobs` when `real_folder` is (inside) a Hugging Face cache snapshot `<repo>/snapshots/<rev>`."""
-    p = Path(real_folder)
-    for ancestor in (p, *p.parents):
-        if ancestor.parent.name == "snapshots" and ancestor.parent.parent != ancestor.parent:
-            return str(ancestor.parent.parent / "blobs")
-    return None
+_BLOB = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
+def _is_cache_blob(real: str, real_folder: str) -> bool:
+    """Whether `real` is a Hugging Face cache blob of the repository holding `real_folder`.
+
+    The cache keeps `<repo>/snapshots/<rev>/<file>` -> `../../blobs/<sha>`: the blob is a file named by
+    a git sha1 or sha256 in a `blobs` folder whose parent is an ancestor of the checkpoint folder (up to
+    three levels up, for a model in a subfolder of its repository).
+    """
+    blobs = os.path.dirname(real)
+    if os.path.basename(blobs) != "blobs" or not _BLOB.fullmatch(os.path.basename(real)):
+        return False
+    ancestors = [os.path.dirname(real_folder)]
+    for _ in range(2):
+        ancestors.append(os.path.dirname(ancestors[-1]))
+    return os.path.dirname(blobs) in ancestors
 
 
 def member(folder: str | os.PathLike, name: object, where: str | os.PathLike, what: str = "shard") -> Path:
@@ -124,8 +136,7 @@ def member(folder: str | os.PathLike, name: object, where: str | os.PathLike, wh
     real_folder = os.path.realpath(folder)
     real = os.path.realpath(path)
     if not _within(real, real_folder):
-        blobs = _hf_blobs(real_folder)
-        if blobs is None or os.path.dirname(real) != blobs:
+        if not _is_cache_blob(real, real_folder):
             if not os.path.lexists(path) and not os.path.islink(path.parent):
                 raise CheckpointError(f"{lead}, which is missing")
             raise CheckpointError(f"{lead}, a symbolic link to {show(real)}, outside the checkpoint folder "

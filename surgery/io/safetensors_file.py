@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from surgery.errors import UserError
+from surgery.errors import CheckpointError
+from surgery.io.paths import short_repr, show
 
 # Bits per element of every dtype the safetensors format defines (0.8).
 DTYPE_BITS: dict[str, int] = {
@@ -32,10 +34,57 @@ _NUMPY = {
 }
 
 MAX_HEADER = 100 * 1024 * 1024
+MAX_DIM = 1 << 63  # a dimension, an element count and an offset all fit a signed 64-bit integer
+MAX_DIMS = 1024
 
 
-class CheckpointError(UserError):
-    """Bad input: the message is one line naming the file and the problem."""
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """JSON objects must not repeat a key: parsers disagree on which one wins (first or last)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(f"key {short_repr(k)} appears twice")
+        out[k] = v
+    return out
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def strict_json(text: str | bytes) -> object:
+    """Parse JSON as the format requires: no NaN/Infinity, no repeated keys. Raises ValueError
+    (JSONDecodeError included) or RecursionError; the caller turns them into one-line errors."""
+    return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+
+
+def one_line(text: object) -> str:
+    """`text` with every line break (as str.splitlines sees them) turned into a space."""
+    return " ".join(str(text).splitlines())
+
+
+def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+    """`n` bytes at `offset`, or fewer if the file ends first."""
+    parts, got = [], 0
+    while got < n:
+        chunk = os.pread(fd, min(n - got, 1 << 30), offset + got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _is_int(x: object) -> bool:
+    return type(x) is int  # not bool, not float
+
+
+def _is_small(x: int) -> bool:
+    return -MAX_DIM < x < MAX_DIM
 
 
 def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
@@ -73,62 +122,101 @@ class SafetensorsFile:
         self._parse()
 
     def _fail(self, problem: str) -> CheckpointError:
-        return CheckpointError(f"{self.path}: {problem}")
+        return CheckpointError(f"{show(self.path)}: {one_line(problem)}")
 
     def _parse(self) -> None:
+        """Validate the whole header; any bytes give either a parsed file or a one-line CheckpointError."""
         try:
-            size = self.path.stat().st_size
+            # O_NONBLOCK: a FIFO named like a shard must not hang the open; it is refused below.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise self._fail("file not found") from None
-        if size < 8:
-            raise self._fail(f"truncated: {size} bytes, too short for a safetensors header")
-        with open(self.path, "rb") as f:
-            (hlen,) = struct.unpack("<Q", f.read(8))
+        except OSError as e:
+            raise self._fail(f"cannot open ({e.strerror})") from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise self._fail("is a directory, not a safetensors file")
+            if not stat.S_ISREG(st.st_mode):
+                raise self._fail("not a regular file")
+            size = st.st_size
+            if size < 8:
+                raise self._fail(f"truncated: {size} bytes, too short for a safetensors header")
+            head = _pread_exact(fd, 8, 0)
+            if len(head) < 8:
+                raise self._fail("truncated while reading the header length")
+            (hlen,) = struct.unpack("<Q", head)
             if hlen > size - 8:
                 raise self._fail(f"header length {hlen} runs past the end of the file ({size} bytes)")
             if hlen > MAX_HEADER:
                 raise self._fail(f"header length {hlen} is implausibly large")
-            raw = f.read(hlen)
+            raw = _pread_exact(fd, hlen, 8)
+            if len(raw) < hlen:
+                raise self._fail(f"truncated: the file ends inside the {hlen}-byte header")
+        except OSError as e:
+            raise self._fail(f"cannot read ({e.strerror})") from None
+        finally:
+            os.close(fd)
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise self._fail(f"corrupt header JSON ({e.__class__.__name__}: {e})") from None
+            header = strict_json(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise self._fail(f"corrupt header JSON ({e.__class__.__name__}: {one_line(e)[:200]})") from None
+        self._validate(header, size - 8 - hlen, 8 + hlen)
+
+    def _validate(self, header: object, data_len: int, data_start: int) -> None:
         if not isinstance(header, dict):
             raise self._fail("corrupt header: not a JSON object")
         meta = header.pop("__metadata__", None) or {}
         if not isinstance(meta, dict):
             raise self._fail("corrupt header: __metadata__ is not an object")
-        self.metadata = {str(k): str(v) for k, v in meta.items()}
-        data_start = 8 + hlen
-        data_len = size - data_start
+        try:
+            self.metadata = {str(k): str(v) for k, v in meta.items()}
+        except (ValueError, RecursionError):
+            raise self._fail("corrupt header: __metadata__ holds values that cannot be represented") from None
         spans = []
         for name, entry in header.items():
-            try:
-                dtype = entry["dtype"]
-                shape = tuple(int(d) for d in entry["shape"])
-                b, e = (int(x) for x in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise self._fail(f"corrupt header entry for tensor {name!r}") from None
-            if dtype not in DTYPE_BITS:
-                raise self._fail(f"tensor {name!r} has unknown dtype {dtype!r}")
+            label = short_repr(name)
+            if not isinstance(entry, dict):
+                raise self._fail(f"corrupt header entry for tensor {label} (not an object)")
+            dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+            if dtype is None or shape is None or offsets is None:
+                raise self._fail(f"corrupt header entry for tensor {label} (needs dtype, shape and data_offsets)")
+            if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+                raise self._fail(f"tensor {label} has unknown dtype {short_repr(dtype)}")
+            if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+                raise self._fail(f"corrupt header entry for tensor {label} (shape is not a list of integers)")
+            if len(shape) > MAX_DIMS:
+                raise self._fail(f"tensor {label} has {len(shape)} dimensions")
             if any(d < 0 for d in shape):
-                raise self._fail(f"tensor {name!r} has a negative dimension {list(shape)}")
+                raise self._fail(f"tensor {label} has a negative dimension {short_repr(shape)}")
+            if any(d >= MAX_DIM for d in shape):
+                raise self._fail(f"tensor {label} has an impossibly large dimension {short_repr(shape)}")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(x) for x in offsets)):
+                raise self._fail(f"corrupt header entry for tensor {label} (data_offsets is not two integers)")
+            b, e = offsets
             if not 0 <= b <= e <= data_len:
                 raise self._fail(
-                    f"tensor {name!r} offsets [{b}, {e}] are out of range (data is {data_len} bytes; file truncated?)"
+                    f"tensor {label} offsets [{b}, {e}] are out of range (data is {data_len} bytes; file truncated?)"
+                    if _is_small(b) and _is_small(e) else
+                    f"tensor {label} offsets are out of range (data is {data_len} bytes)"
                 )
-            try:
-                want = nbytes(dtype, shape)
-            except ValueError as err:
-                raise self._fail(f"tensor {name!r}: {err}") from None
+            numel = 0 if 0 in shape else 1
+            for d in shape if numel else ():
+                numel *= d
+                if numel >= MAX_DIM:
+                    raise self._fail(f"tensor {label} has an impossibly large shape {short_repr(shape)}")
+            bits = numel * DTYPE_BITS[dtype]
+            if bits % 8:
+                raise self._fail(f"tensor {label}: {dtype}{short_repr(shape)} does not end on a byte boundary")
+            want = bits // 8
             if e - b != want:
-                raise self._fail(f"tensor {name!r} spans {e - b} bytes but {dtype}{list(shape)} needs {want}")
+                raise self._fail(f"tensor {label} spans {e - b} bytes but {dtype}{short_repr(shape)} needs {want}")
             spans.append((b, e, name))
-            self.tensors[name] = TensorInfo(name, dtype, shape, data_start + b, data_start + e)
+            self.tensors[name] = TensorInfo(name, dtype, tuple(shape), data_start + b, data_start + e)
         spans.sort()
         for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
             if b1 < e0:
-                raise self._fail(f"tensors {n0!r} and {n1!r} overlap in the data section")
+                raise self._fail(f"tensors {short_repr(n0)} and {short_repr(n1)} overlap in the data section")
 
     def fileno(self) -> int:
         if self._fd is None:
