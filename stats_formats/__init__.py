@@ -1,18 +1,13 @@
-"""The per-expert statistics file: schema (schema.py) and reading, writing, merging, export (file.py)."""
+"""The per-expert statistics file, one module per job: schema.py (every tensor), validate.py (the checks every
+file passes), file.py (StatsFile: reading), write.py (StatsWriter), atomic.py (temp-and-rename writes),
+merge.py and export.py (summary, CSV, JSON). Imports numpy, safetensors and the standard library only."""
 
-from stats_formats.file import (
-    SUMMARY_COLUMNS,
-    StatsError,
-    StatsFile,
-    StatsWriter,
-    atomic_write,
-    atomic_write_text,
-    expert_summary,
-    merge,
-    summary_table,
-    to_csv,
-    to_json,
-)
+from stats_formats.atomic import atomic_write, atomic_write_text
+from stats_formats.export import SUMMARY_COLUMNS, expert_summary, summary_table, to_csv, to_json
+from stats_formats.file import StatsFile
+from stats_formats.merge import merge
+from stats_formats.validate import StatsError
+from stats_formats.write import StatsWriter
 from stats_formats.schema import (
     FIELD_BY_NAME,
     FIELDS,

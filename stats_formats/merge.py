@@ -1,0 +1,75 @@
+"""Merging statistics of disjoint token sets of one model: exact, because the fields are sums."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from stats_formats.atomic import PathLike
+from stats_formats.file import StatsFile
+from stats_formats.schema import FIELD_BY_NAME, FIELDS, HOLDOUT_FIELDS, tensor_name
+from stats_formats.validate import NUMPY_DTYPES, VOCAB_KEY, StatsError
+
+MERGED_LABEL = "<merged>"
+
+
+def _check_same_model(first: StatsFile, other: StatsFile) -> None:
+    """Every key equal; a vocab_size only one side has is fine (the other predates token_bits, which is dropped)."""
+    a, b = first.model, other.model
+    for key in list(a) + [k for k in b if k not in a]:
+        if key == VOCAB_KEY and (key not in a or key not in b):
+            continue
+        if a.get(key) != b.get(key):
+            raise StatsError(
+                f"{other.label}: model.{key} is {b.get(key)!r} but {first.label} has {a.get(key)!r}; "
+                "statistics of different models cannot be merged"
+            )
+
+
+def _merge_calibration(calibrations: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Sources are concatenated as given: the same source listed twice was sampled twice."""
+    seq_lens = {c["seq_len"] for c in calibrations}
+    seeds = {c["seed"] for c in calibrations}
+    return {
+        "sources": [s for c in calibrations for s in c["sources"]],
+        "num_sequences": sum(c["num_sequences"] for c in calibrations),
+        "num_tokens": sum(c["num_tokens"] for c in calibrations),
+        "seq_len": max(seq_lens),
+        "seed": seeds.pop() if len(seeds) == 1 else None,
+        "holdout_sequences": sum(c["holdout_sequences"] for c in calibrations),
+    }
+
+
+def _combine(stats: Sequence[StatsFile], layer: int, field: str, how: str, holdout: bool) -> np.ndarray:
+    """Accumulate one tensor across files, holding a single extra copy at a time."""
+    total = np.array(stats[0].get(layer, field, holdout), dtype=NUMPY_DTYPES[FIELD_BY_NAME[field].dtype])
+    op = {"max": np.maximum, "or": np.bitwise_or}.get(how, np.add)
+    for s in stats[1:]:
+        op(total, s.get(layer, field, holdout), out=total)
+    return total
+
+
+def merge(files: Sequence[StatsFile | PathLike], label: str = MERGED_LABEL) -> StatsFile:
+    """Statistics of disjoint token sets combined exactly: sums add, maxima take the maximum.
+
+    Files of another major version are refused when opened; the holdout slice and optional fields
+    (`collect --gradients`, the MC-Suite fields) are kept only when every input has them. The result
+    lives in memory; call `.save(path)` to write it.
+    """
+    if not files:
+        raise ValueError("merge needs at least one statistics file")
+    stats = [f if isinstance(f, StatsFile) else StatsFile(f) for f in files]
+    for other in stats[1:]:
+        _check_same_model(stats[0], other)
+    holdout = all(s.has_holdout for s in stats)
+    optional = [n for n in stats[0].optional_fields if all(n in s.optional_fields for s in stats[1:])]
+    tensors: dict[str, np.ndarray] = {}
+    for layer in stats[0].layers:
+        for field in (*FIELDS, *(FIELD_BY_NAME[n] for n in optional)):
+            tensors[tensor_name(layer, field.name)] = _combine(stats, layer, field.name, field.merge, False)
+        for name in HOLDOUT_FIELDS if holdout else ():
+            how = FIELD_BY_NAME[name].merge
+            tensors[tensor_name(layer, name, True)] = _combine(stats, layer, name, how, True)
+    calibration = _merge_calibration([s.calibration for s in stats])
+    return StatsFile.from_arrays(dict(stats[0].model), calibration, tensors, label)
