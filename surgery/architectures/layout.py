@@ -9,10 +9,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from surgery.errors import UserError
 from surgery.architectures.registry import ArchSpec, get_spec, supported
 
 
-class ArchitectureError(Exception):
+class ArchitectureError(UserError):
     """The config or tensor set does not fit a supported MoE architecture."""
 
 
@@ -56,10 +57,30 @@ def sub_config(config: dict, spec: ArchSpec, where: str = "config.json") -> dict
 
 
 def first_key(cfg: dict, keys: tuple[str, ...], what: str, where: str = "config.json") -> int:
+    """The first of `keys` present, which must be a positive integer (a string or 0 is refused, not coerced)."""
     for key in keys:
         if key in cfg and cfg[key] is not None:
-            return int(cfg[key])
+            return positive_int(cfg[key], key, where)
     raise ArchitectureError(f"{where}: no {what} (looked for {', '.join(keys)})")
+
+
+def positive_int(value: object, key: str, where: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ArchitectureError(f"{where}: {key} must be an integer ≥ {minimum}, not {value!r}")
+    return value
+
+
+def _check_counts(cfg: dict, config: dict, spec: ArchSpec, layers: dict, num_hidden: int, num_experts: int,
+                  top_k: int, where: str) -> None:
+    """Config counts that contradict each other or the tensors on disk (the output would not load)."""
+    if top_k > num_experts:
+        raise ArchitectureError(f"{where}: {top_k} experts per token exceeds the {num_experts} routed experts")
+    mtp = cfg.get(spec.mtp_count_key, config.get(spec.mtp_count_key, 0)) if spec.mtp_count_key else 0
+    mtp = positive_int(mtp or 0, spec.mtp_count_key or "mtp", where, minimum=0)
+    beyond = [layer for layer in layers if layer >= num_hidden + mtp]
+    if beyond and not any(off for _, off in spec.prefixes):
+        raise ArchitectureError(
+            f"{where}: num_hidden_layers is {num_hidden}, but the tensors hold MoE layer {max(beyond)}")
 
 
 def spec_for(config: dict, where: str = "config.json") -> ArchSpec:
@@ -81,7 +102,8 @@ def resolve(config: dict, tensor_names: list[str], where: str = "config.json") -
     cfg = sub_config(config, spec, where)
     num_experts = first_key(cfg, spec.expert_keys, "routed-expert count", where)
     top_k = first_key(cfg, spec.top_k_keys, "experts-per-token count", where)
-    num_hidden = int(cfg.get("num_hidden_layers", config.get("num_hidden_layers", 0)))
+    num_hidden = positive_int(cfg.get("num_hidden_layers", config.get("num_hidden_layers", 0)), "num_hidden_layers",
+                              where, minimum=0)
     patterns = [(re.compile(p + r"\.(?P<rest>.+)$"), off) for p, off in spec.prefixes]
     router_axes = dict(spec.router)
     per_expert_re = re.compile(r"experts\.(\d+)\.(.+)$")
@@ -122,6 +144,7 @@ def resolve(config: dict, tensor_names: list[str], where: str = "config.json") -
             f"{where}: no MoE router tensors found for model_type {spec.model_type} "
             f"(expected names like {spec.prefixes[0][0]}.{spec.router[0][0]})"
         )
+    _check_counts(cfg, config, spec, layers, num_hidden, num_experts, top_k, where)
     return MoELayout(spec, cfg, num_experts, top_k, num_hidden, dict(sorted(layers.items())), owner)
 
 
@@ -141,6 +164,30 @@ def check_shapes(layout: MoELayout, shapes: dict[str, tuple[int, ...]]) -> list[
             ids = sorted(entry.per_expert)
             if ids != list(range(e)):
                 problems.append(f"layer {layer} has per-expert tensors for ids {ids[:3]}..{ids[-1]} ({len(ids)}), config says {e}")
+        problems += _matrix_problems(layout, entry, shapes)
+    return problems
+
+
+_MATRIX_RE = re.compile(r"(\.weight|experts\.gate_up_proj|experts\.down_proj)$")
+
+
+def _matrix_problems(layout: MoELayout, entry: LayerExperts, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Expert matrices must have a hidden_size side, and every expert the same shape per tensor role.
+
+    A tensor with the right byte count but a different shape passes the byte checks yet fails to load.
+    """
+    hidden = layout.config.get("hidden_size")
+    problems, by_role = [], {}
+    names = [n for ns in entry.per_expert.values() for n in ns] + entry.fused
+    for name in names:
+        shape = shapes[name]
+        if not _MATRIX_RE.search(name) or len(shape) < 2:
+            continue
+        if isinstance(hidden, int) and hidden not in shape[-2:]:
+            problems.append(f"{name} has shape {list(shape)}: no side equals hidden_size {hidden}")
+        role = re.sub(r"experts\.\d+\.", "experts.*.", name)
+        if by_role.setdefault(role, shape) != shape:
+            problems.append(f"{name} has shape {list(shape)}, other experts {list(by_role[role])}")
     return problems
 
 
