@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from surgery.criteria.base import Layer, lowest_where
+from surgery.criteria.base import Layer, lowest_where, unbiased_variance
 
 MONE_FORMULA = (
     "phi_var * phi_freq, phi_freq = M_g[1,0]/N, phi_var = sqrt(sum_c (Q_ic - S_ic^2/n_i)/(n_i - 1)); n_i<=1 -> -inf"
@@ -19,7 +19,6 @@ def mone(layer: Layer) -> np.ndarray:
     s = np.asarray(layer["out_sum"], dtype=np.float64)
     q = np.asarray(layer["out_sq_sum"], dtype=np.float64)
     defined = n > 1
-    with np.errstate(divide="ignore", invalid="ignore"):
-        var_sum = ((q - s**2 / n[:, None]) / (n[:, None] - 1)).sum(axis=1)
-    phi_var = np.sqrt(np.clip(np.where(defined, var_sum, 0.0), 0.0, None))  # clip float cancellation below 0
+    var_sum = unbiased_variance(s, q, n[:, None]).sum(axis=1)
+    phi_var = np.sqrt(np.clip(var_sum, 0.0, None))  # clip float cancellation below 0
     return lowest_where(phi_var * phi_freq, ~defined)

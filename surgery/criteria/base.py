@@ -106,6 +106,17 @@ def lowest_where(values: np.ndarray, undefined: np.ndarray) -> np.ndarray:
     return np.where(undefined, -np.inf, values)
 
 
+def unbiased_variance(sums: np.ndarray, sq_sums: np.ndarray, n: np.ndarray | float) -> np.ndarray:
+    """(Q - S^2 / n) / (n - 1) from the sum S and the sum of squares Q of n values, element-wise.
+
+    Undefined where n <= 1 (0 there; callers mark those experts). Not clipped: float cancellation may
+    leave tiny negatives, which callers clip where they need a non-negative value.
+    """
+    n = np.asarray(n, dtype=np.float64)
+    defined = n > 1
+    safe = np.where(defined, n, 2.0)
+    return np.where(defined, (sq_sums - sums**2 / safe) / (safe - 1), 0.0)
+
 
 ADAPTERS = {"weights": from_weights, "router": from_router, "stats": from_stats}
 

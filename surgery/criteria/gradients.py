@@ -20,8 +20,7 @@ import numpy as np
 from stats_formats import StatsError
 
 from surgery.errors import PlanError
-from surgery.criteria.base import Criterion, Layer, lowest_where
-from surgery.criteria.base import oriented_score
+from surgery.criteria.base import Criterion, Layer, lowest_where, oriented_score, unbiased_variance
 
 
 def _field(layer: Layer, name: str) -> np.ndarray:
@@ -62,7 +61,7 @@ def ege(layer: Layer) -> np.ndarray:
     q = _field(layer, "grad_hidden_sq_sum")
     if n <= 1:
         return np.full(s.shape[0], -np.inf)
-    var = np.clip((q - s**2 / n) / (n - 1), 0.0, None)  # clip float cancellation below 0
+    var = np.clip(unbiased_variance(s, q, n), 0.0, None)  # clip float cancellation below 0
     with np.errstate(divide="ignore"):
         return 0.5 * np.log(var).sum(axis=1)
 

@@ -20,8 +20,8 @@ from stats_formats import StatsError
 from stats_formats.schema import HIST_HALF, HIST_LOG2_RANGE, HIST_STEPS
 
 from surgery.errors import PlanError
-from surgery.criteria.base import oriented_score, Criterion, ExpertWeights, Layer, lowest_where
-from surgery.criteria.weights import MATRICES, _flat
+from surgery.criteria.base import Criterion, ExpertWeights, Layer, lowest_where, oriented_score, unbiased_variance
+from surgery.criteria.weights import MATRICES, WEIGHT_NORM_FORMULA, flattened, weight_norm
 
 OUTLIER_SIGMAS = 3.0
 SMOOTHING = 1 / 6 + 1 / 12  # variance (grid steps^2) of a value's linear split plus the even spread of a bin
@@ -39,12 +39,7 @@ def _mean_cosine_to_others(vectors: np.ndarray) -> np.ndarray:
     return cos.sum(axis=1) / (num - 1)
 
 
-# weights
-
-
-def ewn(weights: ExpertWeights, num_experts: int) -> np.ndarray:
-    """Expert weight norm: Frobenius norm of gate, up and down together."""
-    return np.array([np.linalg.norm(_flat(weights, e)) for e in range(num_experts)])
+# weights (EWN is weight_norm itself, registered under both names)
 
 
 def _stable_rank(w: np.ndarray) -> float:
@@ -63,7 +58,7 @@ def wsr(weights: ExpertWeights, num_experts: int) -> np.ndarray:
 
 def ews(weights: ExpertWeights, num_experts: int) -> np.ndarray:
     """Weight similarity: mean cosine between the expert's flattened gate|up|down and every other expert's."""
-    return _mean_cosine_to_others(np.stack([_flat(weights, e) for e in range(num_experts)]))
+    return _mean_cosine_to_others(np.stack([flattened(weights, e) for e in range(num_experts)]))
 
 
 def rwn(router: np.ndarray) -> np.ndarray:
@@ -135,10 +130,8 @@ def eae(layer: Layer) -> np.ndarray:
     n = _count(layer)
     s = np.asarray(layer["out_sum"], dtype=np.float64)
     q = np.asarray(layer["out_sq_sum"], dtype=np.float64)
-    defined = n > 1
-    safe = np.where(defined, n, 2.0)[:, None]
-    var = np.clip((q - s**2 / safe) / (safe - 1), 0.0, None)  # clip float cancellation below 0
-    return lowest_where(0.5 * np.log(var + 1e-12).sum(axis=1), ~defined)
+    var = np.clip(unbiased_variance(s, q, n[:, None]), 0.0, None)  # clip float cancellation below 0
+    return lowest_where(0.5 * np.log(var + 1e-12).sum(axis=1), ~(n > 1))
 
 
 def eas(layer: Layer) -> np.ndarray:
@@ -191,7 +184,7 @@ def eao(layer: Layer) -> np.ndarray:
 
 # name: (signal, what it reads, default drop, formula)
 SIGNALS = {
-    "mcs-ewn": (ewn, "weights", "low", "||[W_gate, W_up, W_down]||_F  [MC-Suite EWN; drop low]"),
+    "mcs-ewn": (weight_norm, "weights", "low", f"{WEIGHT_NORM_FORMULA}  [MC-Suite EWN; drop low]"),
     "mcs-wsr": (wsr, "weights", "low",
                 "mean over gate, up, down of ||W||_F^2 / ||W||_2^2  [stable rank WSR; drop low]"),
     "mcs-ews": (ews, "weights", "high",
