@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from surgery.errors import UserError
 from surgery.model.data import cap_seq_len, eval_windows
 
 
@@ -44,6 +45,9 @@ def evaluate(
     Every file gets the same weight in the overall numbers, so a large domain does not drown
     out a small one. seq_len is capped at the model's max_position_embeddings.
     """
+    if reference is not None and reference.config.vocab_size != model.config.vocab_size:
+        raise UserError(f"{reference.name_or_path}: the reference has a vocabulary of {reference.config.vocab_size} tokens, the model "
+                        f"{model.config.vocab_size}: KL needs the same vocabulary (is it the model this one came from?)")
     seq_len = cap_seq_len(model.config.to_dict(), seq_len)
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 to predict anything (got {seq_len})")
