@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
+from safetensors import safe_open
 from stats_factory import default_calibration, default_model, make_stats
 
 from stats_formats import StatsFile
 from surgery.cli import main
-from surgery.cli.score import criteria_cmd, score_cmd
 from surgery.criteria import AUTO, CRITERIA, LayerInput
 from surgery.criteria import default_drop, oriented
 from surgery.criteria.mcsuite import SIGNALS
@@ -28,6 +28,11 @@ DROP_HIGH = ("mcs-ews", "mcs-ets", "mcs-eas")
 
 def score(name: str, num_experts: int, stats: dict | None = None, weights=None) -> np.ndarray:
     return CRITERIA[name].layer_scores(LayerInput(0, num_experts, stats=stats, weights=weights))
+
+
+def score_cli(*args: object) -> Result:
+    """`moe-surgery score ARGS` through the top-level command."""
+    return CliRunner().invoke(main, ["score", *map(str, args)])
 
 
 def keep_of(name: str, num_experts: int, num_keep: int, **inputs) -> list[int]:
@@ -55,7 +60,7 @@ def test_registered_with_one_line_formulas() -> None:
     for name in MCS:
         crit = CRITERIA[name]
         assert crit.select is None and crit.formula and "\n" not in crit.formula
-    lines = CliRunner().invoke(criteria_cmd, []).output.splitlines()
+    lines = CliRunner().invoke(main, ["criteria"]).output.splitlines()
     listed = {line.split()[0] for line in lines}
     assert set(MCS) <= listed
 
@@ -257,8 +262,7 @@ def test_score_drop_option(tmp_path: Path) -> None:
     for drop in (None, "low", "high"):
         out = tmp_path / f"{drop}.json"
         extra = ["--drop", drop] if drop else []
-        result = CliRunner().invoke(score_cmd, [str(stats), "--criterion", "mcs-ean", "--ratio", "0.5", "-o", str(out),
-                                                *extra])
+        result = score_cli(stats, "--criterion", "mcs-ean", "--ratio", "0.5", "-o", out, *extra)
         assert result.exit_code == 0, result.output
         docs[drop] = json.loads(out.read_text())
     assert "drop" not in docs[None] and docs["low"]["drop"] == "low" and docs["high"]["drop"] == "high"
@@ -270,8 +274,7 @@ def test_score_drop_option(tmp_path: Path) -> None:
 
 def test_score_drop_refused_for_recon(tmp_path: Path) -> None:
     stats = write_stats(tmp_path / "s.safetensors")
-    result = CliRunner().invoke(score_cmd, [str(stats), "--criterion", "recon", "--drop", "low", "--ratio", "0.5",
-                                            "-o", str(tmp_path / "p.json")])
+    result = score_cli(stats, "--criterion", "recon", "--drop", "low", "--ratio", "0.5", "-o", tmp_path / "p.json")
     assert result.exit_code == 2
     assert result.output.startswith("Error:") and result.output.count("\n") == 1 and "--drop" in result.output
 
@@ -328,19 +331,99 @@ def collected(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return src, out
 
 
-@pytest.mark.parametrize("name", ["mcs-evtc", "mcs-ets", "mcs-eao"])
+# Independent computations of three signals, straight from the file's tensors as docs/stats-format.md and
+# README define them (nothing from surgery.criteria): the CLI must keep exactly the experts they keep.
+
+
+def independent_token_sets(bits: np.ndarray) -> np.ndarray:
+    """[E, 8 B] bool: bit b (value 2^b) of byte k of row i is token id 8 k + b."""
+    sets = np.zeros((bits.shape[0], 8 * bits.shape[1]), dtype=bool)
+    for b in range(8):
+        sets[:, b::8] = (bits >> b) & 1
+    return sets
+
+
+def independent_evtc(tensors: dict[str, np.ndarray]) -> np.ndarray:
+    """|T_i| / |union_j T_j|; drop low, so the score is the signal."""
+    sets = independent_token_sets(tensors["token_bits"])
+    return np.array([row.sum() for row in sets]) / np.logical_or.reduce(sets).sum()
+
+
+def independent_ets(tensors: dict[str, np.ndarray]) -> np.ndarray:
+    """-mean_{j != i} |T_i & T_j| / sqrt(|T_i| |T_j|); drop high, so the score is negated; empty T_i -> -inf."""
+    sets = independent_token_sets(tensors["token_bits"])
+    num = len(sets)
+    out = np.empty(num)
+    for i in range(num):
+        if not sets[i].any():
+            out[i] = -INF
+            continue
+        cos = [(sets[i] & sets[j]).sum() / np.sqrt(sets[i].sum() * sets[j].sum()) if sets[j].any() else 0.0
+               for j in range(num) if j != i]
+        out[i] = -np.mean(cos)
+    return out
+
+
+def independent_eao(tensors: dict[str, np.ndarray]) -> np.ndarray:
+    """Routed output values beyond mu_i +- 3 sigma_i (mu, sigma over all n_i H values), counted on out_hist.
+
+    Grid coordinate s(v) = sign(v) clip(8 log2|v| + 128, 0, 256); bin j holds grid point j - 256. A bin's
+    weight is taken as spread evenly over +- half a step, so the mass beyond a threshold at coordinate c is
+    sum_p h_p clip(p + 1/2 - c, 0, 1). Together with the collector's linear split of each value this smooths
+    the density by variance 1/12 + 1/6 (steps^2); the tail mass of a density smoothed by variance v is off by
+    v/2 f'(c), which the histogram's central-difference slope at c puts back.
+    """
+    n, hist = tensors["count"], tensors["out_hist"]
+    num, width = tensors["out_sum"].shape
+    points = np.arange(hist.shape[1]) - hist.shape[1] // 2
+    half_v = (1 / 12 + 1 / 6) / 2
+    out = np.empty(num)
+    for i in range(num):
+        if n[i] == 0:
+            out[i] = -INF
+            continue
+        values = n[i] * width
+        mu = tensors["out_sum"][i].sum() / values
+        sigma = np.sqrt(max(tensors["out_sq_sum"][i].sum() / values - mu**2, 0.0))
+        h = hist[i]
+        slope = np.concatenate([[h[1] - h[0]], (h[2:] - h[:-2]) / 2, [h[-1] - h[-2]]])
+
+        def coord(v: float) -> float:
+            return float(np.sign(v) * np.clip(8 * np.log2(abs(v)) + 128, 0, 256)) if v else 0.0
+
+        hi, lo = coord(mu + 3 * sigma), coord(mu - 3 * sigma)
+        above = (h * np.clip(points + 0.5 - hi, 0, 1)).sum() + half_v * np.interp(hi, points, slope)
+        below = (h * np.clip(lo - (points - 0.5), 0, 1)).sum() - half_v * np.interp(lo, points, slope)
+        out[i] = max(above, 0.0) + max(below, 0.0) if sigma > 0 else 0.0
+    return out
+
+
+def independent_keep(scores: np.ndarray, num_keep: int) -> list[int]:
+    """The documented plan rule: higher score first, then lower id (scores equal to 1e-9 are tied)."""
+    order = sorted(range(len(scores)), key=lambda i: (-round(float(scores[i]), 9), i))
+    return sorted(order[:num_keep])
+
+
+INDEPENDENT = {"mcs-evtc": independent_evtc, "mcs-ets": independent_ets, "mcs-eao": independent_eao}
+
+
+@pytest.mark.parametrize("name", sorted(INDEPENDENT))
 def test_score_cli_on_collected_statistics(name: str, collected: tuple[Path, Path], tmp_path: Path) -> None:
     _, stats_path = collected
     out = tmp_path / "plan.json"
-    result = CliRunner().invoke(score_cmd, [str(stats_path), "--criterion", name, "--ratio", "0.25", "-o", str(out)])
+    result = score_cli(stats_path, "--criterion", name, "--ratio", "0.25", "-o", out)
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
-    stats = StatsFile(stats_path)
-    for layer in stats.layers:
-        expected = CRITERIA[name].layer_scores(LayerInput(layer, 8, stats=stats.layer(layer)))
-        np.testing.assert_allclose(doc["scores"][str(layer)], expected)
-        assert len(doc["keep"][str(layer)]) == 6
-    sets = stats.get(stats.layers[0], "token_bits")
+    with safe_open(str(stats_path), framework="numpy") as f:
+        layers = json.loads(f.metadata()["moe_surgery"])["model"]["moe_layers"]
+        raw = {layer: {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith(f"layers.{layer}.")}
+               for layer in layers}
+    assert sorted(doc["keep"]) == sorted(map(str, layers))
+    for layer in layers:
+        expected = INDEPENDENT[name](raw[layer])
+        np.testing.assert_allclose(doc["scores"][str(layer)], expected, rtol=1e-9, atol=1e-12)
+        assert doc["keep"][str(layer)] == independent_keep(expected, 6)
+    sets = raw[layers[0]]["token_bits"]
     assert sets.any() and sets.shape == (8, 16) and sets.dtype == np.uint8  # vocabulary 128: 16 bytes
 
 
@@ -348,8 +431,7 @@ def test_score_cli_refuses_statistics_without_the_field(tmp_path: Path) -> None:
     """A file from before the MC-Suite statistics (the factory writes none) stays readable; the criterion says why not."""
     stats = write_stats(tmp_path / "old.safetensors")
     assert StatsFile(stats).optional_fields == ()
-    result = CliRunner().invoke(score_cmd, [str(stats), "--criterion", "mcs-evtc", "--ratio", "0.5",
-                                            "-o", str(tmp_path / "p.json")])
+    result = score_cli(stats, "--criterion", "mcs-evtc", "--ratio", "0.5", "-o", tmp_path / "p.json")
     assert result.exit_code == 2
     assert result.output.startswith("Error:") and result.output.count("\n") == 1
     assert "token_bits" in result.output and "moe-surgery collect" in result.output
@@ -364,8 +446,7 @@ def test_rwn_reads_the_checkpoint_router(model_type: str, layout: str, tiny, tmp
 
     src = tiny(model_type, layout)
     out = tmp_path / "plan.json"
-    result = CliRunner().invoke(score_cmd, ["--model", str(src), "--criterion", "mcs-rwn", "--keep", "4",
-                                            "-o", str(out)])
+    result = score_cli("--model", src, "--criterion", "mcs-rwn", "--keep", "4", "-o", out)
     assert result.exit_code == 0, result.output
     scores = json.loads(out.read_text())["scores"]
     blocks = find_moe_blocks(load_model(src))
