@@ -68,3 +68,25 @@ def test_expert_tensor_unlike_its_siblings(src: Path, tmp_path: Path, cli: Calla
     rewrite_header(shard, _reshape("mlp.experts.5.down_proj.weight", lambda s: [s[0] // 2, 2, s[1]]))
     line = fails(cli, src, write_plan(tmp_path / "plan.json", GOOD_KEEP))
     assert "experts.5.down_proj.weight" in line and "other experts" in line, line
+
+
+@pytest.mark.parametrize("counts", [{"0": "6"}, {"zero": 6}, {"1": 6}, [6, 6], {"0": 0}])
+def test_verify_refuses_bad_per_layer_counts(src: Path, counts: object) -> None:
+    """`moe_surgery_experts_per_layer` is read from an untrusted config: a bad one is a one-line error."""
+    from surgery.architectures import ArchitectureError
+    from surgery.hub.verify import verify_checkpoint
+
+    config = edit_config(src, moe_surgery_experts_per_layer=counts)
+    with pytest.raises(ArchitectureError, match="moe_surgery_experts_per_layer") as info:
+        verify_checkpoint(src)
+    assert str(config) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_verify_reports_a_non_numeric_total_size(src: Path) -> None:
+    from surgery.hub.verify import verify_checkpoint
+
+    index = src / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    doc["metadata"] = {"total_size": "many"}
+    index.write_text(json.dumps(doc))
+    assert any("total_size 'many'" in p for p in verify_checkpoint(src))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from surgery.architectures import check_shapes, resolve
+from surgery.architectures import ArchitectureError, MoELayout, check_shapes, resolve
 from surgery.io import Checkpoint
 from surgery.refine.sparsify import check_nm
 
@@ -14,20 +14,21 @@ def verify_checkpoint(path: str | Path) -> list[str]:
     ckpt = Checkpoint(path)
     problems: list[str] = []
     layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
-    per_layer = layout.config.get("moe_surgery_experts_per_layer")
+    per_layer = _per_layer_counts(layout, str(ckpt.config_path))
     shapes = {n: ckpt.info(n).shape for n in ckpt.names()}
     if per_layer:
         for layer, count in per_layer.items():
             sub = resolve({**ckpt.config, **_with_count(ckpt.config, layout, count)}, ckpt.names())
-            sub.layers = {int(layer): sub.layers[int(layer)]}
+            sub.layers = {layer: sub.layers[layer]}
             problems += check_shapes(sub, shapes)
     else:
         problems += check_shapes(layout, shapes)
     if ckpt.index is not None:
-        declared = (ckpt.index.get("metadata") or {}).get("total_size")
+        metadata = ckpt.index.get("metadata")
+        declared = metadata.get("total_size") if isinstance(metadata, dict) else None
         actual = sum(ckpt.info(n).nbytes for n in ckpt.names())
-        if declared is not None and int(declared) != actual:
-            problems.append(f"{ckpt.dir}/model.safetensors.index.json: total_size {declared} != {actual} bytes of tensors")
+        if declared is not None and declared != actual:
+            problems.append(f"{ckpt.dir}/model.safetensors.index.json: total_size {declared!r} != {actual} bytes of tensors")
     ckpt.close()
     problems += check_nm(path)
     return problems
@@ -40,3 +41,18 @@ def _with_count(config: dict, layout, count: int) -> dict:
         sub[layout.spec.expert_keys[0]] = count
         return {layout.spec.config_path[0]: sub}
     return {layout.spec.expert_keys[0]: count}
+
+
+def _per_layer_counts(layout: MoELayout, where: str) -> dict[int, int]:
+    """`moe_surgery_experts_per_layer` ({"<layer>": count}, non-uniform checkpoints), checked: it is input too."""
+    raw = layout.config.get("moe_surgery_experts_per_layer")
+    if not raw:
+        return {}
+    counts: dict[int, int] = {}
+    for key, count in raw.items() if isinstance(raw, dict) else [(None, None)]:
+        layer = int(key) if isinstance(key, str) and key.isdigit() else None
+        if layer not in layout.layers or isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ArchitectureError(f"{where}: moe_surgery_experts_per_layer must map MoE layer indices to expert "
+                                    f"counts; {key!r}: {count!r} is not one")
+        counts[layer] = count
+    return counts
