@@ -144,3 +144,9 @@ class Checkpoint:
     def close(self) -> None:
         for f in self.files.values():
             f.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
