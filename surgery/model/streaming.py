@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from surgery.architectures import MoELayout
+from surgery.architectures.expert_math import memory_fused
 from surgery.errors import UserError
 from surgery.io.expert_weights import read_expert
 from surgery.io import Checkpoint
@@ -40,16 +41,23 @@ class HiddenStore:
         self.where = _choose(where, device, total_bytes)
         self.device = device
         self.spill_dir = spill_dir
-        self._tmp: tempfile.TemporaryDirectory | None = None
         self.items: list[torch.Tensor] = []
 
     def _disk_tensor(self, like: torch.Tensor, index: int) -> torch.Tensor:
-        if self._tmp is None:
+        """A tensor backed by a file that is unlinked as soon as it is mapped: the mapping keeps the pages,
+        and a run that is killed (even by SIGKILL) leaves nothing behind."""
+        try:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
-            self._tmp = tempfile.TemporaryDirectory(prefix=".hidden-", dir=self.spill_dir)
-        path = Path(self._tmp.name) / f"batch{index}.bin"
-        path.write_bytes(b"")
-        return torch.from_file(str(path), shared=True, size=like.numel(), dtype=like.dtype).view(like.shape)
+            fd, name = tempfile.mkstemp(prefix=f".moe-surgery-hidden-{index}-", suffix=".bin", dir=self.spill_dir)
+            os.close(fd)
+        except OSError as e:
+            raise UserError(f"{self.spill_dir}: cannot spill hidden states to disk ({e.strerror})") from None
+        try:
+            return torch.from_file(name, shared=True, size=like.numel(), dtype=like.dtype).view(like.shape)
+        except RuntimeError as e:
+            raise UserError(f"{self.spill_dir}: cannot spill hidden states to disk ({str(e).splitlines()[0]})") from None
+        finally:
+            os.unlink(name)
 
     def put(self, index: int, value: torch.Tensor) -> None:
         if self.where == "gpu":
@@ -69,8 +77,6 @@ class HiddenStore:
 
     def close(self) -> None:
         self.items = []
-        if self._tmp is not None:
-            self._tmp.cleanup()
 
 
 def _available_ram() -> int:
@@ -118,12 +124,12 @@ def _load_params(module: torch.nn.Module, prefix: str, ckpt: Checkpoint, layout:
     state = module.state_dict()
     for key, target in state.items():
         full = f"{prefix}.{key}" if prefix else key
-        if layer is not None and spec.expert_math == "glu_halves" and key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        fused = memory_fused(key) if layer is not None and spec.math.glu_halves else None
+        if fused is not None:  # [E, 2I, H] = gate rows then up rows, or [E, H, I] = down
             values = []
             for e in range(target.shape[0]):
                 m = read_expert(ckpt, layout, layer, e)
-                values.append(torch.cat([torch.from_numpy(m["gate"]), torch.from_numpy(m["up"])])
-                              if key.endswith("gate_up_proj") else torch.from_numpy(m["down"]))
+                values.append(torch.cat([torch.from_numpy(m[role]) for role in fused.roles]))
             target.copy_(torch.stack(values).to(dtype))
             continue
         disk = _disk_name(ckpt, full, spec.memory_renames)
