@@ -245,9 +245,39 @@ def test_prune_progressive_records_layer_blocks(model, data_file: Path, root: Pa
     assert info["num_experts_after"] == 4
 
 
+@pytest.fixture(scope="module")
+def first_round_stats(model, data_file: Path, root: Path) -> Callable[[str], Path]:
+    """What round 1 collects on the unpruned qwen3_moe, collected by hand through the CLI; the argument is the
+    extra collect option the criterion's statistics need ("" for none)."""
+    cache: dict[str, Path] = {}
+
+    def get(option: str) -> Path:
+        if option not in cache:
+            cache[option] = root / f"first-round{option}.safetensors"
+            cli("collect", model("qwen3_moe"), "-d", data_file, "-o", cache[option], *CLI_RUN, *filter(None, [option]))
+        return cache[option]
+
+    return get
+
+
+def score_by_hand(criterion: str, src: Path, stats: Callable[[str], Path], keep: int, root: Path) -> dict:
+    """`moe-surgery score` as round 1 runs it: on the statistics, or on the checkpoint for criteria without."""
+    if CRITERIA[criterion].needs == "stats":
+        option = "--gradients" if criterion.startswith("mcs-eg") else "--histogram" if criterion == "mcs-eao" else ""
+        source = [stats(option)]
+    else:
+        source = ["--model", src]
+    plan = root / f"hand-score-{criterion}-{keep}.json"
+    cli("score", *source, "--criterion", criterion, "--keep", keep, "--seed", "3", "-o", plan)
+    return json.loads(plan.read_text())
+
+
 @pytest.mark.parametrize("criterion", sorted(CRITERIA))
 @pytest.mark.parametrize("mode", ["--rounds", "--progressive"])
-def test_every_criterion(criterion: str, mode: str, model, data_file: Path, root: Path) -> None:
+def test_every_criterion(criterion: str, mode: str, model, data_file: Path, root: Path,
+                         first_round_stats: Callable[[str], Path]) -> None:
+    """Round 1 decides what `score` decides by hand on the same statistics; the output is the rewrite of the
+    composed plan, which `prune --plan` by hand reproduces byte for byte."""
     if mode == "--progressive" and CRITERIA[criterion].needs != "stats":
         pytest.skip("progressive pruning re-collects statistics: weight-only criteria do not change")
     src = model("qwen3_moe")
@@ -255,7 +285,28 @@ def test_every_criterion(criterion: str, mode: str, model, data_file: Path, root
     extra = ["--progressive"] if mode == "--progressive" else []
     cli("prune", src, "-d", data_file, "--criterion", criterion, "--ratio", "0.5", "--rounds", "2", *extra,
         *CLI_RUN, "-o", out)
-    assert pruning(out)["num_experts_after"] == 4
+    info = pruning(out)
+    rounds = info["plan"]["rounds"]
+    layers = [str(layer) for layer in moe_layers(src)]
+    first = rounds[0]["plan"]
+    hand = score_by_hand(criterion, src, first_round_stats, 4 if extra else 6, root)
+    if extra:  # round r decides block r's layers for good, the first one on the unpruned model's statistics
+        assert [r["layers"] for r in rounds] == layer_blocks(moe_layers(src), 2)
+        for layer in map(str, rounds[0]["layers"]):
+            assert first["keep"][layer] == hand["keep"][layer] and first["scores"][layer] == hand["scores"][layer]
+        composed = {str(layer): r["plan"]["keep"][str(layer)] for r in rounds for layer in r["layers"]}
+    else:  # 8 -> 6 -> 4 experts; round 2's ids are positions among round 1's kept experts
+        assert [r["keep_per_layer"] for r in rounds] == [6, 4]
+        assert first["keep"] == hand["keep"] and first["scores"] == hand["scores"]
+        second = rounds[1]["plan"]["keep"]
+        assert all(set(second[layer]) <= set(range(6)) for layer in layers)
+        composed = {layer: [first["keep"][layer][i] for i in second[layer]] for layer in layers}
+    assert info["expert_map"] == composed and sorted(composed) == sorted(layers)
+    assert all(len(set(ids)) == 4 and ids == sorted(ids) and set(ids) <= set(range(8)) for ids in composed.values())
+    plan = root / f"every-{criterion}{mode}.json"
+    plan.write_text(json.dumps({"keep": composed}))
+    cli("prune", src, "--plan", plan, "-o", root / f"every-{criterion}{mode}-by-hand")
+    assert checkpoint_bytes(out) == checkpoint_bytes(root / f"every-{criterion}{mode}-by-hand")
 
 
 def test_bad_combinations_are_one_line_errors(model, data_file: Path, root: Path) -> None:
