@@ -470,8 +470,8 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     tmp: Path | None = None
     key: tuple[int, int] | None = None
     try:
-        _check_target(out, overwrite)
         _remove_stale(out)
+        _check_target(out, overwrite)
         signals.install()
         tmp = _make_tmp(out)
         try:
