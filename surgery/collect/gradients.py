@@ -36,21 +36,16 @@ from surgery.collect.hooks import SelfCheckError
 from surgery.collect.progressive import RouterMask
 from surgery.model.streaming import HiddenStore, _load_frame, _load_params, _record_calls
 
-# Per in-memory expert layout (ArchSpec.expert_math): each fused matrix and its hidden-size axis.
-# glu_halves: gate_up_proj [E, 2I, H], down_proj [E, H, I]; gpt_oss: gate_up_proj [E, H, 2I], down_proj [E, I, H].
-MATRICES: dict[str, tuple[tuple[str, int], ...]] = {
-    "glu_halves": (("gate_up_proj", 2), ("down_proj", 1)),
-    "gpt_oss": (("gate_up_proj", 1), ("down_proj", 2)),
-}
 OUTLIER_SIGMAS = 3.0  # MC-Suite's c
 
 Matrices = list[tuple[torch.nn.Parameter, int]]  # (fused expert matrix [E, a, b], its hidden axis)
 
 
 def expert_matrices(experts: torch.nn.Module, spec: ArchSpec) -> Matrices:
-    if spec.expert_math not in MATRICES:
+    """Each fused matrix of the in-memory expert layout (ArchSpec.math.matrices) and its hidden-size axis."""
+    if not spec.math.matrices:
         raise SelfCheckError(f"collect --gradients does not support {spec.model_type} (expert formula {spec.expert_math!r})")
-    return [(getattr(experts, name), axis) for name, axis in MATRICES[spec.expert_math]]
+    return [(getattr(experts, name), axis) for name, axis in spec.math.matrices]
 
 
 class GradientSums:

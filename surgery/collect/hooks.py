@@ -58,10 +58,10 @@ class Instrument:
             self._patch(b)
 
     def dims(self, b: MoEBlock) -> tuple[int, int, int]:
-        e = b.experts.down_proj.shape[0]
-        if self.spec.expert_math == "gpt_oss":  # down_proj [E, I, H]
-            return e, b.experts.down_proj.shape[2], b.experts.down_proj.shape[1]
-        return e, b.experts.down_proj.shape[1], b.experts.down_proj.shape[2]
+        """(experts, hidden size, intermediate size) from the down matrix and its hidden axis in the expert math table."""
+        name, hidden_axis = self.spec.math.down
+        shape = getattr(b.experts, name).shape
+        return shape[0], shape[hidden_axis], shape[3 - hidden_axis]
 
     def set_tokens(self, ids: torch.Tensor) -> None:
         """The input ids [batch, seq] of the batch about to run (the MoE blocks see its tokens flattened).

@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from surgery.architectures import ArchSpec
+from surgery.architectures.expert_math import CORRECTION_BIAS
 from surgery.collect.hooks import SelfCheckError
 from surgery.model.blocks import find_blocks
-
-CORRECTION_BIAS = "e_score_correction_bias"
 
 
 class RouterMask:

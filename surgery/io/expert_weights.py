@@ -8,7 +8,6 @@ tensors, fused [E, 2I, H] or [E, H, 2I], halves or interleaved gate/up. Router c
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,16 +15,10 @@ from typing import Callable
 import numpy as np
 
 from surgery.architectures import MoELayout, resolve
+from surgery.architectures.expert_math import FUSED_DOWN, FUSED_GATE_UP, ROLE_PATTERNS  # per-model names, re-exported
 from surgery.architectures.layout import active_groups
 from surgery.io import Checkpoint, CheckpointError, decode
 
-ROLE_PATTERNS = {
-    "gate": re.compile(r"(^|\.)(gate_proj|w1)\.weight$"),
-    "up": re.compile(r"(^|\.)(up_proj|w3)\.weight$"),
-    "down": re.compile(r"(^|\.)(down_proj|w2)\.weight$"),
-}
-FUSED_GATE_UP = re.compile(r"(experts\.gate_up_proj|input_linear\.weight)$")
-FUSED_DOWN = re.compile(r"(experts\.down_proj|output_linear\.weight)$")
 
 Matrices = dict[str, np.ndarray]
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from surgery.architectures import ArchSpec
+from surgery.architectures.expert_math import DOWN
 
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
@@ -26,7 +27,7 @@ def find_blocks(model: torch.nn.Module, spec: ArchSpec) -> list[MoEBlock]:
     for name, module in model.named_modules():
         experts = getattr(module, "experts", None)
         router = getattr(module, spec.router_module, None)
-        if isinstance(experts, torch.nn.Module) and isinstance(router, torch.nn.Module) and hasattr(experts, "down_proj"):
+        if isinstance(experts, torch.nn.Module) and isinstance(router, torch.nn.Module) and hasattr(experts, DOWN.memory):
             found = _LAYER_RE.findall(name + ".")
             if found:
                 blocks.append(MoEBlock(int(found[-1]), name, experts, router))

@@ -1,6 +1,7 @@
 """One expert's intermediate activation h and output f, from transformers 5's in-memory experts module.
 
-Which formula applies is data in the registry (`ArchSpec.expert_math`); the collector's
+Which formula applies is data: the architecture's kind (`ArchSpec.expert_math`) names a row of
+`surgery.architectures.expert_math.EXPERT_MATH`, whose `formula` picks the code here; the collector's
 self-check compares the combined result with the module's own output on the first batch.
 """
 
@@ -9,16 +10,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SUPPORTED = ("glu_halves", "gpt_oss")
+from surgery.architectures.expert_math import EXPERT_MATH, collectable_kinds
+
+SUPPORTED = collectable_kinds()  # kinds with a formula below
+
+
+def _formula(kind: str) -> str | None:
+    return EXPERT_MATH[kind].formula if kind in EXPERT_MATH else None
 
 
 def expert_forward(experts: torch.nn.Module, kind: str, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, f) for expert `e` on tokens `x` [n, H], in the module's dtype, exactly as the model computes them."""
-    if kind == "glu_halves":  # gate_up_proj [E, 2I, H], down_proj [E, H, I]
+    formula = _formula(kind)
+    if formula == "glu":  # gate_up_proj [E, 2I, H], down_proj [E, H, I]
         gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
         h = experts.act_fn(gate) * up
         return h, F.linear(h, experts.down_proj[e])
-    if kind == "gpt_oss":  # gate_up_proj [E, H, 2I] interleaved, biases, clamped SwiGLU
+    if formula == "biased_clamped_glu":  # gate_up_proj [E, H, 2I] interleaved, biases, clamped SwiGLU
         h = experts._apply_gate(x @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e])
         return h, h @ experts.down_proj[e] + experts.down_proj_bias[e]
     raise ValueError(f"no expert formula {kind!r}")
@@ -35,7 +43,7 @@ def grouped_forward(experts: torch.nn.Module, kind: str, x: torch.Tensor, expert
     if _grouped_linear is None or kind not in SUPPORTED:
         return _looped(experts, kind, x, counts)
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    if kind == "glu_halves":
+    if _formula(kind) == "glu":
         gate, up = _grouped_linear(x, experts.gate_up_proj, offs).chunk(2, dim=-1)
         h = experts.act_fn(gate) * up
         return h, _grouped_linear(h, experts.down_proj, offs)

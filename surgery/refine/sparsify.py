@@ -29,7 +29,7 @@ from stats_formats import StatsFile
 from surgery import __version__
 from surgery.architectures import MoELayout, resolve
 from surgery.errors import UserError
-from surgery.io.expert_weights import FUSED_DOWN, FUSED_GATE_UP, ROLE_PATTERNS
+from surgery.architectures.expert_math import FUSED_DOWN, FUSED_GATE_UP, PROJECTION_ROLE, ROLE_PATTERNS, SHARED_RE
 from surgery.io.identity import check_stats_match
 from surgery.io import INDEX_NAME, Checkpoint, SafetensorsFile, TensorInfo, atomic_output_dir, decode, rewrite_shard
 from surgery.rewrite.experts import _copy_other_files
@@ -42,7 +42,6 @@ NORM_FIELDS = {
 }
 # Float dtypes and the unsigned integer of the same width: zeroing those integers zeroes the weight.
 BITS_DTYPES = {"BF16": np.uint16, "F16": np.uint16, "F32": np.uint32, "F64": np.uint64}
-SHARED_RE = re.compile(r"\.shared_experts?\.(gate_proj|up_proj|down_proj)\.weight$")
 ROW_BLOCK = 1024  # rows scored at once: bounds the float32 workspace for very wide experts
 PRUNING_JSON = "pruning.json"
 
@@ -190,7 +189,7 @@ def find_targets(ckpt: Checkpoint, layout: MoELayout, layers: list[int], include
             m = SHARED_RE.search(name)
             layer = by_prefix.get(name[: m.start()]) if m else None
             if layer is not None:
-                out[name] = Target(layer, "inter" if m[1] == "down_proj" else "in", 1, shared=True)
+                out[name] = Target(layer, "inter" if PROJECTION_ROLE[m[1]] == "down" else "in", 1, shared=True)
     for name in out:
         _refuse_dtype(ckpt, name)
     return out

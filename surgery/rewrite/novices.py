@@ -72,7 +72,7 @@ def novice_ids(layout: MoELayout, keep: dict[int, list[int]], where: str) -> dic
 def check_supported(ckpt: Checkpoint, layout: MoELayout, layers: list[int]) -> None:
     """Refuse what vLLM's expert substitution cannot serve (see the module docstring)."""
     where = str(ckpt.config_path)
-    if layout.spec.expert_math == "llama4":
+    if layout.spec.math.router_scales_input:
         raise NoviceError(f"{where}: {layout.spec.model_type} applies the router weight to the expert input; "
                           "vLLM's expert substitution does not support it, so novices cannot be written")
     if CONFIG_KEY in layout.config or CONFIG_KEY in ckpt.config:

@@ -16,11 +16,10 @@ import torch
 
 from surgery.architectures import MoELayout
 from surgery.errors import UserError
-from surgery.io.expert_weights import FUSED_DOWN, FUSED_GATE_UP, ROLE_PATTERNS
+from surgery.architectures.expert_math import ROLE_PATTERNS, FusedMatrix, memory_fused
 from surgery.io import Checkpoint
 
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-_FUSED_EXPERTS = re.compile(r"\.experts\.(?P<which>gate_up_proj|down_proj)$")
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
@@ -34,15 +33,14 @@ def to_bytes(value: torch.Tensor, dtype: str) -> bytes:
     return t.view(torch.uint8).numpy().tobytes()
 
 
-def _pack_fused(ckpt: Checkpoint, layout: MoELayout, layer: int, which: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+def _pack_fused(ckpt: Checkpoint, layout: MoELayout, layer: int, which: FusedMatrix, value: torch.Tensor) -> dict[str, torch.Tensor]:
     """[E, 2I, H] gate_up or [E, H, I] down in the fused on-disk orientation and gate/up order."""
     entry, spec = layout.layers[layer], layout.spec
-    pattern = FUSED_GATE_UP if which == "gate_up_proj" else FUSED_DOWN
-    name = next((n for n in entry.fused if pattern.search(n)), None)
+    name = next((n for n in entry.fused if which.disk.search(n)), None)
     if name is None:
-        raise ExportError(f"{ckpt.dir}: layer {layer}: no fused {which} tensor on disk to write the trained experts into")
+        raise ExportError(f"{ckpt.dir}: layer {layer}: no fused {which.memory} tensor on disk to write the trained experts into")
     out = value
-    if which == "gate_up_proj" and spec.interleaved:
+    if len(which.roles) == 2 and spec.interleaved:
         gate, up = value.chunk(2, dim=1)
         out = torch.stack([gate, up], dim=2).flatten(1, 2)  # rows g0, u0, g1, u1, ...
     if spec.fused_orientation == "in_out":
@@ -50,10 +48,10 @@ def _pack_fused(ckpt: Checkpoint, layout: MoELayout, layer: int, which: str, val
     return {name: out}
 
 
-def _pack_per_expert(ckpt: Checkpoint, layout: MoELayout, layer: int, which: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+def _pack_per_expert(ckpt: Checkpoint, layout: MoELayout, layer: int, which: FusedMatrix, value: torch.Tensor) -> dict[str, torch.Tensor]:
     """One nn.Linear weight per expert and role (gate and up are the halves of gate_up_proj)."""
     entry = layout.layers[layer]
-    roles = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}[which]
+    roles = which.roles
     out: dict[str, torch.Tensor] = {}
     for e in range(value.shape[0]):
         parts = dict(zip(roles, value[e].chunk(len(roles), dim=0)))
@@ -63,7 +61,7 @@ def _pack_per_expert(ckpt: Checkpoint, layout: MoELayout, layer: int, which: str
                     out[name] = part
     if len(out) != value.shape[0] * len(roles):
         raise ExportError(f"{ckpt.dir}: layer {layer}: found {len(out)} of {value.shape[0] * len(roles)} "
-                          f"per-expert tensors for {which}")
+                          f"per-expert tensors for {which.memory}")
     return out
 
 
@@ -86,14 +84,14 @@ def _direct_name(ckpt: Checkpoint, name: str, renames: tuple[tuple[str, str], ..
 def disk_tensors(ckpt: Checkpoint, layout: MoELayout, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """{on-disk tensor name: value in its on-disk shape} for in-memory parameters `params`."""
     out: dict[str, torch.Tensor] = {}
-    glu = layout.spec.expert_math == "glu_halves"
+    glu = layout.spec.math.glu_halves
     for name, value in params.items():
-        m = _FUSED_EXPERTS.search(name)
+        m = memory_fused(name)
         direct = _direct_name(ckpt, name, layout.spec.memory_renames)
         if m and glu and direct is None:
             layer = _layer_of(layout, name)
             pack = _pack_fused if layout.layers[layer].fused else _pack_per_expert
-            out.update(pack(ckpt, layout, layer, m["which"], value))
+            out.update(pack(ckpt, layout, layer, m, value))
             continue
         if direct is None:
             raise ExportError(f"{ckpt.dir}: no on-disk tensor for trained parameter {name!r}")
