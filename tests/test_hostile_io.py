@@ -938,3 +938,17 @@ def test_sigterm_handler_is_restored(tmp_path: Path) -> None:
         assert signal.getsignal(signal.SIGTERM) is not before
     assert signal.getsignal(signal.SIGTERM) is before
     assert writer._ACTIVE == {}
+
+
+def test_contained_tells_side_files_that_leave_the_folder(tmp_path: Path) -> None:
+    from surgery.io.paths import contained
+
+    repo, snapshot = hf_cache(tmp_path)
+    secret = tmp_path / "id_ed25519"
+    secret.write_text("secret\n")
+    (snapshot / "tokenizer.json").symlink_to(secret)
+    (snapshot / "chat").mkdir()
+    (snapshot / "chat" / "template.jinja").symlink_to(Path("..") / "config.json")
+    assert contained(snapshot, snapshot / "config.json")  # a cache blob
+    assert contained(snapshot, snapshot / "chat" / "template.jinja")  # a link inside
+    assert not contained(snapshot, snapshot / "tokenizer.json")

@@ -11,6 +11,7 @@ rewriter's output names, writes) anywhere. Two helpers close that:
   `_is_cache_blob`). Any other symbolic link out of the folder is refused.
 * `inside(root, name)`: `root / name` for a plain file name only (no separators, not `.`/`..`);
   what every writer of an output file should build its target with.
+* `contained(folder, path)`: whether a file of the folder (a side file to copy) resolves inside it.
 
 Both raise `CheckpointError` with a one-line message. `show(path)` renders a path for such a message.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from surgery.errors import CheckpointError
 
-__all__ = ["inside", "is_plain_name", "member", "short_repr", "show"]
+__all__ = ["contained", "inside", "is_plain_name", "member", "short_repr", "show"]
 
 MAX_NAME = 255  # bytes in one path component on every common filesystem
 
@@ -121,6 +122,15 @@ def _is_cache_blob(real: str, real_folder: str) -> bool:
     return os.path.dirname(blobs) in ancestors
 
 
+def contained(folder: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether `path`, symbolic links resolved, stays inside `folder` or is a Hugging Face cache blob of
+    it: what a copier of a checkpoint's side files (tokenizer, README...) should check before copying,
+    so that a link like `tokenizer.json -> ~/.ssh/id_ed25519` is not copied (or pushed to the Hub)."""
+    real_folder = os.path.realpath(folder)
+    real = os.path.realpath(path)
+    return _within(real, real_folder) or _is_cache_blob(real, real_folder)
+
+
 def member(folder: str | os.PathLike, name: object, where: str | os.PathLike, what: str = "shard") -> Path:
     """The path of a regular file a checkpoint folder names, checked (see the module docstring).
 
@@ -133,14 +143,11 @@ def member(folder: str | os.PathLike, name: object, where: str | os.PathLike, wh
         raise CheckpointError(f"{lead}, which is not a file name inside the checkpoint folder ({problem})")
     assert isinstance(name, str)
     path = Path(folder) / name
-    real_folder = os.path.realpath(folder)
-    real = os.path.realpath(path)
-    if not _within(real, real_folder):
-        if not _is_cache_blob(real, real_folder):
-            if not os.path.lexists(path) and not os.path.islink(path.parent):
-                raise CheckpointError(f"{lead}, which is missing")
-            raise CheckpointError(f"{lead}, a symbolic link to {show(real)}, outside the checkpoint folder "
-                                  "(refused: copy the file into the folder)")
+    if not contained(folder, path):
+        if not os.path.lexists(path) and not os.path.islink(path.parent):
+            raise CheckpointError(f"{lead}, which is missing")
+        raise CheckpointError(f"{lead}, a symbolic link to {show(os.path.realpath(path))}, outside the "
+                              "checkpoint folder (refused: copy the file into the folder)")
     try:
         st = os.stat(path)
     except FileNotFoundError:
