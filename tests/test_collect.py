@@ -4,6 +4,7 @@ data and a broken expert formula stop it with a clear error and no file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -16,6 +17,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from click.testing import Result
 from transformers import AutoTokenizer
 
 from collect_reference import find_moe_blocks, reference_stats
@@ -89,6 +91,42 @@ def run_collect(model_dir: Path, data: list[Path], out: Path, **kw) -> StatsFile
     return StatsFile(out)
 
 
+@contextlib.contextmanager
+def aligned_loading():
+    """Inside it, from_pretrained returns freshly allocated parameters (see section 5)."""
+    import transformers
+
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        with torch.no_grad():
+            for t in [*loaded.parameters(), *loaded.buffers()]:
+                t.data = t.data.clone()
+        return loaded
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", staticmethod(from_pretrained))
+        yield
+
+
+@pytest.fixture(scope="module")
+def stats_of(root: Path) -> Callable[..., StatsFile]:
+    """`stats_of(name, model_dir, data, aligned=False, **kw)`: run_collect into root/name once per module, so
+    tests that read the same statistics share one run whatever order they run in (or alone)."""
+    cache: dict[tuple, StatsFile] = {}
+
+    def get(name: str, model_dir: Path, data: list[Path], aligned: bool = False, **kw) -> StatsFile:
+        key = (name, str(model_dir), tuple(map(str, data)), aligned, tuple(sorted(kw.items())))
+        if key not in cache:
+            assert not (root / name).exists(), f"{name} collected twice with different arguments"
+            with aligned_loading() if aligned else contextlib.nullcontext():
+                cache[key] = run_collect(model_dir, data, root / name, **kw)
+        return cache[key]
+
+    return get
+
+
 def rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
     """max |actual - expected| / max |expected| (with an absolute floor for all-zero tensors)."""
     actual = np.asarray(actual, dtype=np.float64)
@@ -138,15 +176,15 @@ def batches_of(ids: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
-def test_matches_reference(model_type: str, model, data_file: Path, root: Path) -> None:
+def test_matches_reference(model_type: str, model, data_file: Path, root: Path, stats_of) -> None:
     src = model(model_type)
-    out = root / f"ref-{model_type}.safetensors"
     if model_type in UNSUPPORTED:
+        out = root / f"refused-{model_type}.safetensors"
         with pytest.raises(SelfCheckError, match="does not support"):
             run_collect(src, [data_file], out)
         assert not out.exists()
         return
-    stats = run_collect(src, [data_file], out)
+    stats = stats_of(f"ref-{model_type}.safetensors", src, [data_file])
 
     # The same sequences, in the same batches, through the plain model.
     tokenizer = AutoTokenizer.from_pretrained(src)
@@ -213,7 +251,9 @@ def dist_setup(model, root: Path) -> dict:
     return {"src": src, "data": data, "rows": shuffled[:n_rows], "single": single}
 
 
-def test_torchrun_two_ranks_same_as_one_run(dist_setup: dict, root: Path) -> None:
+@pytest.fixture(scope="module")
+def torchrun_file(dist_setup: dict, root: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """The dist_setup collect run by torchrun on two CPU ranks: (its statistics file, the process)."""
     out = root / "dist-torchrun.safetensors"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
            "OMP_NUM_THREADS": str(torch.get_num_threads()), "GLOO_SOCKET_IFNAME": "lo"}
@@ -223,15 +263,21 @@ def test_torchrun_two_ranks_same_as_one_run(dist_setup: dict, root: Path) -> Non
            "--samples", str(DIST_RUN["samples"]), "--holdout", str(DIST_RUN["holdout"]),
            "--seq-len", str(DIST_SEQ), "--batch-size", "1", "--seed", str(DIST_RUN["seed"]),
            "--device", "cpu", "--dtype", "float32", "--histogram"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return out, subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_two_ranks_same_as_one_run(torchrun_file: tuple[Path, subprocess.CompletedProcess],
+                                            dist_setup: dict) -> None:
+    out, proc = torchrun_file
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("Wrote ") == 1, proc.stdout  # rank 0 alone reports and writes
     same_file(StatsFile(out), dist_setup["single"])
 
 
-def test_merge_of_rank_shares_same_as_one_run(dist_setup: dict, root: Path, cli) -> None:
-    """Rank r of 2 takes main rows r::2 and held-out rows r::2: collect each share on its own
-    (same sequences, same batches of one), then `stats merge` must give the single-run file."""
+@pytest.fixture(scope="module")
+def merged_file(dist_setup: dict, root: Path, cli) -> tuple[Path, Result]:
+    """Rank r of 2 takes main rows r::2 and held-out rows r::2: each share collected on its own (same
+    sequences, same batches of one), then `stats merge`: (the merged file, the merge command's result)."""
     rows, n_main = dist_setup["rows"], DIST_RUN["samples"]
     filler = "filler text that is never a full sequence"[: DIST_SEQ - 2]
     parts = []
@@ -242,7 +288,12 @@ def test_merge_of_rank_shares_same_as_one_run(dist_setup: dict, root: Path, cli)
         run_collect(dist_setup["src"], [data], out, **{**DIST_RUN, "samples": len(main), "holdout": len(held)})
         parts.append(out)
     merged = root / "dist-merged.safetensors"
-    result = cli("stats", "merge", *parts, "-o", merged)
+    return merged, cli("stats", "merge", *parts, "-o", merged)
+
+
+def test_merge_of_rank_shares_same_as_one_run(merged_file: tuple[Path, Result], dist_setup: dict) -> None:
+    """`stats merge` of the two ranks' shares, each collected on its own, gives the single-run file."""
+    merged, result = merged_file
     assert result.exit_code == 0, result.output
     single = dist_setup["single"]
     compare(StatsFile(merged), as_expected(single), SAME_TOL)
@@ -318,43 +369,22 @@ def test_self_check_failure_through_cli(model, data_file: Path, tmp_path: Path, 
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. The other on-disk layout and --stream-layers give the same file (last: streaming has known
-#    failures, see STREAM_CASES)
+# 5. The other on-disk layout and --stream-layers give the same file
 #
 # from_pretrained leaves parameters as views into the memory-mapped shards, at offsets that are
 # not 64-byte aligned; CPU float32 kernels then round differently from the same computation on
 # the freshly allocated parameters of a streamed layer (~1e-8 relative). `aligned` makes the
-# plain run use fresh copies, so the two runs compute the very same float32 numbers.
-
-
-@pytest.fixture
-def aligned(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
-    """Call it to make every later from_pretrained in this test return freshly allocated parameters."""
-    import transformers
-
-    real = transformers.AutoModelForCausalLM.from_pretrained
-
-    def from_pretrained(*args, **kwargs):
-        loaded = real(*args, **kwargs)
-        with torch.no_grad():
-            for t in [*loaded.parameters(), *loaded.buffers()]:
-                t.data = t.data.clone()
-        return loaded
-
-    def use() -> None:
-        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", staticmethod(from_pretrained))
-
-    return use
+# plain run use fresh copies (aligned_loading), so the two runs compute the very same float32 numbers.
 
 
 TWO_LAYOUTS = [mt for mt in SUPPORTED if len(LAYOUTS[mt]) > 1]
 
 
 @pytest.mark.parametrize("model_type", TWO_LAYOUTS)
-def test_fused_layout_same_file_as_per_expert(model_type: str, model, data_file: Path, root: Path, aligned) -> None:
-    aligned()
-    files = [run_collect(model(model_type, layout), [data_file], root / f"layout-{model_type}-{layout}.safetensors")
-             for layout in ("per-expert", "fused")]
+def test_fused_layout_same_file_as_per_expert(model_type: str, model, data_file: Path, root: Path) -> None:
+    with aligned_loading():
+        files = [run_collect(model(model_type, layout), [data_file], root / f"layout-{model_type}-{layout}.safetensors")
+                 for layout in ("per-expert", "fused")]
     # The router hash covers on-disk tensor names, which may differ between layouts (ernie4_5_moe).
     same_file(files[1], files[0], SAME_TOL, ignore=("router_sha256",))
 
@@ -368,21 +398,19 @@ STREAM_CASES = [
     ("phimoe", "per-expert"),  # on disk block_sparse_moe.gate, in memory mlp.router
     ("granitemoe", "fused"),  # on disk router.layer.weight, in memory router.weight
     ("gpt_oss", "fused"),  # interleaved gate/up with biases
-    # Known failures (streaming.py / registry.py), kept last so `-x` runs everything else first:
     ("deepseek_v3", "per-expert"),  # e_score_correction_bias buffer in the router
     ("ernie4_5_moe", "per-expert"),  # on disk mlp.moe_statics, in memory mlp.gate.moe_statics
 ]
 
 
 @pytest.mark.parametrize("model_type,layout", STREAM_CASES, ids=[f"{m}-{lay}" for m, lay in STREAM_CASES])
-def test_stream_layers_same_file(model_type: str, layout: str, model, data_file: Path, root: Path, aligned) -> None:
+def test_stream_layers_same_file(model_type: str, layout: str, model, data_file: Path, stats_of) -> None:
     src = model(model_type, layout)
     name = f"{model_type}-{layout}"
-    plain = run_collect(src, [data_file], root / f"plain-{name}.safetensors")
-    streamed = run_collect(src, [data_file], root / f"stream-{name}.safetensors", stream_layers=True)
+    plain = stats_of(f"plain-{name}.safetensors", src, [data_file])
+    streamed = stats_of(f"stream-{name}.safetensors", src, [data_file], stream_layers=True)
     same_file(streamed, plain, REF_TOL)
-    aligned()
-    plain_aligned = run_collect(src, [data_file], root / f"plain-aligned-{name}.safetensors")
+    plain_aligned = stats_of(f"plain-aligned-{name}.safetensors", src, [data_file], aligned=True)
     same_file(streamed, plain_aligned, SAME_TOL)
 
 
@@ -440,7 +468,7 @@ def test_missing_tokenizer_is_refused(model, data_file: Path, tmp_path: Path) ->
 # ---------------------------------------------------------------------------------------------
 # 6. The MC-Suite fields (optional in the schema, written by every collect; the sections above
 #    compare the FIELDS only): against the reference, across ranks and merges, and streamed.
-#    Files the tests above wrote are reused; a test run alone writes its own.
+#    The statistics files come from the module's fixtures, shared with the tests above.
 
 MCSUITE = [f.name for f in MCSUITE_FIELDS]
 # out_hist bins values on a log grid, so a value near zero, whose float32 rounding is large relative to
@@ -471,14 +499,10 @@ def compare_mcsuite(actual: StatsFile, expected: dict[int, dict[str, np.ndarray]
     assert not bad, f"{len(bad)} tensors differ by more than {tol:g}:\n" + "\n".join(bad)
 
 
-def collected(path: Path, model_dir: Path, data: list[Path], **kw) -> StatsFile:
-    return StatsFile(path) if path.exists() else run_collect(model_dir, data, path, **kw)
-
-
 @pytest.mark.parametrize("model_type", SUPPORTED)
-def test_mcsuite_fields_match_reference(model_type: str, model, data_file: Path, root: Path) -> None:
+def test_mcsuite_fields_match_reference(model_type: str, model, data_file: Path, stats_of) -> None:
     src = model(model_type)
-    stats = collected(root / f"ref-{model_type}.safetensors", src, [data_file])
+    stats = stats_of(f"ref-{model_type}.safetensors", src, [data_file])
     tokenizer = AutoTokenizer.from_pretrained(src)
     calib = build_sequences([str(data_file)], tokenizer, RUN["samples"] + RUN["holdout"], RUN["seq_len"], RUN["seed"])
     main, _ = reference_stats(src, batches_of(calib.input_ids[: RUN["samples"]], RUN["batch_size"]), [])
@@ -494,11 +518,11 @@ def test_mcsuite_fields_match_reference(model_type: str, model, data_file: Path,
         assert stats.get(layer, "token_bits").any()
 
 
-def test_histogram_only_with_the_option(model, data_file: Path, root: Path) -> None:
+def test_histogram_only_with_the_option(model, data_file: Path, stats_of) -> None:
     """out_hist is opt-in (`--histogram`); the other statistics are the same with or without it."""
     src = model("qwen3_moe")
-    plain = run_collect(src, [data_file], root / "no-hist.safetensors", histogram=False)
-    full = collected(root / "ref-qwen3_moe.safetensors", src, [data_file])
+    plain = stats_of("no-hist.safetensors", src, [data_file], histogram=False)
+    full = stats_of("ref-qwen3_moe.safetensors", src, [data_file])
     assert plain.optional_fields == ("token_bits",) and full.optional_fields == ("out_hist", "token_bits")
     compare(plain, as_expected(full), SAME_TOL)
     assert np.array_equal(plain.get(plain.layers[0], "token_bits"), full.get(full.layers[0], "token_bits"))
@@ -524,12 +548,11 @@ def test_histogram_binning_matches_reference() -> None:
     np.testing.assert_allclose(acc.sums["out_hist"].sum(1).numpy(), 12 * np.bincount(expert.numpy(), minlength=3))
 
 
-def test_mcsuite_fields_same_across_ranks_and_merges(dist_setup: dict, root: Path, cli) -> None:
-    ranks, merged = root / "dist-torchrun.safetensors", root / "dist-merged.safetensors"
-    if not ranks.exists():
-        test_torchrun_two_ranks_same_as_one_run(dist_setup, root)
-    if not merged.exists():
-        test_merge_of_rank_shares_same_as_one_run(dist_setup, root, cli)
+def test_mcsuite_fields_same_across_ranks_and_merges(dist_setup: dict,
+                                                     torchrun_file: tuple[Path, subprocess.CompletedProcess],
+                                                     merged_file: tuple[Path, Result]) -> None:
+    (ranks, proc), (merged, result) = torchrun_file, merged_file
+    assert proc.returncode == 0 and result.exit_code == 0, "the torchrun or merge test says why"
     single = mcsuite_of(dist_setup["single"])
     compare_mcsuite(StatsFile(ranks), single, SAME_TOL)
     compare_mcsuite(StatsFile(merged), single, SAME_TOL)
@@ -537,12 +560,11 @@ def test_mcsuite_fields_same_across_ranks_and_merges(dist_setup: dict, root: Pat
 
 @pytest.mark.parametrize("model_type,layout", [("qwen3_moe", "per-expert"), ("qwen3_next", "per-expert"),
                                                ("gpt_oss", "fused")])
-def test_mcsuite_fields_same_with_stream_layers(model_type: str, layout: str, model, data_file: Path, root: Path,
-                                                aligned) -> None:
+def test_mcsuite_fields_same_with_stream_layers(model_type: str, layout: str, model, data_file: Path,
+                                                stats_of) -> None:
     src, name = model(model_type, layout), f"{model_type}-{layout}"
-    streamed = collected(root / f"stream-{name}.safetensors", src, [data_file], stream_layers=True)
-    aligned()
-    plain = collected(root / f"plain-aligned-{name}.safetensors", src, [data_file])
+    streamed = stats_of(f"stream-{name}.safetensors", src, [data_file], stream_layers=True)
+    plain = stats_of(f"plain-aligned-{name}.safetensors", src, [data_file], aligned=True)
     compare_mcsuite(streamed, mcsuite_of(plain), SAME_TOL)
 
 
