@@ -33,7 +33,7 @@ from stats_formats import (
     to_json,
 )
 from stats_formats.schema import field_table_markdown
-from surgery.cli.stats import stats
+from surgery.cli import main
 
 Model = dict[str, Any]
 Tensors = dict[str, np.ndarray]
@@ -251,18 +251,21 @@ MALFORMED = {
 }
 
 
-@pytest.mark.parametrize("case", list(MALFORMED))
-def test_malformed_file_is_rejected(
-    case: str, tmp_path: Path, model: Model, tensors: Tensors
-) -> None:
-    edit, words = MALFORMED[case]
+def _assert_edit_rejected(tmp_path: Path, model: Model, tensors: Tensors, edit: Edit, words: tuple[str, ...]) -> None:
+    """Write the file `edit` spoils (tensors and metadata); reading it fails with one line holding `words`."""
     meta = json.loads(_metadata(model, default_calibration())[METADATA_KEY])
-    tensors = dict(tensors)
     edit(tensors, meta)
     path = _write_raw(tmp_path / "bad.safetensors", tensors, {METADATA_KEY: json.dumps(meta)})
     with pytest.raises(StatsError) as excinfo:
         StatsFile(path)
     _assert_one_line_error(excinfo, path, *words)
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_file_is_rejected(
+    case: str, tmp_path: Path, model: Model, tensors: Tensors
+) -> None:
+    _assert_edit_rejected(tmp_path, model, dict(tensors), *MALFORMED[case])
 
 
 def test_gram_and_signed_sums_may_be_negative(model: Model, tensors: Tensors) -> None:
@@ -452,27 +455,27 @@ def test_cli_show_merge_export(tmp_path: Path, model: Model) -> None:
     b = _write(tmp_path / "b.safetensors", model, make_stats(model, 20, seed=1), num_tokens=20)
     out = tmp_path / "m.safetensors"
 
-    shown = runner.invoke(stats, ["show", str(a)])
+    shown = runner.invoke(main, ["stats", "show", str(a)])
     assert shown.exit_code == 0, shown.output
     assert "fake_moe" in shown.stdout and "mean gate" in shown.stdout
 
-    merged = runner.invoke(stats, ["merge", str(a), str(b), "-o", str(out)])
+    merged = runner.invoke(main, ["stats", "merge", str(a), str(b), "-o", str(out)])
     assert merged.exit_code == 0, merged.output
     assert StatsFile(out).calibration["num_tokens"] == 30
 
-    again = runner.invoke(stats, ["merge", str(a), str(b), "-o", str(out)])
+    again = runner.invoke(main, ["stats", "merge", str(a), str(b), "-o", str(out)])
     assert again.exit_code == 2
     assert again.stderr.strip().splitlines() == [f"Error: {out}: already exists; pass --overwrite to replace it"]
-    replaced = runner.invoke(stats, ["merge", str(a), "-o", str(out), "--overwrite"])
+    replaced = runner.invoke(main, ["stats", "merge", str(a), "-o", str(out), "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     assert StatsFile(out).calibration["num_tokens"] == 10
 
-    exported = runner.invoke(stats, ["export", str(a), "--format", "csv"])
+    exported = runner.invoke(main, ["stats", "export", str(a), "--format", "csv"])
     assert exported.exit_code == 0, exported.output
     assert exported.stdout == to_csv(StatsFile(a))
 
     target = tmp_path / "a.json"
-    as_json = runner.invoke(stats, ["export", str(a), "--format", "json", "-o", str(target)])
+    as_json = runner.invoke(main, ["stats", "export", str(a), "--format", "json", "-o", str(target)])
     assert as_json.exit_code == 0, as_json.output
     assert as_json.stdout == ""
     assert json.loads(target.read_text())["metadata"]["calibration"]["num_tokens"] == 10
@@ -483,7 +486,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, command: str) -> No
     bad = tmp_path / "bad.safetensors"
     bad.write_text("garbage")
     args = [command, str(bad)] + (["-o", str(tmp_path / "out.safetensors")] if command == "merge" else [])
-    result = CliRunner().invoke(stats, args)
+    result = CliRunner().invoke(main, ["stats", *args])
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -588,14 +591,7 @@ MALFORMED_MCSUITE = {
 
 @pytest.mark.parametrize("case", list(MALFORMED_MCSUITE))
 def test_malformed_mcsuite_fields_are_rejected(case: str, tmp_path: Path, vocab_model: Model) -> None:
-    edit, words = MALFORMED_MCSUITE[case]
-    meta = json.loads(_metadata(vocab_model, default_calibration())[METADATA_KEY])
-    tensors = _mcsuite_tensors(vocab_model)
-    edit(tensors, meta)
-    path = _write_raw(tmp_path / "bad.safetensors", tensors, {METADATA_KEY: json.dumps(meta)})
-    with pytest.raises(StatsError) as excinfo:
-        StatsFile(path)
-    _assert_one_line_error(excinfo, path, *words)
+    _assert_edit_rejected(tmp_path, vocab_model, _mcsuite_tensors(vocab_model), *MALFORMED_MCSUITE[case])
 
 
 def test_writer_takes_mcsuite_fields_with_a_vocabulary(tmp_path: Path, vocab_model: Model) -> None:
