@@ -49,8 +49,7 @@ class CheckpointNumbers:
 
 def checkpoint_numbers(path: str | Path) -> CheckpointNumbers:
     """Count parameters per role; expert counts come from the tensors, so non-uniform checkpoints work."""
-    ckpt = Checkpoint(path)
-    try:
+    with Checkpoint(path) as ckpt:
         layout = resolve(ckpt.config, ckpt.names())
         numel = {name: math.prod(ckpt.info(name).shape) for name in ckpt.names()}
         total = sum(numel.values())
@@ -66,8 +65,6 @@ def checkpoint_numbers(path: str | Path) -> CheckpointNumbers:
             active -= expert_params - min(layout.top_k, count) * (expert_params // count)
             experts[layer] = count
         return CheckpointNumbers(experts, layout.top_k, total, active, ckpt.total_bytes)
-    finally:
-        ckpt.close()
 
 
 def write_model_card(
