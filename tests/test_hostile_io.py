@@ -58,6 +58,17 @@ def one_line(e: pytest.ExceptionInfo) -> str:
     return message
 
 
+def overwrite(path: Path, data: bytes) -> None:
+    """Replace a file's bytes in place (write, then cut to length): truncating to zero on every fuzz
+    iteration costs a millisecond on some filesystems, this costs microseconds."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+
+
 def side_files(folder: Path, out_name: str) -> list[str]:
     """Our temporary, replaced and lock files beside an output called `out_name`."""
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(f".{out_name}."))
@@ -231,13 +242,15 @@ def test_fuzz_safetensors_header(tmp_path: Path) -> None:
     rng = random.Random(20261203)
     path = tmp_path / "fuzz.safetensors"
     accepted = refused = 0
-    start = time.perf_counter()
-    for i in range(12_000):
+    slowest = 0.0
+    for i in range(20_000):
         blob = mutate_header(rng, base)
-        path.write_bytes(blob)
+        overwrite(path, blob)
+        start = time.perf_counter()
         try:
             f = SafetensorsFile(path)
         except CheckpointError as e:
+            slowest = max(slowest, time.perf_counter() - start)
             message = str(e)
             assert "\n" not in message and "\r" not in message, (i, message)
             assert message.startswith(str(path)), (i, message)
@@ -250,8 +263,9 @@ def test_fuzz_safetensors_header(tmp_path: Path) -> None:
         spans = sorted((t.begin, t.end) for t in f.tensors.values())
         assert all(8 <= b <= e <= len(blob) for b, e in spans), i
         assert all(e0 <= b1 for (_, e0), (b1, _) in zip(spans, spans[1:])), i
-    assert refused > 9_000 and accepted > 0, (refused, accepted)
-    assert time.perf_counter() - start < 60
+    print(f"header fuzz: {refused} refused, {accepted} accepted")
+    assert refused > 15_000 and accepted > 0, (refused, accepted)
+    assert slowest < 2.0, f"a hostile header took {slowest:.1f} s to refuse"  # no quadratic blow-ups
 
 
 @pytest.mark.parametrize("case", ["nan", "infinity", "float dim", "bool dim", "string shape", "list dtype",
@@ -371,9 +385,9 @@ def test_fuzz_index(tmp_path: Path) -> None:
     rng = random.Random(1203)
     index = ckpt / INDEX_NAME
     accepted = refused = 0
-    for i in range(2_500):
+    for i in range(4_000):
         blob = mutate_index(rng, base, pool)
-        index.write_bytes(blob)
+        overwrite(index, blob)
         try:
             c = Checkpoint(ckpt)
         except CheckpointError as e:
@@ -387,7 +401,8 @@ def test_fuzz_index(tmp_path: Path) -> None:
         for f in c.files.values():  # whatever is accepted reads only files inside the folder
             assert os.path.realpath(f.path).startswith(real_root + os.sep), (i, f.path)
         c.close()
-    assert refused > 1_500 and accepted > 0, (refused, accepted)
+    print(f"index fuzz: {refused} refused, {accepted} accepted")
+    assert refused > 2_500 and accepted > 0, (refused, accepted)
 
 
 # ---------------------------------------------------------------------------------------------
