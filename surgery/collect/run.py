@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -20,6 +21,7 @@ from surgery.io.identity import config_sha256, router_sha256
 from surgery.io import Checkpoint
 from surgery.model.load import load_model
 from surgery.model.novices import is_novice_checkpoint
+from surgery.collect.options import CollectOptions
 from surgery.collect.accumulator import LayerAccumulator, all_reduce_field
 from surgery.collect.gradients import GradientSums, gradient_pass, stream_gradients
 from surgery.collect.hooks import Instrument
@@ -88,37 +90,62 @@ def _reduce(accs: dict[int, LayerAccumulator] | dict[int, GradientSums]) -> None
             all_reduce_field(name, t)
 
 
-def collect(
-    model_dir: str | Path,
-    data: list[str],
-    output: str | Path,
-    *,
-    samples: int = 256,
-    seq_len: int = 2048,
-    seed: int = 0,
-    batch_size: int = 4,
-    holdout: int = 32,
-    device: str | None = None,
-    dtype: str | None = None,
-    stream_layers: bool = False,
-    hidden_states: str = "auto",
-    progress: bool = True,
-    progressive: dict[int, list[int]] | None = None,
-    gradients: bool = False,
-    histogram: bool = False,
-) -> CollectSummary:
+@dataclass(frozen=True)
+class _Setup:
+    """What the checkpoint and the process group say before any text is read."""
+
+    model_dir: str
+    layout: Any
+    identity: dict
+    config_path: Path
+    masked: dict[int, list[int]]
+    device: torch.device
+    dtype: torch.dtype
+    rank: int
+    world: int
+    owned: bool  # this call set up the process group, so it tears it down
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    """The packed calibration sequences, this rank's share of them in batches."""
+
+    batches: list[torch.Tensor]
+    held_batches: list[torch.Tensor]
+    num_main: int
+    num_held: int
+    seq_len: int
+    config: Any
+    vocab: int
+
+
+@dataclass(frozen=True)
+class _Sums:
+    main: dict[int, LayerAccumulator]
+    held: dict[int, LayerAccumulator]
+    gradients: dict[int, GradientSums]
+    seconds: float
+
+
+def collect(model_dir: str | Path, data: list[str], output: str | Path, options: CollectOptions | None = None,
+            **changes: Any) -> CollectSummary:
     """Run the calibration text through the model once and write the schema-v1 statistics file.
 
-    `progressive` ({layer: kept expert ids}): those layers behave as pruned while collecting
-    (see surgery.collect.progressive); their dropped experts get zero statistics.
-    `gradients`: also back-propagate each main sequence's loss and write the gradient fields
-    (see surgery.collect.gradients). `histogram`: also write `out_hist` (for mcs-eao).
+    `options` (default CollectOptions()) says how; keyword `changes` replace single fields of it,
+    e.g. `collect(model, data, out, samples=8, device="cpu")`.
     """
-    from transformers import AutoConfig
+    options = replace(options or CollectOptions(), **changes)
+    setup = _setup(str(model_dir), options)
+    calib = _calibration(setup, data, options)
+    sums = _run(setup, calib, options, Path(output))
+    for accs in (sums.main, sums.held, sums.gradients):
+        _reduce(accs)
+    summary = _write(setup, calib, sums, data, options, output)
+    _finish_dist(setup.owned)
+    return summary
 
-    from surgery.model.load import load_tokenizer
 
-    model_dir = str(model_dir)
+def _setup(model_dir: str, options: CollectOptions) -> _Setup:
     ckpt = Checkpoint(model_dir)
     layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
     if layout.spec.config_path:
@@ -126,82 +153,111 @@ def collect(
                         "language model in a multimodal wrapper (the rewriter supports it, the collector does not)")
     identity = {"config_sha256": config_sha256(ckpt.config), "router_sha256": router_sha256(ckpt, layout)}
     ckpt.close()
-    masked = _progressive_layers(layout, progressive)
-    dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
+    masked = _progressive_layers(layout, options.progressive)
+    dev = pick_device(options.device)
+    dt = pick_dtype(options.dtype, dev)
     import torch.distributed as dist
 
     owned = not dist.is_initialized()  # a group the caller set up is the caller's to tear down
     rank, world = _dist()
+    return _Setup(model_dir, layout, identity, ckpt.config_path, masked, dev, dt, rank, world, owned)
 
-    tokenizer = load_tokenizer(model_dir)
-    seq_len = cap_seq_len(layout.config, seq_len)
-    calib = build_sequences(list(data), tokenizer, samples + holdout, seq_len, seed)
-    ids = calib.input_ids
+
+def _calibration(setup: _Setup, data: list[str], options: CollectOptions) -> _Calibration:
+    """Tokenize and pack the text; main sequences first, then the held-out ones; refuse a foreign tokenizer."""
+    from transformers import AutoConfig
+
+    from surgery.model.load import load_tokenizer
+
+    samples, holdout = options.samples, options.holdout
+    tokenizer = load_tokenizer(setup.model_dir)
+    seq_len = cap_seq_len(setup.layout.config, options.seq_len)
+    ids = build_sequences(list(data), tokenizer, samples + holdout, seq_len, options.seed).input_ids
     n_main = min(samples, ids.shape[0])
     if holdout and ids.shape[0] < samples + holdout:
         # Text ran out: keep a share aside anyway so that `auto` still has held-out data.
         n_main = ids.shape[0] - min(holdout, max(1, ids.shape[0] // 8))
     main_ids, held_ids = ids[:n_main], ids[n_main:]
-    mine = lambda t: t[rank::world]  # noqa: E731 - each rank takes a disjoint share
-    batches = [b for b in mine(main_ids).split(batch_size)] if n_main else []
-    held_batches = [b for b in mine(held_ids).split(batch_size)] if held_ids.shape[0] else []
+    mine = lambda t: t[setup.rank::setup.world]  # noqa: E731 - each rank takes a disjoint share
+    batches = [b for b in mine(main_ids).split(options.batch_size)] if n_main else []
+    held_batches = [b for b in mine(held_ids).split(options.batch_size)] if held_ids.shape[0] else []
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(setup.model_dir)
     vocab = int(config.get_text_config().vocab_size)  # token_bits: which token ids each expert saw
     if ids.numel() and int(ids.max()) >= vocab:
-        raise UserError(f"{ckpt.config_path}: the tokenizer in {model_dir} gives token id {int(ids.max())}, but "
-                        f"vocab_size is {vocab}: the tokenizer does not belong to this model")
-    tol = 1e-4 if dt == torch.float32 else 3e-2
-    grad_sums: dict[int, GradientSums] = {}
+        raise UserError(f"{setup.config_path}: the tokenizer in {setup.model_dir} gives token id {int(ids.max())}, "
+                        f"but vocab_size is {vocab}: the tokenizer does not belong to this model")
+    return _Calibration(batches, held_batches, int(n_main), int(held_ids.shape[0]), int(seq_len), config, vocab)
+
+
+def _run(setup: _Setup, calib: _Calibration, options: CollectOptions, output: Path) -> _Sums:
+    tol = 1e-4 if setup.dtype == torch.float32 else 3e-2
     start = time.perf_counter()
-    if stream_layers:
-        from surgery.model.streaming import stream_forward
+    run = _run_streamed if options.stream_layers else _run_loaded
+    main, held, grads = run(setup, calib, options, tol, output.resolve().parent)
+    return _Sums(main, held, grads, time.perf_counter() - start)
 
-        if is_novice_checkpoint(model_dir):
-            raise UserError(f"{model_dir}: --stream-layers cannot load MoNE novice checkpoints; collect without it")
 
-        holder: dict = {}
-        for flag, bs in ((False, batches), (True, held_batches)):
-            if bs:
-                stream_forward(model_dir, config, layout, bs, dev, dt, progress=progress and rank == 0,
-                               hidden_states=hidden_states, spill_dir=Path(output).resolve().parent,
-                               on_model=lambda m, f=flag: holder.setdefault(f, _instrument(m, layout.spec, dev, tol, f,
-                                                                                            masked, vocab, histogram)),
-                               before_batch=lambda j, f=flag, bs=bs: holder[f].set_tokens(bs[j]))
-        main_accs = holder[False].main if False in holder else {}
-        held_accs = holder[True].held if True in holder else {}
-        if gradients:
-            grad_sums = stream_gradients(model_dir, config, layout, batches, dev, dt, masked, hidden_states=hidden_states,
-                                         spill_dir=Path(output).resolve().parent, progress=progress and rank == 0)
-    else:
-        model = load_model(model_dir, dev, dt)  # novice checkpoints get their constant experts
-        inst = Instrument(model, layout.spec, dev, tol, vocab_size=vocab, histogram=histogram)
-        mask = RouterMask(model, layout.spec, masked)
-        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        total = sum(b.numel() for b in batches) + sum(b.numel() for b in held_batches)
-        bar = tqdm(total=total, unit="tok", unit_scale=True, desc="Collecting", disable=not progress or rank != 0)
-        try:
-            with torch.no_grad():
-                for flag, bs in ((False, batches), (True, held_batches)):
-                    inst.holdout = flag
-                    for b in bs:
-                        inst.set_tokens(b)
-                        base(input_ids=b.to(dev), use_cache=False)
-                        bar.update(b.numel())
-            inst.restore()  # the gradient pass runs the model's own experts
-            if gradients:
-                grad_sums = gradient_pass(model, layout.spec, batches, dev, progress and rank == 0)
-        finally:
-            bar.close()
-            mask.restore()
-            inst.restore()
-        main_accs, held_accs = inst.main, inst.held
-    seconds = time.perf_counter() - start
-    _reduce(main_accs)
-    _reduce(held_accs)
-    _reduce(grad_sums)
+def _run_streamed(setup: _Setup, calib: _Calibration, options: CollectOptions, tol: float, spill_dir: Path):
+    """One decoder layer in memory at a time (surgery.model.streaming)."""
+    from surgery.model.streaming import stream_forward
 
+    if is_novice_checkpoint(setup.model_dir):
+        raise UserError(f"{setup.model_dir}: --stream-layers cannot load MoNE novice checkpoints; collect without it")
+    progress = options.progress and setup.rank == 0
+    layout, dev = setup.layout, setup.device
+    holder: dict = {}
+    for flag, bs in ((False, calib.batches), (True, calib.held_batches)):
+        if bs:
+            stream_forward(setup.model_dir, calib.config, layout, bs, dev, setup.dtype, progress=progress,
+                           hidden_states=options.hidden_states, spill_dir=spill_dir,
+                           on_model=lambda m, f=flag: holder.setdefault(f, _instrument(
+                               m, layout.spec, dev, tol, f, setup.masked, calib.vocab, options.histogram)),
+                           before_batch=lambda j, f=flag, bs=bs: holder[f].set_tokens(bs[j]))
+    main_accs = holder[False].main if False in holder else {}
+    held_accs = holder[True].held if True in holder else {}
+    grad_sums: dict[int, GradientSums] = {}
+    if options.gradients:
+        grad_sums = stream_gradients(setup.model_dir, calib.config, layout, calib.batches, dev, setup.dtype,
+                                     setup.masked, hidden_states=options.hidden_states, spill_dir=spill_dir,
+                                     progress=progress)
+    return main_accs, held_accs, grad_sums
+
+
+def _run_loaded(setup: _Setup, calib: _Calibration, options: CollectOptions, tol: float, spill_dir: Path):
+    """The whole model loaded (novice checkpoints get their constant experts), instrumented by hooks."""
+    dev, spec = setup.device, setup.layout.spec
+    model = load_model(setup.model_dir, dev, setup.dtype)
+    inst = Instrument(model, spec, dev, tol, vocab_size=calib.vocab, histogram=options.histogram)
+    mask = RouterMask(model, spec, setup.masked)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    batches, held_batches = calib.batches, calib.held_batches
+    total = sum(b.numel() for b in batches) + sum(b.numel() for b in held_batches)
+    progress = options.progress and setup.rank == 0
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="Collecting", disable=not progress)
+    grad_sums: dict[int, GradientSums] = {}
+    try:
+        with torch.no_grad():
+            for flag, bs in ((False, batches), (True, held_batches)):
+                inst.holdout = flag
+                for b in bs:
+                    inst.set_tokens(b)
+                    base(input_ids=b.to(dev), use_cache=False)
+                    bar.update(b.numel())
+        inst.restore()  # the gradient pass runs the model's own experts
+        if options.gradients:
+            grad_sums = gradient_pass(model, spec, batches, dev, progress)
+    finally:
+        bar.close()
+        mask.restore()
+        inst.restore()
+    return inst.main, inst.held, grad_sums
+
+
+def _write(setup: _Setup, calib: _Calibration, sums: _Sums, data: list[str], options: CollectOptions,
+           output: str | Path) -> CollectSummary:
+    """The statistics file (rank 0 only) and the summary every rank returns."""
+    layout, main_accs, held_accs = setup.layout, sums.main, sums.held
     hidden, inter = _dims(main_accs)
     model_meta = {
         "model_type": layout.spec.model_type,
@@ -213,8 +269,8 @@ def collect(
         "moe_layers": sorted(main_accs),
         "n_group": active_groups(layout),
         "min_group_size": layout.spec.min_group_size,
-        "vocab_size": vocab,
-        **identity,
+        "vocab_size": calib.vocab,
+        **setup.identity,
     }
     if not main_accs:
         raise ValueError("no calibration sequences reached the model")
@@ -222,20 +278,20 @@ def collect(
     n_held = int(held_accs[min(held_accs)].sums["tokens"].item()) if held_accs else 0
     calibration = {
         "sources": [str(p) for p in data],
-        "num_sequences": int(n_main),
+        "num_sequences": calib.num_main,
         "num_tokens": n_tokens,
-        "seq_len": int(seq_len),
-        "seed": int(seed),
-        "holdout_sequences": int(held_ids.shape[0]) if held_accs else 0,
+        "seq_len": calib.seq_len,
+        "seed": int(options.seed),
+        "holdout_sequences": calib.num_held if held_accs else 0,
     }
-    if masked:
-        calibration["progressive_plan"] = {str(layer): ids for layer, ids in sorted(masked.items())}
-    summary = CollectSummary(n_tokens, n_held, seconds, rank=rank)
+    if setup.masked:
+        calibration["progressive_plan"] = {str(layer): ids for layer, ids in sorted(setup.masked.items())}
+    summary = CollectSummary(n_tokens, n_held, sums.seconds, rank=setup.rank)
     for layer, acc in main_accs.items():
         summary.dead_experts[layer] = int((acc.sums["count"] == 0).sum().item())
-    if rank == 0:
+    if setup.rank == 0:
         writer = StatsWriter(model_meta, calibration)
-        for accs in (main_accs, grad_sums):
+        for accs in (main_accs, sums.gradients):
             for layer, acc in sorted(accs.items()):
                 for name, t in acc.sums.items():
                     writer.add(layer, name, t.cpu().numpy())
@@ -243,7 +299,6 @@ def collect(
             for name, t in acc.sums.items():
                 writer.add(layer, name, t.cpu().numpy(), holdout=True)
         writer.save(output)
-    _finish_dist(owned)
     return summary
 
 
