@@ -1,94 +1,133 @@
-"""Plans on disk: read a plan file, validate its keep-lists against the architecture's constraints."""
+"""The typed plan: which expert ids each MoE layer keeps, and how they were chosen.
+
+A plan is JSON on disk: `{"keep": {"<layer>": [expert ids]}, ...}`. Plans made by scoring also
+carry the criterion, the ratio removed, the scores and the statistics file's hash; other keys
+(`auto`, `rounds`, `mode`, `num_experts`, ...) travel in `extra`. Layers not named are left
+untouched. `Plan.validate(layout)` checks a plan against a model (see surgery.plan.constraints).
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from surgery.architectures import MoELayout
-from surgery.architectures.layout import active_groups
 from surgery.errors import PlanError
+from surgery.io.provenance import keep_map
+from surgery.plan.constraints import complete
 
 
-def load_plan(path: str | Path) -> tuple[dict[int, list[int]], dict]:
-    """Read a plan JSON: `{"keep": {"<layer>": [ids]}, ...}`; other keys are kept as provenance."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PlanError(f"{path}: plan file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PlanError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("keep"), dict):
-        raise PlanError(f"{path}: a plan needs a \"keep\" object mapping layer index to expert ids")
-    keep: dict[int, list[int]] = {}
-    for layer, ids in doc["keep"].items():
+@dataclass(frozen=True)
+class Plan:
+    """`keep`: MoE layer → kept expert ids, in their new order. `scores`: layer → the criterion's score
+    per expert (None for undefined ones); None when the plan was not made from scores of its own.
+    `label` names the plan in error messages (its file, or e.g. "reap plan"). `document` is the JSON a
+    plan was read from, which `to_json` gives back unchanged (pruning.json copies plans as written)."""
+
+    keep: Mapping[int, tuple[int, ...]]
+    criterion: str | None = None
+    ratio: float | None = None
+    scores: Mapping[int, tuple[float | None, ...]] | None = None
+    stats_sha256: str | None = None
+    extra: Mapping[str, object] = field(default_factory=dict)
+    label: str = field(default="plan", compare=False)
+    document: dict | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep", {layer: tuple(ids) for layer, ids in self.keep.items()})
+        if self.scores is not None:
+            object.__setattr__(self, "scores", {layer: _json_scores(s) for layer, s in self.scores.items()})
+
+    # -- reading
+
+    @classmethod
+    def from_json(cls, doc: object, label: str = "plan") -> Plan:
+        """A plan from its JSON document; only `keep` is required (and checked), other keys are carried."""
+        if not isinstance(doc, dict) or not isinstance(doc.get("keep"), dict):
+            raise PlanError(f"{label}: a plan needs a \"keep\" object mapping layer index to expert ids")
+        known = ("keep", "criterion", "ratio", "keep_per_layer", "scores", "stats_sha256", "uniform")
+        return cls(
+            keep=keep_map(doc["keep"], label, "keep", PlanError),
+            criterion=doc.get("criterion") if isinstance(doc.get("criterion"), str) else None,
+            ratio=doc.get("ratio") if isinstance(doc.get("ratio"), (int, float)) else None,
+            stats_sha256=doc.get("stats_sha256") if isinstance(doc.get("stats_sha256"), str) else None,
+            extra={k: v for k, v in doc.items() if k not in known},
+            label=label,
+            document=doc,
+        )
+
+    @classmethod
+    def read(cls, path: str | Path) -> Plan:
+        """The plan in a JSON file; one-line PlanErrors name the file."""
+        path = Path(path)
         try:
-            layer_i = int(layer)
-            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-                raise ValueError
-        except ValueError:
-            raise PlanError(f"{path}: keep[{layer!r}] must be a list of integer expert ids under an integer layer") from None
-        keep[layer_i] = ids
-    return keep, doc
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PlanError(f"{path}: plan file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlanError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_json(doc, str(path))
+
+    # -- checking
+
+    def validate(self, layout: MoELayout) -> Plan:
+        """This plan checked against the model and completed: ids sorted, MTP layers given the last main
+        layer's keep-list. `to_json` of the result still gives the plan as chosen, except for a bare keep
+        map (no criterion, not read from JSON), which is recorded completed."""
+        chosen = self.document if self.document is not None or self.criterion is None else self.to_json()
+        return replace(self, keep=complete(layout, self.keep, self.label), document=chosen)
+
+    # -- numbers
+
+    @property
+    def counts(self) -> dict[int, int]:
+        """Experts kept per named layer."""
+        return {layer: len(ids) for layer, ids in self.keep.items()}
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.counts.values())) <= 1
+
+    def keep_lists(self) -> dict[int, list[int]]:
+        """`keep` with lists, for code that indexes or extends them."""
+        return {layer: list(ids) for layer, ids in self.keep.items()}
+
+    # -- writing
+
+    def to_json(self) -> dict:
+        """The JSON document. Scored plans: keep, criterion, ratio, keep_per_layer (an int when uniform,
+        else {"<layer>": count}), scores and stats_sha256 (when scores are set), uniform, then `extra`."""
+        if self.document is not None:
+            return self.document
+        if self.criterion is None:
+            return {"keep": {str(layer): list(ids) for layer, ids in self.keep.items()}, **self.extra}
+        counts = {str(layer): len(self.keep[layer]) for layer in sorted(self.keep)}
+        doc: dict = {
+            "keep": {str(layer): list(self.keep[layer]) for layer in sorted(self.keep)},
+            "criterion": self.criterion,
+            "ratio": self.ratio,
+            "keep_per_layer": next(iter(counts.values()), 0) if self.uniform else counts,
+        }
+        if self.scores is not None:
+            doc["scores"] = {str(layer): list(self.scores[layer]) for layer in sorted(self.scores)}
+            doc["stats_sha256"] = self.stats_sha256
+        return {**doc, "uniform": self.uniform, **self.extra}
 
 
-def complete_plan(layout: MoELayout, keep: dict[int, list[int]], where: str) -> dict[int, list[int]]:
-    """Validate a keep map and extend it to MTP layers.
-
-    MTP layers (beyond num_hidden_layers) share the config's single expert count; when the
-    plan does not name them they reuse the keep-list of the last main MoE layer, the layer
-    whose output they continue from.
-    """
-    e = layout.num_experts
-    out: dict[int, list[int]] = {}
-    for layer, ids in keep.items():
-        if layer not in layout.layers:
-            raise PlanError(f"{where}: layer {layer} has no experts (MoE layers: {_ranges(list(layout.layers))})")
-        bad = [i for i in ids if not 0 <= i < e]
-        if bad:
-            raise PlanError(f"{where}: layer {layer} names expert ids {bad} outside 0..{e - 1}")
-        if len(set(ids)) != len(ids):
-            dup = sorted({i for i in ids if ids.count(i) > 1})
-            raise PlanError(f"{where}: layer {layer} lists expert ids {dup} more than once")
-        out[layer] = sorted(ids)
-    main = [layer for layer in out if layer < layout.num_hidden_layers]
-    for mtp in layout.mtp_layers:
-        if mtp not in out and main:
-            out[mtp] = out[max(main)]
-    for layer, ids in out.items():
-        check_keep(layout, layer, ids, where)
-    return out
+def _json_scores(scores: Sequence[float | None] | np.ndarray) -> tuple[float | None, ...]:
+    """JSON has no infinities: undefined scores (-inf, or None as read back) are kept as None."""
+    return tuple(None if s is None or not np.isfinite(s) else float(s) for s in scores)
 
 
-def _ranges(xs: list[int]) -> str:
-    return ", ".join(map(str, xs)) if len(xs) <= 8 else f"{xs[0]}..{xs[-1]}"
-
-
-def check_keep(layout: MoELayout, layer: int, kept: list[int], where: str) -> None:
-    """Refuse keep-lists that break the router's constraints, naming the plan file."""
-    e, k = layout.num_experts, layout.top_k
-    if layout.spec.fixed_top_k and len(kept) < layout.spec.fixed_top_k:
-        raise PlanError(f"{where}: layer {layer} keeps {len(kept)} experts; {layout.spec.model_type} routing needs at least {layout.spec.fixed_top_k}")
-    if len(kept) < k:
-        raise PlanError(f"{where}: layer {layer} keeps {len(kept)} experts, fewer than top-k = {k}")
-    n_group = active_groups(layout)
-    if n_group:
-        size = e // n_group
-        per_group = [sum(1 for i in kept if i // size == g) for g in range(n_group)]
-        if len(set(per_group)) != 1:
-            raise PlanError(
-                f"{where}: layer {layer} keeps {per_group} experts per router group; "
-                f"group-limited routing ({n_group} groups of {size}) needs the same number in every group"
-            )
-        kept_per = per_group[0]
-        if kept_per < layout.spec.min_group_size:
-            raise PlanError(f"{where}: layer {layer} keeps {kept_per} per group; this router needs ≥ {layout.spec.min_group_size}")
-        topk_group = int(layout.config.get(layout.spec.group_keys[1]) or 1)
-        if topk_group * kept_per < k:
-            raise PlanError(
-                f"{where}: layer {layer}: topk_group {topk_group} × {kept_per} kept per group < top-k {k}"
-            )
+def as_plan(plan: Plan | Mapping[int, Sequence[int]], label: str | None = None) -> Plan:
+    """A Plan as it is (relabelled when `label` is given), or a bare keep map as a Plan."""
+    if isinstance(plan, Plan):
+        return plan if label is None else replace(plan, label=label)
+    return Plan(plan, label=label or "plan")
 
 
 def read_plan_for(path: str | Path, model_dir: str | Path) -> dict[int, list[int]]:
@@ -96,9 +135,12 @@ def read_plan_for(path: str | Path, model_dir: str | Path) -> dict[int, list[int
     from surgery.architectures import resolve
     from surgery.io import Checkpoint
 
-    ckpt = Checkpoint(model_dir)
-    try:
+    with Checkpoint(model_dir) as ckpt:
         layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
-    finally:
-        ckpt.close()
-    return complete_plan(layout, load_plan(path)[0], str(path))
+    return Plan.read(path).validate(layout).keep_lists()
+
+
+def load_plan(path: str | Path) -> tuple[dict[int, list[int]], dict]:
+    """(keep-lists, document) of a plan file. Kept for callers not yet passing `Plan.read(path)` along."""
+    plan = Plan.read(path)
+    return plan.keep_lists(), plan.to_json()

@@ -12,6 +12,8 @@ import numpy as np
 
 from surgery.criteria.base import Ranker
 from surgery.errors import PlanError
+from surgery.plan.document import Plan
+
 
 def keep_count(num_experts: int, top_k: int, *, ratio: float | None = None, keep: int | None = None) -> int:
     """Experts kept per layer: keep, or E - round(ratio * E) with halves rounded up; never below top_k."""
@@ -138,11 +140,6 @@ def make_plan(
     return {l: _layer_keep(l, rankers[l], num_experts, num_keep, n_group) for l in sorted(rankers)}
 
 
-def _json_scores(scores: np.ndarray) -> list[float | None]:
-    """JSON has no infinities: undefined scores (-inf) are written as null."""
-    return [float(s) if np.isfinite(s) else None for s in np.asarray(scores, dtype=np.float64)]
-
-
 def plan_document(
     keep: Mapping[int, list[int]],
     criterion: str,
@@ -151,16 +148,5 @@ def plan_document(
     stats_sha256: str | None,
     extra: Mapping[str, object] | None = None,
 ) -> dict:
-    """The JSON plan. `keep_per_layer` is an int for uniform plans, else {"<layer>": count}."""
-    counts = {str(l): len(keep[l]) for l in sorted(keep)}
-    uniform = len(set(counts.values())) <= 1
-    return {
-        "keep": {str(l): list(keep[l]) for l in sorted(keep)},
-        "criterion": criterion,
-        "ratio": ratio,
-        "keep_per_layer": next(iter(counts.values()), 0) if uniform else counts,
-        "scores": {str(l): _json_scores(scores[l]) for l in sorted(scores)},
-        "stats_sha256": stats_sha256,
-        "uniform": uniform,
-        **(extra or {}),
-    }
+    """The JSON of a scored plan, `Plan(...).to_json()`; for callers not yet passing a Plan along."""
+    return Plan(keep, criterion, ratio, scores, stats_sha256, dict(extra or {})).to_json()
