@@ -26,6 +26,7 @@ import torch
 from stats_formats import StatsFile
 from surgery.cli import _score
 from surgery.eval.perplexity import evaluate, load_model, load_tokenizer
+from surgery.plan import Plan
 from surgery.rewrite.novices import write_novice_checkpoint
 from surgery.rewrite.experts import rewrite_checkpoint
 from bench_common import emit, list_eval_files
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 for variant in ("removed", "novices"):
                     out = work / f"{criterion}-{ratio}-{variant}"
                     if variant == "novices":
-                        write_novice_checkpoint(model_dir, keep, stats, out, plan_doc=doc)
+                        write_novice_checkpoint(model_dir, Plan.from_json(doc), stats, out)
                     else:
                         rewrite_checkpoint(model_dir, keep, out, plan_doc=doc)
                     model = load_model(out, dtype=torch.float32)

@@ -7,32 +7,16 @@ Dtypes are never converted, so bf16, fp8 with scales and MXFP4 blocks pass throu
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
-import re
-import shutil
-import struct
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
-from surgery import __version__
 from surgery.architectures import MoELayout, check_shapes, resolve
-from surgery.errors import PlanError
-from surgery.plan.document import complete_plan
-from surgery.rewrite.config import rewrite_config
-from surgery.io import (
-    INDEX_NAME, Checkpoint, OutTensor, TensorInfo, atomic_output_dir, nbytes, write_safetensors,
-    write_safetensors_hashing,
-)
+from surgery.errors import PlanError, UserError
+from surgery.io import Checkpoint, OutTensor, TensorInfo, nbytes, provenance
+from surgery.io.derived import DerivedCheckpoint, as_output
 from surgery.io.safetensors_file import SafetensorsFile
-
-_SHARD_RE = re.compile(r"^(?P<stem>.*?)(?P<idx>\d+)-of-(?P<total>\d+)\.safetensors$")
-HASH_CHUNK = 16 * 1024 * 1024
+from surgery.plan import Plan, as_plan
+from surgery.rewrite.config import rewrite_config
 
 
 def _slice_ranges(src: SafetensorsFile, info: TensorInfo, axis: int, kept: list[int]) -> tuple[tuple[int, ...], list]:
@@ -85,165 +69,64 @@ def plan_tensors(ckpt: Checkpoint, layout: MoELayout, keep: dict[int, list[int]]
     return out
 
 
-def _output_names(shards: list[str], nonempty: list[str]) -> dict[str, str]:
-    """Renumber shards like `model-00002-of-00005` after empty ones are dropped, keeping width and base."""
-    parsed = [_SHARD_RE.match(s) for s in shards]
-    if len(shards) == 1 or not all(parsed):
-        return {s: s for s in nonempty}
-    base = min(int(m["idx"]) for m in parsed)
-    width = len(parsed[0]["idx"])
-    total = len(nonempty) - 1 + base if base == 0 else len(nonempty)
-    names = {}
-    for i, s in enumerate(nonempty):
-        m = _SHARD_RE.match(s)
-        names[s] = f"{m['stem']}{base + i:0{width}d}-of-{total:0{len(m['total'])}d}.safetensors"
-    return names
+def layout_record(layout: MoELayout, counts: dict[int, int]) -> dict:
+    """pruning.json's description of the result: model type, expert counts before and after, layouts."""
+    return {
+        "model_type": layout.spec.model_type,
+        "num_experts_before": layout.num_experts,
+        "num_experts_after": max(counts.values()),
+        "experts_per_layer": {str(k): v for k, v in counts.items()},
+        "layout": {str(k): v.layout for k, v in layout.layers.items()},
+    }
 
 
-def _known_sha256(ckpt: Checkpoint) -> dict[str, str]:
-    """Content hashes that cost nothing: in the Hugging Face cache each shard links to a blob named by its sha256."""
-    known = {}
-    for shard in ckpt.shard_names:
-        target = (ckpt.dir / shard).resolve().name
-        if (ckpt.dir / shard).is_symlink() and re.fullmatch(r"[0-9a-f]{64}", target):
-            known[shard] = target
-    return known if len(known) == len(ckpt.shard_names) else {}
-
-
-def _header_sha256(ckpt: Checkpoint) -> dict[str, str]:
-    """sha256 of each shard's header (every tensor's name, dtype, shape and offsets): cheap structural identity."""
-    out = {}
-    for shard, f in ckpt.files.items():
-        (hlen,) = struct.unpack("<Q", f.read_range(0, 8))
-        out[shard] = hashlib.sha256(f.read_range(0, 8 + hlen)).hexdigest()
-    return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+def source_layout(ckpt: Checkpoint, error: type[UserError] = PlanError) -> MoELayout:
+    """The checkpoint's MoE layout, refused when its tensors disagree with its config."""
+    layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
+    problems = check_shapes(layout, {n: ckpt.info(n).shape for n in ckpt.names()})
+    if problems:
+        raise error(f"{ckpt.dir}: source checkpoint disagrees with its config: {problems[0]}")
+    return layout
 
 
 def rewrite_checkpoint(
     model_dir: str | Path,
-    keep: dict[int, list[int]],
-    out_dir: str | Path,
+    plan: Plan | Mapping[int, Sequence[int]],
+    out_dir: str | Path | DerivedCheckpoint,
     *,
     allow_nonuniform: bool = False,
     overwrite: bool = False,
     plan_doc: dict | None = None,
-    plan_source: str = "plan",
+    plan_source: str | None = None,
     progress: bool = False,
     hash_shards: bool = False,
 ) -> Path:
-    """Write the pruned checkpoint to `out_dir` atomically; returns `out_dir`."""
-    ckpt = Checkpoint(model_dir)
-    layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
-    problems = check_shapes(layout, {n: ckpt.info(n).shape for n in ckpt.names()})
-    if problems:
-        raise PlanError(f"{ckpt.dir}: source checkpoint disagrees with its config: {problems[0]}")
-    keep = complete_plan(layout, keep, plan_source)
-    counts = {layer: len(keep.get(layer, range(layout.num_experts))) for layer in layout.layers}
-    uniform = len(set(counts.values())) == 1
-    if not uniform and not allow_nonuniform:
-        raise PlanError(
-            f"{plan_source}: keeps {sorted(set(counts.values()))} experts in different MoE layers; config.json holds one "
-            "expert count, so transformers cannot load this (pass --allow-nonuniform for runtimes that can)"
-        )
-    out_dir = Path(out_dir)
-    if out_dir.resolve() == ckpt.dir.resolve():
-        raise PlanError(f"{out_dir}: output folder must differ from the input checkpoint")
-    per_shard = plan_tensors(ckpt, layout, keep)
-    new_count = max(counts.values())
-    id_maps = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in keep.items()}
-    config = rewrite_config(ckpt.config, layout, new_count, id_maps, None if uniform else counts)
-    record = {
-        "model_type": layout.spec.model_type,
-        "num_experts_before": layout.num_experts,
-        "num_experts_after": new_count,
-        "experts_per_layer": {str(k): v for k, v in counts.items()},
-        "layout": {str(k): v.layout for k, v in layout.layers.items()},
-        "expert_map": {str(layer): ids for layer, ids in sorted(keep.items())},
-        "plan": plan_doc if plan_doc is not None else {"keep": {str(k): v for k, v in keep.items()}},
-    }
-    write_checkpoint(ckpt, per_shard, config, record, out_dir, overwrite=overwrite, progress=progress,
-                     hash_shards=hash_shards)
-    ckpt.close()
-    return out_dir
+    """Write the pruned checkpoint to `out_dir` atomically; returns `out_dir`.
 
-
-def write_checkpoint(
-    ckpt: Checkpoint,
-    per_shard: dict[str, list[OutTensor]],
-    config: dict,
-    record: dict,
-    out_dir: Path,
-    *,
-    overwrite: bool,
-    progress: bool,
-    hash_shards: bool,
-) -> None:
-    """Write the planned shards, index, config.json, other files and pruning.json (tool, source, then
-    `record`) atomically; shared by the plain rewrite and the novice writer."""
-    nonempty = [s for s in ckpt.shard_names if per_shard[s]]
-    names = _output_names(ckpt.shard_names, nonempty)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
-        bar = tqdm(total=sum(t.nbytes for ts in per_shard.values() for t in ts), unit="B", unit_scale=True,
-                   desc="Writing shards", disable=not progress)
-
-        def write_one(shard: str) -> tuple[int, str | None]:
-            """One output shard (and the source shard's sha256): shards are independent, so they run in parallel."""
-            tensors = per_shard[shard]
-            if not tensors:
-                return 0, _sha256(ckpt.dir / shard) if hash_shards else None
-            meta = ckpt.files[shard].metadata or {"format": "pt"}
-            if hash_shards and all(t.data is None for t in tensors):
-                size, digest = write_safetensors_hashing(tmp / names[shard], tensors, meta, ckpt.files[shard])
-            else:  # new in-memory tensors (novice values) cannot ride on the single hashing read
-                size = write_safetensors(tmp / names[shard], tensors, meta)
-                digest = _sha256(ckpt.dir / shard) if hash_shards else None
-            bar.update(sum(t.nbytes for t in tensors))
-            return size, digest
-
-        with ThreadPoolExecutor(max_workers=min(len(ckpt.shard_names), os.cpu_count() or 1, 8)) as pool:
-            results = dict(zip(ckpt.shard_names, pool.map(write_one, ckpt.shard_names)))
-        bar.close()
-        hashes = {s: d for s, (_, d) in results.items() if d is not None} or _known_sha256(ckpt)
-        total_size = sum(size for size, _ in results.values())
-        weight_map = {t.name: names[s] for s in nonempty for t in per_shard[s]}
-        total_params = sum(math.prod(t.shape) for s in nonempty for t in per_shard[s])
-        if ckpt.index is not None or len(nonempty) > 1:
-            index = dict(ckpt.index or {})
-            metadata = dict(index.get("metadata") or {})
-            metadata["total_size"] = total_size
-            if "total_parameters" in metadata:
-                metadata["total_parameters"] = total_params
-            index["metadata"] = metadata
-            index["weight_map"] = dict(sorted(weight_map.items()))
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _copy_other_files(ckpt, tmp)
-        provenance = {
-            "tool": "moe-surgery",
-            "tool_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": {"path": str(ckpt.dir.resolve()), "shards_sha256": hashes or None,
-                       "shards_header_sha256": _header_sha256(ckpt)},
-            **record,
+    `plan`: a Plan, or a bare keep map. `plan_doc` / `plan_source` (the plan's JSON and its label)
+    are for callers that still carry a keep map and its document apart.
+    """
+    plan = as_plan(plan, plan_source) if plan_doc is None else Plan(plan, label=plan_source or "plan", document=plan_doc)
+    with Checkpoint(model_dir) as ckpt:
+        layout = source_layout(ckpt)
+        chosen = plan.validate(layout)
+        counts = {layer: len(chosen.keep.get(layer, range(layout.num_experts))) for layer in layout.layers}
+        uniform = len(set(counts.values())) == 1
+        if not uniform and not allow_nonuniform:
+            raise PlanError(
+                f"{plan.label}: keeps {sorted(set(counts.values()))} experts in different MoE layers; config.json "
+                "holds one expert count, so transformers cannot load this (pass --allow-nonuniform for runtimes that can)"
+            )
+        out, keep = as_output(out_dir, overwrite, [ckpt.dir]), chosen.keep
+        id_maps = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in keep.items()}
+        config = rewrite_config(ckpt.config, layout, max(counts.values()), id_maps, None if uniform else counts)
+        record = {
+            **layout_record(layout, counts),
+            "expert_map": {str(layer): list(ids) for layer, ids in sorted(keep.items())},
+            "plan": chosen.to_json(),
         }
-        (tmp / "pruning.json").write_text(json.dumps(provenance, indent=2) + "\n")
-
-
-def _copy_other_files(ckpt: Checkpoint, dest: Path) -> None:
-    """Copy tokenizer, generation config, chat template, custom code, README...; skip weight files."""
-    skip = set(ckpt.shard_names) | {INDEX_NAME, "config.json", "pruning.json"}
-    for src in ckpt.dir.iterdir():
-        if src.name in skip or src.name.startswith("."):
-            continue
-        if src.is_dir():
-            shutil.copytree(src, dest / src.name, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.pth"))
-        elif src.suffix not in (".safetensors", ".bin", ".pth"):  # other weight sets would carry unpruned experts
-            shutil.copy2(src, dest / src.name)
+        with out:
+            hashes = out.write_shards(ckpt, plan_tensors(ckpt, layout, keep), hash_shards=hash_shards,
+                                      progress=progress)
+            out.finish(ckpt, {**provenance.header(provenance.source(ckpt, hashes)), **record}, config)
+    return out.out_dir

@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from surgery.architectures import MoELayout, check_shapes, resolve, sub_config
+from surgery.architectures import MoELayout, sub_config
 from surgery.errors import UserError
+from surgery.io import Checkpoint, OutTensor, nbytes, provenance
+from surgery.io.derived import DerivedCheckpoint, as_output
 from surgery.io.novice_format import CONFIG_KEY, value_name
-from surgery.io import Checkpoint, OutTensor, nbytes
-from surgery.rewrite.experts import write_checkpoint
+from surgery.plan import Plan, as_plan
+from surgery.rewrite.experts import layout_record, source_layout
 
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 
@@ -49,7 +52,7 @@ class NovicePlan:
     unrouted: dict[int, list[int]]
 
 
-def novice_ids(layout: MoELayout, keep: dict[int, list[int]], where: str) -> dict[int, list[int]]:
+def novice_ids(layout: MoELayout, keep: Mapping[int, Sequence[int]], where: str) -> dict[int, list[int]]:
     """Experts each planned layer drops; layers not in the plan keep every expert."""
     e = layout.num_experts
     out: dict[int, list[int]] = {}
@@ -159,51 +162,38 @@ def memory(ckpt: Checkpoint, per_shard: dict[str, list[OutTensor]]) -> dict[str,
 
 def write_novice_checkpoint(
     model_dir: str | Path,
-    keep: dict[int, list[int]],
+    plan: Plan | Mapping[int, Sequence[int]],
     stats,
-    out_dir: str | Path,
+    out_dir: str | Path | DerivedCheckpoint,
     *,
     overwrite: bool = False,
-    plan_doc: dict | None = None,
-    plan_source: str = "plan",
     progress: bool = False,
     hash_shards: bool = False,
 ) -> Path:
-    """Write `model_dir` with every expert not in `keep` replaced by its novice vector from `stats`
-    (a `stats_formats.StatsFile`), atomically; returns `out_dir`."""
-    ckpt = Checkpoint(model_dir)
-    try:
-        layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
-        problems = check_shapes(layout, {n: ckpt.info(n).shape for n in ckpt.names()})
-        if problems:
-            raise NoviceError(f"{ckpt.dir}: source checkpoint disagrees with its config: {problems[0]}")
-        novices = novice_ids(layout, keep, plan_source)
+    """Write `model_dir` with every expert not in `plan` (a Plan or a bare keep map) replaced by its novice
+    vector from `stats` (a `stats_formats.StatsFile`), atomically; returns `out_dir`."""
+    plan = as_plan(plan)
+    with Checkpoint(model_dir) as ckpt:
+        layout = source_layout(ckpt, NoviceError)
+        novices = novice_ids(layout, plan.keep, plan.label)
         if not novices:
-            raise NoviceError(f"{plan_source}: removes no expert, so there are no novices to write")
+            raise NoviceError(f"{plan.label}: removes no expert, so there are no novices to write")
         check_supported(ckpt, layout, list(novices))
-        out_dir = Path(out_dir)
-        if out_dir.resolve() == ckpt.dir.resolve():
-            raise NoviceError(f"{out_dir}: output folder must differ from the input checkpoint")
-        plan = NovicePlan(novices, *mean_outputs(stats, novices, int(layout.config["hidden_size"])))
-        per_shard = novice_tensors(ckpt, layout, plan)
+        out = as_output(out_dir, overwrite, [ckpt.dir])
+        chosen = NovicePlan(novices, *mean_outputs(stats, novices, int(layout.config["hidden_size"])))
+        per_shard = novice_tensors(ckpt, layout, chosen)
         config = copy.deepcopy(ckpt.config)
         sub_config(config, layout.spec)[CONFIG_KEY] = {str(layer): ids for layer, ids in novices.items()}
-        e = layout.num_experts
-        counts = {layer: e - len(novices.get(layer, [])) for layer in layout.layers}
+        counts = {layer: layout.num_experts - len(novices.get(layer, [])) for layer in layout.layers}
         record = {
-            "model_type": layout.spec.model_type,
-            "num_experts_before": e,
-            "num_experts_after": max(counts.values()),
-            "experts_per_layer": {str(k): v for k, v in counts.items()},
-            "layout": {str(k): v.layout for k, v in layout.layers.items()},
+            **layout_record(layout, counts),
             "novices": {str(layer): ids for layer, ids in novices.items()},
-            "novices_unrouted": {str(layer): ids for layer, ids in plan.unrouted.items() if ids},
+            "novices_unrouted": {str(layer): ids for layer, ids in chosen.unrouted.items() if ids},
             "novice_stats": {"path": str(Path(stats.path).resolve()) if stats.path else None, "sha256": stats.sha256},
             "memory": memory(ckpt, per_shard),
-            "plan": plan_doc if plan_doc is not None else {"keep": {str(k): v for k, v in keep.items()}},
+            "plan": plan.to_json(),
         }
-        write_checkpoint(ckpt, per_shard, config, record, out_dir, overwrite=overwrite, progress=progress,
-                         hash_shards=hash_shards)
-    finally:
-        ckpt.close()
-    return out_dir
+        with out:
+            hashes = out.write_shards(ckpt, per_shard, hash_shards=hash_shards, progress=progress)
+            out.finish(ckpt, {**provenance.header(provenance.source(ckpt, hashes)), **record}, config)
+    return out.out_dir
