@@ -21,7 +21,7 @@ from surgery.model.blocks import find_blocks
 from surgery.eval.perplexity import evaluate
 from surgery.model.load import load_tokenizer
 from surgery.refine.heal.export import disk_tensors
-from surgery.refine.heal.run import heal
+from surgery.refine.heal.run import HealOptions, heal
 from surgery.io import Checkpoint
 from surgery.rewrite.experts import rewrite_checkpoint
 from surgery.refine.sparsify import check_nm, sparsify_checkpoint
@@ -84,7 +84,7 @@ def pair_fused(root: Path) -> tuple[Path, Path]:
 def local_healed(root: Path, pair_fused: tuple[Path, Path], data: Path) -> tuple[Path, dict]:
     teacher, student = pair_fused
     out = root / "healed-local"
-    record = heal(student, teacher, [str(data)], out, local_steps=40, kd_steps=0, local_inputs="teacher", **FAST)
+    record = heal(student, teacher, [str(data)], out, HealOptions(local_steps=40, kd_steps=0, local_inputs="teacher", **FAST))
     return out, record
 
 
@@ -132,7 +132,7 @@ def test_sequential_local_stage_brings_logits_closer(root: Path, pair_fused, dat
                                                      inputs: str) -> None:
     teacher, student = pair_fused
     out = root / f"healed-sequential-{inputs}"
-    heal(student, teacher, [str(data)], out, local_steps=40, kd_steps=0, local_inputs=inputs, **FAST)
+    heal(student, teacher, [str(data)], out, HealOptions(local_steps=40, kd_steps=0, local_inputs=inputs, **FAST))
     tok = load_tokenizer(teacher)
     ref = load_model(teacher)
     kl = [evaluate(load_model(m), tok, [str(eval_file)], seq_len=24, max_tokens=480, reference=ref,
@@ -143,7 +143,7 @@ def test_sequential_local_stage_brings_logits_closer(root: Path, pair_fused, dat
 def test_distillation_lowers_held_out_kl(root: Path, pair_fused, data: Path, eval_file: Path) -> None:
     teacher, student = pair_fused
     out = root / "healed-kd"
-    record = heal(student, teacher, [str(data)], out, local_steps=0, kd_steps=15, lr=3e-3, **FAST)
+    record = heal(student, teacher, [str(data)], out, HealOptions(local_steps=0, kd_steps=15, lr=3e-3, **FAST))
     stage = record["stages"][0]
     assert stage["stage"] == "distill" and stage["steps"] == 15
     assert stage["held_out_kl_after"] < stage["held_out_kl_before"], stage
@@ -159,8 +159,8 @@ def test_half_precision_layers_heal(root: Path, pair_fused, data: Path, inputs: 
     """bfloat16 streamed layers and teacher (the GPU default) with float32 training: both stages run, and
     neither ends worse on its held-out tokens than where it started."""
     teacher, student = pair_fused
-    record = heal(student, teacher, [str(data)], root / f"healed-bf16-{inputs}", local_steps=10, kd_steps=3,
-                  local_inputs=inputs, dtype="bfloat16", **FAST)
+    record = heal(student, teacher, [str(data)], root / f"healed-bf16-{inputs}",
+                  HealOptions(local_steps=10, kd_steps=3, local_inputs=inputs, dtype="bfloat16", **FAST))
     local, kd = record["stages"]
     assert all(v["held_out_error_after"] <= v["held_out_error_before"] for v in local["layers"].values())
     assert kd["held_out_kl_after"] <= kd["held_out_kl_before"]
@@ -171,8 +171,8 @@ def test_defaults_read_all_the_text_and_distil_on_kd_tokens(root: Path, pair_fus
     default); the distillation runs ceil(kd_tokens / (batch * seq_len)) steps, cycling through them."""
     teacher, student = pair_fused
     fast = {k: v for k, v in FAST.items() if k != "tokens"}
-    record = heal(student, teacher, [str(data)], root / "healed-defaults", local_steps=0, kd_tokens=24 * 4 * 120,
-                  lr=3e-3, **fast)
+    record = heal(student, teacher, [str(data)], root / "healed-defaults",
+                  HealOptions(local_steps=0, kd_tokens=24 * 4 * 120, lr=3e-3, **fast))
     tok = load_tokenizer(teacher)
     available = sum(len(tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"]) + 1
                     for line in data.read_text().splitlines())
@@ -258,7 +258,7 @@ def test_sparsified_student_keeps_its_zeros(root: Path, pair_fused, data: Path) 
     sparse = root / "sparse-2-4"
     sparsify_checkpoint(teacher, None, sparse, sparsity=None, pattern="2:4", method="magnitude")
     out = root / "sparse-healed"
-    record = heal(sparse, teacher, [str(data)], out, local_steps=10, kd_steps=4, lr=3e-3, **FAST)
+    record = heal(sparse, teacher, [str(data)], out, HealOptions(local_steps=10, kd_steps=4, lr=3e-3, **FAST))
     assert [s["stage"] for s in record["stages"]] == ["local", "distill"]
     assert record["stages"][1]["expert_wise_loss"] is True
     assert check_nm(out) == []
@@ -382,8 +382,8 @@ def test_rounds_with_heal_between_equal_the_steps_by_hand(root: Path, data: Path
         composed = step if composed is None else {k: [composed[k][i] for i in ids] for k, ids in step.items()}
         pruned = rewrite_checkpoint(current, step, root / f"by-hand-pruned-{r}")
         healed = root / f"by-hand-healed-{r}"
-        heal(pruned, current, [str(data)], healed, tokens=384, seq_len=24, batch_size=4, device="cpu", seed=3,
-             kd_steps=0, synthesize=False, progress=False)
+        heal(pruned, current, [str(data)], healed, HealOptions(tokens=384, seq_len=24, batch_size=4, device="cpu", seed=3,
+                                                             kd_steps=0, synthesize=False, progress=False))
         current = healed
     ours, theirs = checkpoint_bytes(out), checkpoint_bytes(current)
     assert ours == theirs
@@ -417,9 +417,9 @@ def test_short_text_is_topped_up_with_teacher_samples(root: Path, pair_fused, da
     """15 training sequences and --local-tokens for 64: 3 samples per real sequence (45); none without synthesize."""
     teacher, student = pair_fused
     fast = {**FAST, "local_tokens": 24 * 64}
-    on = heal(student, teacher, [str(data)], root / "healed-sampled", local_steps=5, kd_steps=0, **fast)
-    off = heal(student, teacher, [str(data)], root / "healed-unsampled", local_steps=5, kd_steps=0, synthesize=False,
-               **fast)
+    on = heal(student, teacher, [str(data)], root / "healed-sampled", HealOptions(local_steps=5, kd_steps=0, **fast))
+    off = heal(student, teacher, [str(data)], root / "healed-unsampled",
+               HealOptions(local_steps=5, kd_steps=0, synthesize=False, **fast))
     local_on, local_off = on["stages"][0], off["stages"][0]
     assert local_on["teacher_samples"]["sequences"] == 45 and local_on["teacher_samples"]["tokens"] == 45 * 24
     assert local_on["tokens"] == 60 * 24 and local_off["tokens"] == 15 * 24 and "teacher_samples" not in local_off

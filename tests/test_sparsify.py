@@ -18,7 +18,7 @@ import surgery.refine.sparsify as sp
 from stats_formats import StatsFile, tensor_name
 from stats_factory import default_calibration, default_model, make_stats
 from surgery.architectures import resolve
-from surgery.errors import UserError
+from surgery.errors import CheckpointError, UserError
 from surgery.io.expert_weights import read_expert
 from surgery.io.identity import router_sha256
 from surgery.io import Checkpoint, SafetensorsFile
@@ -413,7 +413,7 @@ def test_statistics_are_checked(tmp_path: Path) -> None:
         sparsify_checkpoint(src, None, tmp_path / "out", sparsity=0.5, method="moe-pruner")
     with pytest.raises(SparsifyError, match="reads no statistics"):
         sparsify_checkpoint(src, stats, tmp_path / "out", sparsity=0.5, method="magnitude")
-    with pytest.raises(SparsifyError, match="must differ"):
+    with pytest.raises(CheckpointError, match="must differ"):
         sparsify_checkpoint(src, None, src, sparsity=0.5, method="magnitude", overwrite=True)
 
 

@@ -65,15 +65,15 @@ def heal(student: str, teacher: str, data: tuple[str, ...], out_dir: Path, token
     dtype, everything else is copied byte for byte; pruning.json gains a `heal` record.
     Sparsified students keep their zeros and add the expert-wise loss of MoE-Pruner.
     """
-    from surgery.refine.heal.run import heal as run_heal
+    from surgery.refine.heal.run import HealOptions, heal as run_heal
     from surgery.hub.client import resolve_model
 
     teacher_dir = resolve_model(teacher, revision=revision, purpose="collect")
-    record = run_heal(student, teacher_dir, list(data), out_dir, tokens=tokens, local_steps=local_steps,
-                      local_tokens=local_tokens, local_inputs=local_inputs, synthesize=synthesize, local_lr=local_lr, kd_steps=kd_steps,
-                      kd_tokens=kd_tokens,
-                      batch_size=batch_size, train=train, lr=lr, seq_len=seq_len, device=device, dtype=dtype, seed=seed,
-                      overwrite=overwrite, progress=True)
+    options = HealOptions(tokens=tokens, local_steps=local_steps, local_tokens=local_tokens, local_inputs=local_inputs,
+                          synthesize=synthesize, local_lr=local_lr, kd_steps=kd_steps, kd_tokens=kd_tokens,
+                          batch_size=batch_size, train=train, lr=lr, seq_len=seq_len, device=device, dtype=dtype,
+                          seed=seed, overwrite=overwrite, progress=True)
+    record = run_heal(student, teacher_dir, list(data), out_dir, options)
     for stage in record["stages"]:
         if stage["stage"] == "local":
             errors = [(v["held_out_error_before"], v["held_out_error_after"]) for v in stage["layers"].values()]

@@ -7,19 +7,17 @@ fit the teacher. The mapping is never guessed: no pruning.json, no heal.
 
 from __future__ import annotations
 
-import json
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgery.architectures import MoELayout, resolve
 from surgery.architectures.layout import sub_config
 from surgery.errors import UserError
-from surgery.io import Checkpoint
+from surgery.io import Checkpoint, provenance
+from surgery.io.identity import router_mismatch
 from surgery.model.novices import is_novice_checkpoint
-from surgery.refine.sparsify import router_mismatch
 from surgery.refine.heal.export import TORCH_DTYPES
-
-PRUNING_JSON = "pruning.json"
 # Config keys that expert removal and sparsification leave unchanged.
 _SAME_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
 
@@ -46,31 +44,33 @@ class Pairing:
         return sorted(layer for layer, ids in self.expert_map.items()
                       if len(ids) < self.teacher_layout.num_experts)
 
+    @property
+    def record_path(self) -> Path:
+        return self.student.dir / provenance.PRUNING_JSON
+
     def close(self) -> None:
         self.student.close()
         self.teacher.close()
 
+    def __enter__(self) -> Pairing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _read_record(student_dir: Path) -> dict:
-    path = student_dir / PRUNING_JSON
-    if not path.is_file():
-        raise HealError(f"{path}: missing; heal needs the record `prune` or `sparsify` writes to map student "
-                        "experts to the teacher's")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HealError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or not (doc.get("expert_map") or doc.get("sparsity")):
-        raise HealError(f"{path}: has neither an expert_map (from prune) nor a sparsity record (from sparsify)")
+    doc = provenance.read(student_dir, needed_for="heal needs the record `prune` or `sparsify` writes to map "
+                                                  "student experts to the teacher's")
+    if not (doc.get("expert_map") or doc.get("sparsity")):
+        raise HealError(f"{student_dir / provenance.PRUNING_JSON}: has neither an expert_map (from prune) nor a "
+                        "sparsity record (from sparsify)")
     return doc
 
 
-def _expert_map(doc: dict, student: MoELayout, teacher: MoELayout, where: Path) -> dict[int, list[int]]:
-    raw = doc.get("expert_map") or {}
-    try:
-        keep = {int(layer): [int(i) for i in ids] for layer, ids in raw.items()}
-    except (TypeError, ValueError, AttributeError):
-        raise HealError(f"{where}: expert_map must map layer indices to lists of expert ids") from None
+def _expert_map(doc: dict, student: MoELayout, teacher: MoELayout, student_dir: Path) -> dict[int, list[int]]:
+    keep = provenance.expert_map(doc, student_dir)
+    where = student_dir / provenance.PRUNING_JSON
     out = {}
     for layer in student.layers:
         if layer not in teacher.layers:
@@ -113,20 +113,17 @@ def pair(student_dir: str | Path, teacher_dir: str | Path) -> Pairing:
     if is_novice_checkpoint(student_dir):
         raise HealError(f"{student_dir / 'config.json'}: MoNE novice checkpoints cannot be healed yet")
     doc = _read_record(student_dir)
-    student, teacher = Checkpoint(student_dir), Checkpoint(teacher_dir)
-    try:
+    with contextlib.ExitStack() as opened:  # closed again unless every check passes
+        student, teacher = opened.enter_context(Checkpoint(student_dir)), opened.enter_context(Checkpoint(teacher_dir))
         s_layout = resolve(student.config, student.names(), str(student.config_path))
         t_layout = resolve(teacher.config, teacher.names(), str(teacher.config_path))
         _check_same(student, teacher, s_layout, t_layout)
-        expert_map = _expert_map(doc, s_layout, t_layout, student_dir / PRUNING_JSON)
+        expert_map = _expert_map(doc, s_layout, t_layout, student_dir)
         _check_dtypes(student, s_layout)
         if not doc.get("heal"):  # a healed student's routers have moved on; a fresh one must match exactly
             bad = router_mismatch(student, s_layout, teacher, expert_map)
             if bad is not None:
                 raise HealError(f"{teacher.dir}: {bad} is not the source of the student's ({student_dir}) kept router "
                                 "rows; the teacher must be the checkpoint the student was pruned from")
-    except BaseException:
-        student.close()
-        teacher.close()
-        raise
+        opened.pop_all()
     return Pairing(student, teacher, s_layout, t_layout, expert_map, bool(doc.get("sparsity")), doc)

@@ -6,33 +6,109 @@ their on-disk dtype, every other tensor is copied byte for byte; pruning.json ga
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 import time
-from datetime import datetime, timezone
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from surgery.collect.run import pick_device, pick_dtype
+from surgery.io import TensorInfo
+from surgery.io.derived import DerivedCheckpoint
+from surgery.io.identity import file_sha256
+from surgery.io.provenance import now
 from surgery.model.data import build_sequences, cap_seq_len
-from surgery.io import INDEX_NAME, TensorInfo, atomic_output_dir, rewrite_shard
-from surgery.rewrite.experts import _copy_other_files
 from surgery.refine.heal.export import disk_tensors, to_bytes
-from surgery.refine.heal.pairing import PRUNING_JSON, HealError, Pairing, pair
+from surgery.refine.heal.pairing import HealError, Pairing, pair
 
 HELD_OUT_SHARE = 16  # one sequence in 16 is kept aside to measure each stage
 SAMPLES_PER_SEQUENCE = 3  # teacher samples per real sequence at most, when the local stage is short of text
 DEFAULT_TOKENS = 8 * 2**20  # read at most this much text when --tokens is not given, and distil on this many
+TRAIN_CHOICES = ("experts", "all")
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
+@dataclass(frozen=True)
+class HealOptions:
+    """How to heal. tokens None = all the text, up to DEFAULT_TOKENS. local_steps 0 turns the layer-local
+    stage off; kd_steps None = as many distillation steps as distil on `kd_tokens` tokens (cycling through
+    the training sequences when the text is shorter), 0 turns the stage off. synthesize: when the text gives
+    the local stage fewer than `local_tokens` tokens, the teacher's sampled continuations of prefixes of the
+    text make up the difference, up to SAMPLES_PER_SEQUENCE per real sequence (surgery.refine.heal.synthetic).
+    local_inputs: "student", "teacher" or "both" (surgery.refine.heal.local). train: "experts" or "all"."""
+
+    tokens: int | None = None
+    local_steps: int = 200
+    local_tokens: int = 2**18
+    local_lr: float = 3e-4
+    local_inputs: str = "student"
+    synthesize: bool = True
+    kd_steps: int | None = None
+    kd_tokens: int = DEFAULT_TOKENS
+    lr: float = 5e-4
+    train: str = "experts"
+    batch_size: int = 8
+    seq_len: int = 1024
+    device: str | None = None
+    dtype: str | None = None
+    seed: int = 0
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class _Run:
+    """One heal in progress: the pair, where it runs, the token ids, what was trained and the record."""
+
+    pairing: Pairing
+    options: HealOptions
+    device: torch.device
+    dtype: torch.dtype  # the streamed layers and the teacher; trained weights are float32
+    train_ids: torch.Tensor
+    held_ids: torch.Tensor
+    seq_len: int
+    trained: dict[str, torch.Tensor]
+    record: dict
+
+
+def heal(student_dir: str | Path, teacher_dir: str | Path, data: list[str], out_dir: str | Path,
+         options: HealOptions = HealOptions()) -> dict:
+    """Heal `student_dir` against `teacher_dir` into `out_dir`; returns the `heal` record written to pruning.json.
+
+    The output folder is opened (and refused if it exists) before any training."""
+    if options.train not in TRAIN_CHOICES:
+        raise HealError(f"--train {options.train!r}: choose experts or all")
+    with DerivedCheckpoint(out_dir, overwrite=options.overwrite, inputs=[student_dir, teacher_dir],
+                           inputs_label="the student and the teacher") as out, pair(student_dir, teacher_dir) as pairing:
+        if not pairing.touched_layers:
+            raise HealError(f"{pairing.record_path}: no MoE layer was pruned; nothing to heal")
+        run = _start(pairing, data, teacher_dir, options)
+        start = time.perf_counter()
+        if options.local_steps > 0:
+            _local(run)
+        _distill(run)
+        if not run.trained:
+            raise HealError("both stages are off (--local-steps 0 and --kd-steps 0): nothing to do")
+        run.record["seconds"] = round(time.perf_counter() - start, 2)
+        if run.device.type == "cuda":
+            run.record["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**20)
+        _write(run, out)
+    return run.record
+
+
+def _start(pairing: Pairing, data: list[str], teacher_dir: str | Path, options: HealOptions) -> _Run:
+    dev = pick_device(options.device)
+    dt = pick_dtype(options.dtype, dev)
+    train_ids, held_ids, seq_len = _sequences(pairing, data, options.tokens, options.seq_len, options.seed)
+    record: dict = {
+        "created": now(),
+        "teacher": str(Path(teacher_dir).resolve()),
+        "data": [{"path": str(p), "sha256": file_sha256(p)} for p in data],
+        "tokens": int(train_ids.numel() + held_ids.numel()),
+        "held_out_tokens": int(held_ids.numel()),
+        "seq_len": seq_len, "seed": options.seed, "device": str(dev), "stages": [],
+    }
+    return _Run(pairing, options, dev, dt, train_ids, held_ids, seq_len, {}, record)
 
 
 def _sequences(pairing: Pairing, data: list[str], tokens: int | None, seq_len: int, seed: int):
@@ -44,8 +120,6 @@ def _sequences(pairing: Pairing, data: list[str], tokens: int | None, seq_len: i
     wanted = -(-(tokens or DEFAULT_TOKENS) // seq_len)
     if wanted < 2:
         raise HealError(f"--tokens {tokens}: need at least two sequences of {seq_len} tokens (one is held out)")
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         calib = build_sequences(list(data), tokenizer, wanted, seq_len, seed)
@@ -59,129 +133,71 @@ def _sequences(pairing: Pairing, data: list[str], tokens: int | None, seq_len: i
     return calib.input_ids[: wanted - held], calib.input_ids[wanted - held:], seq_len
 
 
-def _write(pairing: Pairing, out_dir: Path, trained: dict[str, torch.Tensor], record: dict, overwrite: bool) -> None:
-    ckpt = pairing.student
-    values = disk_tensors(ckpt, pairing.student_layout, trained)
+def _local_ids(run: _Run) -> tuple[torch.Tensor, dict]:
+    """The local stage's training sequences: real ones, topped up with teacher samples when short."""
+    o = run.options
+    n_local = max(1, min(len(run.train_ids), o.local_tokens // run.seq_len))
+    local_ids = run.train_ids[:n_local]
+    missing = min(o.local_tokens // run.seq_len, (1 + SAMPLES_PER_SEQUENCE) * n_local) - n_local
+    if not o.synthesize or missing <= 0:
+        return local_ids, {}
+    from surgery.model.load import load_model
+    from surgery.refine.heal.synthetic import teacher_samples
+
+    t0 = time.perf_counter()
+    teacher = load_model(run.pairing.teacher.dir, str(run.device), run.dtype)
+    extra = teacher_samples(teacher, local_ids, missing, o.seed, run.device, progress=o.progress)
+    sampled = {"sequences": int(extra.shape[0]), "tokens": int(extra.numel()),
+               "seconds": round(time.perf_counter() - t0, 2)}
+    return torch.cat([local_ids, extra]), {"teacher_samples": sampled}
+
+
+def _local(run: _Run) -> None:
+    """Stage 1: fit each pruned block to the teacher's, layer by layer (surgery.refine.heal.local)."""
+    from surgery.refine.heal.local import local_stage
+
+    o = run.options
+    local_ids, sampled = _local_ids(run)
+    batches = [*local_ids.split(o.batch_size), *run.held_ids.split(o.batch_size)]
+    local = local_stage(run.pairing, batches, run.held_ids.numel(), steps=o.local_steps, lr=o.local_lr,
+                        batch_tokens=4096, device=run.device, dtype=run.dtype, seed=o.seed, inputs=o.local_inputs,
+                        progress=o.progress)
+    run.trained.update(local.params)
+    run.record["stages"].append({"stage": "local", "inputs": o.local_inputs, "steps_per_layer": o.local_steps,
+                                 "lr": o.local_lr, "tokens": int(local_ids.numel()), **sampled,
+                                 "layers": {str(k): v for k, v in sorted(local.layers.items())}})
+
+
+def _distill(run: _Run) -> None:
+    """Stage 2: logits distillation from the teacher (surgery.refine.heal.distill), from the local stage's weights."""
+    o = run.options
+    steps = o.kd_steps if o.kd_steps is not None else -(-o.kd_tokens // (o.batch_size * run.seq_len))
+    if steps <= 0:
+        return
+    from surgery.model.load import load_model
+    from surgery.refine.heal.distill import distill_stage
+
+    teacher = load_model(run.pairing.teacher.dir, str(run.device), run.dtype)
+    student = load_model(run.pairing.student.dir, str(run.device), torch.float32)
+    with torch.no_grad():
+        for name, value in run.trained.items():
+            student.get_parameter(name).copy_(value)
+    kd = distill_stage(run.pairing, teacher, student, list(run.train_ids.split(o.batch_size)),
+                       list(run.held_ids.split(o.batch_size)), steps=steps, lr=o.lr, train=o.train,
+                       device=run.device, seed=o.seed, progress=o.progress)
+    run.trained.update(kd.params)
+    run.record["stages"].append({"stage": "distill", **kd.record})
+
+
+def _write(run: _Run, out: DerivedCheckpoint) -> None:
+    """The student with its trained tensors replaced (in their on-disk dtype); pruning.json gains `heal`."""
+    ckpt = run.pairing.student
+    values = disk_tensors(ckpt, run.pairing.student_layout, run.trained)
 
     def produce(info: TensorInfo):
         value = values.get(info.name)
         return None if value is None else iter([to_bytes(value, info.dtype)])
 
-    with atomic_output_dir(out_dir, overwrite) as tmp:
-        for shard, f in ckpt.files.items():
-            rewrite_shard(tmp / shard, f, produce)
-        for name in (INDEX_NAME, "config.json"):
-            if (ckpt.dir / name).is_file():
-                shutil.copy2(ckpt.dir / name, tmp / name)
-        _copy_other_files(ckpt, tmp)
-        record["tensors_written"] = sorted(values)
-        doc = dict(pairing.record)
-        doc["heal"] = record
-        (tmp / PRUNING_JSON).write_text(json.dumps(doc, indent=2) + "\n")
-
-
-def heal(
-    student_dir: str | Path,
-    teacher_dir: str | Path,
-    data: list[str],
-    out_dir: str | Path,
-    *,
-    tokens: int | None = None,
-    local_steps: int = 200,
-    local_tokens: int = 2**18,
-    kd_steps: int | None = None,
-    kd_tokens: int = DEFAULT_TOKENS,
-    batch_size: int = 8,
-    train: str = "experts",
-    lr: float = 5e-4,
-    local_lr: float = 3e-4,
-    local_inputs: str = "student",
-    synthesize: bool = True,
-    seq_len: int = 1024,
-    device: str | None = None,
-    dtype: str | None = None,
-    seed: int = 0,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Heal `student_dir` against `teacher_dir`; returns the `heal` record written to pruning.json.
-
-    tokens None = all the text in `data`, up to DEFAULT_TOKENS. kd_steps None = as many steps as
-    distil on `kd_tokens` tokens, cycling through the training sequences (epochs) when the text is shorter.
-    synthesize: when the text gives the local stage fewer than `local_tokens` tokens, the teacher's sampled
-    continuations of prefixes of the text make up the difference, up to SAMPLES_PER_SEQUENCE per real
-    sequence (surgery.refine.heal.synthetic).
-    """
-    from surgery.model.load import load_model
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise HealError(f"{out_dir}: output folder already exists (use --overwrite to replace it)")
-    if train not in ("experts", "all"):
-        raise HealError(f"--train {train!r}: choose experts or all")
-    if Path(out_dir).resolve() in (Path(student_dir).resolve(), Path(teacher_dir).resolve()):
-        raise HealError(f"{out_dir}: output folder must differ from the student and the teacher")
-    pairing = pair(student_dir, teacher_dir)
-    try:
-        if not pairing.touched_layers:
-            raise HealError(f"{pairing.student.dir / PRUNING_JSON}: no MoE layer was pruned; nothing to heal")
-        dev = pick_device(device)
-        dt = pick_dtype(dtype, dev)  # the streamed layers and the teacher; trained weights are float32
-        train_ids, held_ids, seq_len = _sequences(pairing, data, tokens, seq_len, seed)
-        record: dict = {
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "teacher": str(Path(teacher_dir).resolve()),
-            "data": [{"path": str(p), "sha256": _file_sha256(Path(p))} for p in data],
-            "tokens": int(train_ids.numel() + held_ids.numel()),
-            "held_out_tokens": int(held_ids.numel()),
-            "seq_len": seq_len, "seed": seed, "device": str(dev), "stages": [],
-        }
-        start = time.perf_counter()
-        trained: dict[str, torch.Tensor] = {}
-        if local_steps > 0:
-            n_local = max(1, min(len(train_ids), local_tokens // seq_len))
-            local_ids, sampled = train_ids[:n_local], {}
-            missing = min(local_tokens // seq_len, (1 + SAMPLES_PER_SEQUENCE) * n_local) - n_local
-            if synthesize and missing > 0:
-                from surgery.refine.heal.synthetic import teacher_samples
-
-                t0 = time.perf_counter()
-                extra = teacher_samples(load_model(pairing.teacher.dir, str(dev), dt), local_ids, missing, seed, dev,
-                                        progress=progress)
-                local_ids = torch.cat([local_ids, extra])
-                sampled = {"teacher_samples": {"sequences": int(extra.shape[0]), "tokens": int(extra.numel()),
-                                               "seconds": round(time.perf_counter() - t0, 2)}}
-            batches = [*local_ids.split(batch_size), *held_ids.split(batch_size)]
-            from surgery.refine.heal.local import local_stage
-
-            local = local_stage(pairing, batches, held_ids.numel(), steps=local_steps, lr=local_lr,
-                                batch_tokens=4096, device=dev, dtype=dt, seed=seed, inputs=local_inputs,
-                                progress=progress)
-            trained.update(local.params)
-            record["stages"].append({"stage": "local", "inputs": local_inputs, "steps_per_layer": local_steps, "lr": local_lr,
-                                     "tokens": int(local_ids.numel()), **sampled,
-                                     "layers": {str(k): v for k, v in sorted(local.layers.items())}})
-        steps = kd_steps if kd_steps is not None else -(-kd_tokens // (batch_size * seq_len))
-        if steps > 0:
-            from surgery.refine.heal.distill import distill_stage
-
-            teacher = load_model(pairing.teacher.dir, str(dev), dt)
-            student = load_model(pairing.student.dir, str(dev), torch.float32)
-            with torch.no_grad():
-                for name, value in trained.items():
-                    student.get_parameter(name).copy_(value)
-            kd = distill_stage(pairing, teacher, student, list(train_ids.split(batch_size)),
-                               list(held_ids.split(batch_size)), steps=steps, lr=lr, train=train, device=dev,
-                               seed=seed, progress=progress)
-            trained.update(kd.params)
-            record["stages"].append({"stage": "distill", **kd.record})
-            del teacher, student
-        if not trained:
-            raise HealError("both stages are off (--local-steps 0 and --kd-steps 0): nothing to do")
-        record["seconds"] = round(time.perf_counter() - start, 2)
-        if dev.type == "cuda":
-            record["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20)
-        _write(pairing, out_dir, trained, record, overwrite)
-        return record
-    finally:
-        pairing.close()
+    out.replace_tensors(ckpt, produce)
+    run.record["tensors_written"] = sorted(values)
+    out.finish(ckpt, {**run.pairing.record, "heal": run.record})
