@@ -17,22 +17,26 @@ already pruned in memory (`collect --progressive`), as in NAEE's progressive mod
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from surgery.architectures import resolve
 from surgery.architectures.layout import active_groups
-from surgery.io import Checkpoint
+from surgery.collect.options import CollectOptions
 from surgery.errors import PlanError
+from surgery.io import Checkpoint, provenance
+from surgery.io.derived import DerivedCheckpoint, as_output
+from surgery.plan import Plan
 from surgery.rewrite.experts import rewrite_checkpoint
 
 NOVICE_STATS = "novice-stats.safetensors"  # the first round's statistics, kept for --novices
-# (model_dir, statistics file or None, experts kept per layer) -> plan document
-Scorer = Callable[[Path, Path | None, int], dict]
+# (model_dir, statistics file or None, experts kept per layer) -> the round's Plan (or its JSON document)
+Scorer = Callable[[Path, Path | None, int], "Plan | dict"]
 # (model_dir, statistics file to write, progressive plan or None) -> None
 Collector = Callable[[Path, Path, dict[int, list[int]] | None], None]
 # (pruned student, the checkpoint it was pruned from, output folder) -> the heal record
@@ -63,9 +67,8 @@ class ModelShape:
 
 
 def model_shape(model_dir: Path) -> ModelShape:
-    ckpt = Checkpoint(model_dir)
-    layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
-    ckpt.close()
+    with Checkpoint(model_dir) as ckpt:
+        layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
     return ModelShape(layout.num_experts, layout.top_k, active_groups(layout) or 1, sorted(layout.layers),
                       layout.num_hidden_layers)
 
@@ -113,28 +116,27 @@ def _compose(keep: dict[int, list[int]], step: dict[int, list[int]]) -> dict[int
     return {layer: [ids[i] for i in step[layer]] if layer in step else ids for layer, ids in keep.items()}
 
 
-def _final_doc(keep: dict[int, list[int]], rounds: list[dict], criterion: str, num_experts: int, mode: str) -> dict:
+def _final_plan(keep: dict[int, list[int]], rounds: list[dict], criterion: str, num_experts: int, mode: str,
+                label: str) -> Plan:
+    """The composed plan in original ids; `rounds` records each round's plan in that round's ids."""
     kept = len(next(iter(keep.values())))
-    return {
-        "keep": {str(layer): ids for layer, ids in sorted(keep.items())},
-        "criterion": criterion,
-        "ratio": (num_experts - kept) / num_experts,
-        "keep_per_layer": kept,
-        "uniform": True,
-        "mode": mode,
-        "rounds": rounds,
-    }
+    return Plan(dict(sorted(keep.items())), criterion, (num_experts - kept) / num_experts,
+                extra={"mode": mode, "rounds": rounds}, label=label)
 
 
-def _round_entry(index: int, criterion: str, keep: int, doc: dict, layers: list[int] | None = None) -> dict:
-    entry = {"round": index + 1, "criterion": criterion, "keep_per_layer": keep, "plan": doc}
+def _round_plan(scored: Plan | dict) -> Plan:
+    return scored if isinstance(scored, Plan) else Plan.from_json(scored, "round plan")
+
+
+def _round_entry(index: int, criterion: str, keep: int, plan: Plan, layers: list[int] | None = None) -> dict:
+    entry = {"round": index + 1, "criterion": criterion, "keep_per_layer": keep, "plan": plan.to_json()}
     if layers is not None:
         entry["layers"] = layers
     return entry
 
 
-def iterative(model_dir: Path, out_dir: Path, *, rounds: int, keep: int, criterion: str, score: Scorer,
-              collect: Collector | None, work_dir: Path | None = None, novices: bool = False,
+def iterative(model_dir: Path, out_dir: Path | DerivedCheckpoint, *, rounds: int, keep: int, criterion: str,
+              score: Scorer, collect: Collector | None, work_dir: Path | None = None, novices: bool = False,
               heal: Healer | None = None, **rewrite_kw) -> RoundsResult:
     """Prune to `keep` experts per layer in `rounds` equal steps, re-collecting on each pruned checkpoint.
 
@@ -142,56 +144,64 @@ def iterative(model_dir: Path, out_dir: Path, *, rounds: int, keep: int, criteri
     folder under `work_dir` (default: beside `out_dir`) and are removed at the end. With `heal`,
     each round's removal is healed against the checkpoint it was cut from before the next round
     estimates, and the output is the last healed checkpoint (its weights are no longer the original's).
+    The output folder is opened (an existing one refused) before the first round.
     """
     start = time.perf_counter()
     shape = model_shape(model_dir)
     counts = schedule(shape.num_experts, keep, rounds, shape.groups)
     # MTP layers are never run, so never scored: the rewriter gives them the last main layer's keep-list.
     kept = {layer: list(range(shape.num_experts)) for layer in shape.layers if layer < shape.num_hidden_layers}
-    result = RoundsResult(out_dir, kept)
-    tmp = Path(tempfile.mkdtemp(prefix=".rounds-", dir=work_dir or Path(out_dir).resolve().parent))
-    try:
+    out = as_output(out_dir, rewrite_kw.get("overwrite", False), [model_dir])
+    result = RoundsResult(out.out_dir, kept)
+    with out, _work_folder(out.out_dir, work_dir) as tmp:
         current = model_dir
         for r, count in enumerate(counts):
             stats = tmp / f"round{r + 1}.safetensors"
             if collect is not None:
                 collect(current, stats, None)
                 result.peak_disk_bytes = max(result.peak_disk_bytes, _disk_usage(tmp))
-            doc = score(current, stats if collect is not None else None, count)
-            kept = _compose(kept, {int(layer): ids for layer, ids in doc["keep"].items()})
-            result.rounds.append(_round_entry(r, criterion, count, doc))
+            step = _round_plan(score(current, stats if collect is not None else None, count))
+            kept = _compose(kept, step.keep)
+            result.rounds.append(_round_entry(r, criterion, count, step))
             _keep_or_drop(stats, r, novices)
             if heal is not None:
-                step = {int(layer): ids for layer, ids in doc["keep"].items()}
                 current = _healed_checkpoint(current, step, tmp / f"round{r + 1}", heal, result, model_dir, tmp)
             elif r + 1 < len(counts):
                 current = _next_checkpoint(model_dir, kept, tmp / f"round{r + 1}", current, result, tmp)
         result.keep = kept
-        plan_doc = _final_doc(kept, result.rounds, criterion, shape.num_experts, "iterative")
+        plan = _final_plan(kept, result.rounds, criterion, shape.num_experts, "iterative", f"{criterion} rounds")
         if heal is not None:
-            _write_healed(model_dir, kept, current, out_dir, plan_doc, result.rounds, rewrite_kw.get("overwrite", False))
+            _write_healed(model_dir, current, out, plan, result.rounds)
         else:
-            _write(model_dir, kept, out_dir, plan_doc, f"{criterion} rounds", tmp, novices, rewrite_kw)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            _write(model_dir, plan, out, tmp, novices, rewrite_kw)
     result.seconds = time.perf_counter() - start
     return result
+
+
+@contextlib.contextmanager
+def _work_folder(out_dir: Path, work_dir: Path | None) -> Iterator[Path]:
+    """A temporary folder for the rounds' statistics and checkpoints (beside the output by default), removed at the end."""
+    tmp = Path(tempfile.mkdtemp(prefix=".rounds-", dir=work_dir or Path(out_dir).resolve().parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _next_checkpoint(model_dir: Path, kept: dict[int, list[int]], dest: Path, previous: Path,
                      result: RoundsResult, tmp: Path) -> Path:
     """Rewrite the original checkpoint with the composed plan; drop the previous temporary one."""
-    rewrite_checkpoint(model_dir, kept, dest, plan_source="round plan", hash_shards=False)
+    rewrite_checkpoint(model_dir, Plan(kept, label="round plan"), dest, hash_shards=False)
     result.peak_disk_bytes = max(result.peak_disk_bytes, _disk_usage(tmp))
     if previous != model_dir:
         shutil.rmtree(previous)
     return dest
 
 
-def _healed_checkpoint(current: Path, step: dict[int, list[int]], dest: Path, heal: Healer, result: RoundsResult,
+def _healed_checkpoint(current: Path, step: Plan, dest: Path, heal: Healer, result: RoundsResult,
                        model_dir: Path, tmp: Path) -> Path:
     """Remove this round's experts from `current`, heal the result against `current`, drop `current`."""
-    pruned = rewrite_checkpoint(current, step, dest.with_name(dest.name + "-pruned"), plan_source="round plan")
+    pruned = rewrite_checkpoint(current, Plan(step.keep, label="round plan"), dest.with_name(dest.name + "-pruned"))
     record = heal(pruned, current, dest)
     result.rounds[-1]["heal"] = {k: v for k, v in record.items() if k != "tensors_written"}
     result.peak_disk_bytes = max(result.peak_disk_bytes, _disk_usage(tmp))
@@ -201,55 +211,46 @@ def _healed_checkpoint(current: Path, step: dict[int, list[int]], dest: Path, he
     return dest
 
 
-def _write_healed(model_dir: Path, keep: dict[int, list[int]], healed: Path, out_dir: Path, plan_doc: dict,
-                  rounds: list[dict], overwrite: bool) -> None:
+def _write_healed(model_dir: Path, healed: Path, out: DerivedCheckpoint, plan: Plan, rounds: list[dict]) -> None:
     """The last healed checkpoint, with a pruning.json that maps its experts to the original's ids."""
-    import json
-
-    from surgery.io import atomic_output_dir
-
-    from surgery.rewrite.experts import _header_sha256
-
-    doc = json.loads((healed / "pruning.json").read_text())
-    ckpt = Checkpoint(model_dir)
-    source = {"path": str(ckpt.dir.resolve()), "shards_sha256": None, "shards_header_sha256": _header_sha256(ckpt)}
-    ckpt.close()
+    doc = provenance.read(healed)
+    with Checkpoint(model_dir) as ckpt:
+        source = provenance.source(ckpt)
     doc.update({
         "source": source,
         "num_experts_before": model_shape(model_dir).num_experts,
-        "expert_map": {str(layer): ids for layer, ids in sorted(keep.items())},
-        "plan": plan_doc,
+        "expert_map": {str(layer): ids for layer, ids in sorted(plan.keep.items())},
+        "plan": plan.to_json(),
         "heal": [r["heal"] for r in rounds],
     })
-    with atomic_output_dir(out_dir, overwrite) as tmp:
-        shutil.copytree(healed, tmp, dirs_exist_ok=True)
-        (tmp / "pruning.json").write_text(json.dumps(doc, indent=2) + "\n")
+    with out:
+        out.copy_folder(healed)
+        out.finish_record(doc)
 
 
-def progressive(model_dir: Path, out_dir: Path, *, rounds: int, keep: int, criterion: str, score: Scorer,
-                collect: Collector, work_dir: Path | None = None, novices: bool = False, **rewrite_kw) -> RoundsResult:
+def progressive(model_dir: Path, out_dir: Path | DerivedCheckpoint, *, rounds: int, keep: int, criterion: str,
+                score: Scorer, collect: Collector, work_dir: Path | None = None, novices: bool = False,
+                **rewrite_kw) -> RoundsResult:
     """Prune block by block of MoE layers, each block scored on statistics collected with the
     blocks above it pruned in memory; one rewrite of the original checkpoint at the end."""
     start = time.perf_counter()
     shape = model_shape(model_dir)
     main_layers = [layer for layer in shape.layers if layer < shape.num_hidden_layers]
     kept: dict[int, list[int]] = {}
-    result = RoundsResult(out_dir, kept)
-    tmp = Path(tempfile.mkdtemp(prefix=".rounds-", dir=work_dir or Path(out_dir).resolve().parent))
-    try:
+    out = as_output(out_dir, rewrite_kw.get("overwrite", False), [model_dir])
+    result = RoundsResult(out.out_dir, kept)
+    with out, _work_folder(out.out_dir, work_dir) as tmp:
         for r, block in enumerate(layer_blocks(main_layers, rounds)):
             stats = tmp / f"round{r + 1}.safetensors"
             collect(model_dir, stats, dict(kept) or None)
             result.peak_disk_bytes = max(result.peak_disk_bytes, _disk_usage(tmp))
-            doc = score(model_dir, stats, keep)
-            kept.update({layer: doc["keep"][str(layer)] for layer in block})
-            result.rounds.append(_round_entry(r, criterion, keep, doc, block))
+            step = _round_plan(score(model_dir, stats, keep))
+            kept.update({layer: list(step.keep[layer]) for layer in block})
+            result.rounds.append(_round_entry(r, criterion, keep, step, block))
             _keep_or_drop(stats, r, novices)
         result.keep = kept
-        plan_doc = _final_doc(kept, result.rounds, criterion, shape.num_experts, "progressive")
-        _write(model_dir, kept, out_dir, plan_doc, f"{criterion} progressive", tmp, novices, rewrite_kw)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        plan = _final_plan(kept, result.rounds, criterion, shape.num_experts, "progressive", f"{criterion} progressive")
+        _write(model_dir, plan, out, tmp, novices, rewrite_kw)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -262,21 +263,19 @@ def _keep_or_drop(stats: Path, index: int, novices: bool) -> None:
         stats.unlink(missing_ok=True)
 
 
-def _write(model_dir: Path, keep: dict[int, list[int]], out_dir: Path, plan_doc: dict, source: str, tmp: Path,
-           novices: bool, rewrite_kw: dict) -> None:
+def _write(model_dir: Path, plan: Plan, out: DerivedCheckpoint, tmp: Path, novices: bool, rewrite_kw: dict) -> None:
     """The output: a rewrite of the original checkpoint, or its novice version."""
     if not novices:
-        rewrite_checkpoint(model_dir, keep, out_dir, plan_doc=plan_doc, plan_source=source, **rewrite_kw)
+        rewrite_checkpoint(model_dir, plan, out, **rewrite_kw)
         return
     from stats_formats import StatsFile
 
     from surgery.rewrite.novices import write_novice_checkpoint
 
-    write_novice_checkpoint(model_dir, keep, StatsFile(tmp / NOVICE_STATS), out_dir, plan_doc=plan_doc,
-                            plan_source=source, **rewrite_kw)
+    write_novice_checkpoint(model_dir, plan, StatsFile(tmp / NOVICE_STATS), out, **rewrite_kw)
 
 
-def make_collector(data: list[str], options: dict, seed: int, calibration: dict) -> Collector:
+def make_collector(data: list[str], options: CollectOptions, seed: int, calibration: dict) -> Collector:
     """`collect` with the prune command's collect options; keeps the first round's calibration record."""
 
     def run(model_dir: Path, stats: Path, plan: dict[int, list[int]] | None) -> None:
@@ -284,14 +283,14 @@ def make_collector(data: list[str], options: dict, seed: int, calibration: dict)
 
         from surgery.collect.run import collect
 
-        collect(model_dir, data, stats, seed=seed, progressive=plan, **options)
+        collect(model_dir, data, stats, replace(options, seed=seed, progressive=plan))
         calibration.setdefault("first", StatsFile(stats).calibration)
 
     return run
 
 
 def prune_in_rounds(model_dir: Path, out_dir: Path, *, data: list[str], rounds: int | None, progressive_mode: bool,
-                    criterion: str, ratio: float | None, keep: int | None, score: Scorer, collect_options: dict,
+                    criterion: str, ratio: float | None, keep: int | None, score: Scorer, collect_options: CollectOptions,
                     seed: int, novices: bool = False, heal: Healer | None = None,
                     **rewrite_kw) -> tuple[RoundsResult, dict | None]:
     """`prune -d DATA [--rounds N] [--progressive]`: checks the options, runs the rounds, returns
@@ -309,13 +308,11 @@ def prune_in_rounds(model_dir: Path, out_dir: Path, *, data: list[str], rounds: 
         raise PlanError("--novices with --rounds needs calibration text (-d DATA): novices are mean expert outputs")
     if progressive_mode and (crit.needs != "stats" or not data):
         raise PlanError("--progressive needs a criterion that reads statistics and calibration text (-d DATA)")
-    if Path(out_dir).exists() and not rewrite_kw.get("overwrite"):
-        raise PlanError(f"{out_dir}: already exists (use --overwrite to replace it)")
     shape = model_shape(model_dir)
     target = keep_count(shape.num_experts, shape.top_k, ratio=ratio, keep=keep)
     calibration: dict = {}
     # mcs-eg* read `collect --gradients`, mcs-eao `collect --histogram`
-    options = {**collect_options, "gradients": criterion in GRADIENT_SIGNALS, "histogram": criterion == "mcs-eao"}
+    options = replace(collect_options, gradients=criterion in GRADIENT_SIGNALS, histogram=criterion == "mcs-eao")
     collector = make_collector(data, options, seed, calibration) if crit.needs == "stats" or novices else None
     if heal is not None and (progressive_mode or novices):
         raise PlanError("--heal-between heals the checkpoints of plain --rounds: not with --progressive or --novices")
