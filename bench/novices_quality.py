@@ -24,8 +24,9 @@ from types import SimpleNamespace
 import torch
 
 from stats_formats import StatsFile
-from surgery.cli import _score
-from surgery.eval.perplexity import evaluate, load_model, load_tokenizer
+from surgery.pipeline.score import ScoreOptions, plan_keep, score_plan
+from surgery.eval.perplexity import evaluate
+from surgery.model.load import load_model, load_tokenizer
 from surgery.plan import Plan
 from surgery.rewrite.novices import write_novice_checkpoint
 from surgery.rewrite.experts import rewrite_checkpoint
@@ -44,8 +45,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     try:
         for ratio in args.ratios:
             for criterion in args.criteria:
-                doc = _score(model_dir, Path(args.stats), criterion, ratio, None, False, 0, None)
-                keep = {int(k): v for k, v in doc["keep"].items()}
+                doc = score_plan(model_dir, Path(args.stats), ScoreOptions(criterion, ratio=ratio))
+                keep = plan_keep(doc)
                 for variant in ("removed", "novices"):
                     out = work / f"{criterion}-{ratio}-{variant}"
                     if variant == "novices":

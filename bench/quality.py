@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from surgery.cli import _score
+from surgery.pipeline.score import ScoreOptions, plan_keep, score_plan
 from surgery.criteria import CRITERIA
-from surgery.eval.perplexity import evaluate, load_model, load_tokenizer
+from surgery.eval.perplexity import evaluate
+from surgery.model.load import load_model, load_tokenizer
 from surgery.rewrite.experts import rewrite_checkpoint
 from bench_common import emit, list_eval_files
 
@@ -46,9 +47,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         for ratio in args.ratios:
             for name in args.criteria:
                 t0 = time.perf_counter()
-                doc = _score(Path(args.model), Path(args.stats), name, ratio, None, False, args.seed, None)
+                doc = score_plan(Path(args.model), Path(args.stats), ScoreOptions(name, ratio=ratio, seed=args.seed))
                 out = work / f"{name}-{ratio}"
-                rewrite_checkpoint(args.model, {int(k): v for k, v in doc["keep"].items()}, out, plan_doc=doc)
+                rewrite_checkpoint(args.model, plan_keep(doc), out, plan_doc=doc)
                 model = load_model(out, device=args.device, dtype=torch.float32)
                 r = evaluate(model, tokenizer, eval_files, reference=reference, **kw)
                 row = {"criterion": name, "ratio": ratio, **_flat(r, base, args.focus),

@@ -28,8 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import emit, list_eval_files  # noqa: E402
 from quality import _flat  # noqa: E402
 
-from surgery.cli import _prune_rounds  # noqa: E402
-from surgery.eval.perplexity import evaluate, load_model, load_tokenizer  # noqa: E402
+from surgery.collect.options import CollectOptions  # noqa: E402
+from surgery.pipeline.prune import RoundsOptions, prune_rounds  # noqa: E402
+from surgery.pipeline.score import ScoreOptions  # noqa: E402
+from surgery.eval.perplexity import evaluate  # noqa: E402
+from surgery.model.load import load_model, load_tokenizer  # noqa: E402
 
 MODES = ("one-shot", "rounds", "progressive", "rounds-heal")
 
@@ -46,12 +49,12 @@ def prune_one(args: argparse.Namespace, criterion: str, rounds: int, progressive
               out: Path) -> float:
     """`prune -d DATA --criterion C --ratio R [--rounds N] [--progressive] [--heal-between H]` into `out`;
     returns the wall time in seconds."""
-    options = dict(samples=args.samples, seq_len=args.seq_len, holdout=0, batch_size=args.collect_batch_size,
-                   device=args.device, dtype="float32", stream_layers=False)
+    collect = CollectOptions(samples=args.samples, seq_len=args.seq_len, holdout=0, batch_size=args.collect_batch_size,
+                             device=args.device, dtype="float32", stream_layers=False)
+    schedule = RoundsOptions(data=(args.data,), rounds=rounds if rounds > 1 else None, progressive=progressive,
+                             heal_between=heal, heal_tokens=args.heal_tokens, work_dir=Path(args.tmp or out.parent))
     start = time.perf_counter()
-    _prune_rounds(Path(args.model), out, [args.data], rounds if rounds > 1 else None, progressive, criterion,
-                  args.ratio, None, args.seed, None, options, novices=False, heal_between=heal,
-                  heal_tokens=args.heal_tokens, work_dir=Path(args.tmp or out.parent))
+    prune_rounds(Path(args.model), out, ScoreOptions(criterion, ratio=args.ratio, seed=args.seed), schedule, collect)
     return time.perf_counter() - start
 
 

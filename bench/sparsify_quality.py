@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from surgery.eval.perplexity import evaluate, load_model, load_tokenizer
+from surgery.eval.perplexity import evaluate
+from surgery.model.load import load_model, load_tokenizer
 from surgery.refine.sparsify import METHODS, sparsify_checkpoint
 from bench_common import emit, list_eval_files
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from tiny_tokenizer import save_tiny_tokenizer
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-from surgery.cli.eval import eval_cmd
+from surgery.cli import main
 from surgery.model.data import (
     DataError,
     build_sequences,
@@ -230,7 +230,7 @@ def test_kl_against_itself_and_another_model(corpus, model, model_dir, other_mod
 
 
 def test_cli_eval_json(corpus, model_dir):
-    res = CliRunner().invoke(eval_cmd, [
+    res = CliRunner().invoke(main, ["eval", 
         str(model_dir), "-d", corpus[0], "-d", corpus[1], "--reference", str(model_dir),
         "--seq-len", "32", "--max-tokens", "64", "--device", "cpu", "--json",
     ])
@@ -241,7 +241,7 @@ def test_cli_eval_json(corpus, model_dir):
 
 
 def test_cli_eval_table(corpus, model_dir):
-    res = CliRunner().invoke(eval_cmd, [str(model_dir), "-d", corpus[0], "--seq-len", "32", "--max-tokens", "64"])
+    res = CliRunner().invoke(main, ["eval", str(model_dir), "-d", corpus[0], "--seq-len", "32", "--max-tokens", "64"])
     assert res.exit_code == 0, res.output
     assert "geometric mean ppl" in res.stdout
 
@@ -251,7 +251,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, model_dir, problem):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\nnot json\n')
     model = str(model_dir) if problem == "bad data" else str(tmp_path / "no-model")
-    res = CliRunner().invoke(eval_cmd, [model, "-d", str(bad)])
+    res = CliRunner().invoke(main, ["eval", model, "-d", str(bad)])
     assert res.exit_code == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ")
@@ -260,9 +260,9 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, model_dir, problem):
 
 def test_eval_folder_reports_each_file(tmp_path: Path) -> None:
     """A folder given to `eval -d` stands for its files: one perplexity per file."""
-    from surgery.cli.eval import _per_file
+    from surgery.pipeline.evaluate import data_files
 
     (tmp_path / "b.jsonl").write_text('{"text": "x"}\n')
     (tmp_path / "a.txt").write_text("y\n")
     (tmp_path / "notes.md").write_text("z\n")
-    assert _per_file([str(tmp_path), "other.jsonl"]) == [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), "other.jsonl"]
+    assert data_files([str(tmp_path), "other.jsonl"]) == [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), "other.jsonl"]

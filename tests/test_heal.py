@@ -362,7 +362,7 @@ def test_refuses_a_quantized_student(root: Path, pair_fused, data: Path) -> None
 
 
 def test_rounds_with_heal_between_equal_the_steps_by_hand(root: Path, data: Path) -> None:
-    from surgery.cli import _score
+    from surgery.pipeline.score import ScoreOptions, score_plan
     from surgery.collect.run import collect
 
     teacher = _teacher(root, "qwen3_moe", "per-expert")
@@ -378,7 +378,7 @@ def test_rounds_with_heal_between_equal_the_steps_by_hand(root: Path, data: Path
     for r, count in enumerate([6, 4]):
         stats = root / f"by-hand-{r}.safetensors"
         collect(current, [str(data)], stats, device="cpu", dtype="float32", progress=False, **run)
-        step = {int(k): v for k, v in _score(current, stats, "frequency", None, count, False, 3, None, None)["keep"].items()}
+        step = {int(k): v for k, v in score_plan(current, stats, ScoreOptions("frequency", keep=count, seed=3))["keep"].items()}
         composed = step if composed is None else {k: [composed[k][i] for i in ids] for k, ids in step.items()}
         pruned = rewrite_checkpoint(current, step, root / f"by-hand-pruned-{r}")
         healed = root / f"by-hand-healed-{r}"

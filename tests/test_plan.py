@@ -185,10 +185,9 @@ def write_stats(path: Path, holdout: bool = True, **model_extra) -> Path:
 
 
 def run(args: list[str]):
-    from surgery.cli.score import criteria_cmd, score_cmd
+    from surgery.cli import main
 
-    cmd = criteria_cmd if args[0] == "criteria" else score_cmd
-    return CliRunner().invoke(cmd, args[1:])
+    return CliRunner().invoke(main, args)
 
 
 def test_criteria_command_lists_everything() -> None:

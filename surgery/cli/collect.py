@@ -1,39 +1,33 @@
-"""`moe-surgery collect`: one calibration pass writes the statistics file."""
+"""`moe-surgery collect`: one calibration pass writes the statistics file (surgery.collect.run)."""
 
 from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
+from surgery.cli.options import (
+    FILE, RenamedOptions, collect_options, data_option, output_option, overwrite_option, revision_option, seed_option,
+)
+from surgery.collect.options import CollectOptions
 from surgery.errors import UserError
 
 
-@click.command()
+@click.command(cls=RenamedOptions, renamed={"--progressive": "--progressive-plan"})
 @click.argument("model")
-@click.option("-d", "--data", "data", multiple=True, required=True,
-              help="Calibration text: .jsonl (a `text` field), .txt (blank-line-separated documents) or a folder; repeatable.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Statistics file to write (.safetensors).")
-@click.option("--samples", default=256, show_default=True, help="Calibration sequences.")
-@click.option("--seq-len", default=2048, show_default=True, help="Tokens per sequence (capped by the model).")
-@click.option("--holdout", default=32, show_default=True,
-              help="Extra sequences kept aside for held-out error (used by the `auto` criterion); 0 disables.")
-@click.option("--seed", default=0, show_default=True, help="Shuffles documents before packing.")
-@click.option("--batch-size", default=4, show_default=True, help="Sequences per forward pass.")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda when present), cpu, cuda, cuda:1, ...")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="Model dtype; auto = bfloat16 on GPU, float32 on CPU. Sums are float64.")
-@click.option("--stream-layers", is_flag=True,
-              help="Materialise one decoder layer at a time from the shards: for models larger than RAM or GPU memory.")
+@data_option()
+@output_option()
+@collect_options
+@seed_option
 @click.option("--hidden-states", type=click.Choice(["auto", "gpu", "cpu", "disk"]), default="auto", show_default=True,
               help="With --stream-layers: where the hidden states between layers are kept; auto = accelerator if "
                    "they fit, else RAM, else a memory-mapped file beside OUTPUT.")
-@click.option("--progressive", "progressive_plan", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--progressive-plan", "progressive_plan", type=FILE,
               help="Plan JSON (original ids): its layers are pruned in memory while collecting, so later layers see "
-                   "the pruned model's inputs; their dropped experts get zero statistics.")
+                   "the pruned model's inputs; their dropped experts get zero statistics. (Formerly --progressive.)")
 @click.option("--gradients", is_flag=True,
               help="Also back-propagate each calibration sequence's next-token loss and store per-expert gradient "
                    "statistics (for the mcs-egs/ege/ego/egn criteria); one extra forward and backward pass, "
@@ -41,10 +35,9 @@ from surgery.errors import UserError
 @click.option("--histogram", is_flag=True,
               help="Also store a log-grid histogram of every routed expert output value (for mcs-eao); "
                    "it bins each value, so it costs several times the other statistics on a GPU.")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--revision", help="Branch, tag or commit when MODEL is a Hub repo id (or write org/name@REV).")
-def collect(model: str, data: tuple[str, ...], output: Path, samples: int, seq_len: int, holdout: int, seed: int,
-            batch_size: int, device: str, dtype: str, stream_layers: bool, hidden_states: str,
+@overwrite_option
+@revision_option
+def collect(model: str, data: tuple[str, ...], output: Path, collecting: CollectOptions, seed: int, hidden_states: str,
             progressive_plan: Path | None, gradients: bool, histogram: bool, overwrite: bool,
             revision: str | None) -> None:
     """Run calibration text through MODEL (a folder or a Hub repo id) once and write its per-expert statistics file.
@@ -54,21 +47,21 @@ def collect(model: str, data: tuple[str, ...], output: Path, samples: int, seq_l
     Under torchrun, each rank takes a disjoint share of the sequences and the sums are reduced.
     """
     from surgery.collect.run import collect as run_collect
+    from surgery.hub.client import resolve_model
 
     if output.exists() and not overwrite:
         raise UserError(f"{output}: already exists (use --overwrite to replace it)")
-    from surgery.hub.client import resolve_model
-
+    if output.is_dir():
+        raise UserError(f"{output}: is a folder; the statistics file is one file")
     model_dir = resolve_model(model, revision=revision, purpose="collect")
     progressive = None
     if progressive_plan is not None:
         from surgery.plan.document import read_plan_for
 
         progressive = read_plan_for(progressive_plan, model_dir)
-    summary = run_collect(model_dir, list(data), output, samples=samples, seq_len=seq_len, seed=seed,
-                          batch_size=batch_size, holdout=holdout, device=device, dtype=dtype,
-                          stream_layers=stream_layers, hidden_states=hidden_states, progress=True,
-                          progressive=progressive, gradients=gradients, histogram=histogram)
+    options = replace(collecting, seed=seed, hidden_states=hidden_states, progress=True, progressive=progressive,
+                      gradients=gradients, histogram=histogram)
+    summary = run_collect(model_dir, list(data), output, options)
     if summary.rank == 0:
         for line in summary.lines():
             click.echo(line)

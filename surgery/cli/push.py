@@ -6,13 +6,14 @@ from pathlib import Path
 
 import click
 
+from surgery.cli.options import private_option, revision_option
+
 
 @click.command()
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("repo_id")
-@click.option("--private", is_flag=True,
-              help="Create the repository as private (an existing one keeps its visibility).")
-@click.option("--revision", help="Branch to commit to, created from main if missing (default: main).")
+@private_option
+@revision_option
 @click.option("--commit-message", help="Commit title (default: 'Upload pruned checkpoint (moe-surgery VERSION)').")
 @click.option("--include-stats", type=click.Path(dir_okay=False, path_type=Path),
               help="Also upload this statistics file, as moe_surgery/<file name> in the repository.")
@@ -20,7 +21,7 @@ def push(out_dir: Path, repo_id: str, private: bool, revision: str | None, commi
          include_stats: Path | None) -> None:
     """Upload OUT_DIR to the Hub repository REPO_ID (org/name), creating the repository if needed.
 
-    The folder must pass `moe-surgery verify`. All files go in one commit, so a failed push
+    --revision names the branch committed to (default: main). The folder must pass `moe-surgery verify`. All files go in one commit, so a failed push
     changes nothing in the repository; the local folder is never modified. The token comes from
     HF_TOKEN or `hf auth login`.
     """

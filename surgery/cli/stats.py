@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-import sys
 from pathlib import Path
-from typing import Any, Callable
 
 import click
 
 from stats_formats import StatsError, StatsFile, atomic_write_text, merge, summary_table, to_csv, to_json
 
-
-def _exit_on_stats_error(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Bad input is reported as one `Error: ...` line with exit code 2, not as a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except StatsError as e:
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(2)
-
-    return wrapper
+from surgery.cli.options import output_option, overwrite_option
 
 
 @click.group()
@@ -33,7 +18,6 @@ def stats() -> None:
 
 @stats.command()
 @click.argument("file", type=click.Path(path_type=Path))
-@_exit_on_stats_error
 def show(file: Path) -> None:
     """Print provenance and a per-layer summary of FILE."""
     click.echo(summary_table(StatsFile(file)))
@@ -41,9 +25,8 @@ def show(file: Path) -> None:
 
 @stats.command("merge")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Merged statistics file.")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@_exit_on_stats_error
+@output_option()
+@overwrite_option
 def merge_command(files: tuple[Path, ...], output: Path, overwrite: bool) -> None:
     """Combine statistics of disjoint calibration data (same model) into OUTPUT."""
     if output.exists() and not overwrite:
@@ -56,8 +39,7 @@ def merge_command(files: tuple[Path, ...], output: Path, overwrite: bool) -> Non
 @stats.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of stdout.")
-@_exit_on_stats_error
+@output_option(required=False)
 def export(file: Path, fmt: str, output: Path | None) -> None:
     """Export FILE: csv has one row per (layer, expert); json holds metadata and every tensor."""
     stats_file = StatsFile(file)

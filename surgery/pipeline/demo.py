@@ -73,3 +73,58 @@ def build_demo_model(path: Path, data: Path, steps: int = 300, seed: int = 0) ->
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(path, max_shard_size=max(size // 4 + 1, 1))
     return path
+
+
+DEMO_CRITERIA = ("frequency", "soft_frequency", "reap", "man", "recon", "auto", "random")
+
+
+def run_demo(workdir: Path, ratio: float, steps: int, echo=print) -> None:
+    """Build and train the demo model in WORKDIR (emptied first), collect, prune with DEMO_CRITERIA and
+    compare each with the unpruned model; `echo` prints the progress lines and the table."""
+    import shutil
+
+    from transformers.utils import logging as hf_logging
+
+    from surgery.collect.run import collect
+
+    hf_logging.disable_progress_bar()  # a dozen small loads: their bars would bury the table
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    calib, held = workdir / "calib.jsonl", workdir / "eval.jsonl"
+    make_corpus(calib, 400, seed=1)
+    make_corpus(held, 60, seed=2)
+    echo(f"[1/4] Building and training the demo model ({steps} steps) in {workdir / 'model'}")
+    model_dir = build_demo_model(workdir / "model", calib, steps=steps)
+    echo("[2/4] Collecting statistics")
+    stats = workdir / "stats.safetensors"
+    summary = collect(model_dir, [str(calib)], stats, samples=96, seq_len=64, batch_size=16, holdout=32,
+                      device="cpu", dtype="float32", progress=False)
+    for line in summary.lines():
+        echo("      " + line)
+    _compare(workdir, model_dir, stats, held, ratio, echo)
+    echo(f"Pruned checkpoints are in {workdir}/pruned-*; try `moe-surgery verify {workdir}/pruned-reap`.")
+
+
+def _compare(workdir: Path, model_dir: Path, stats: Path, held: Path, ratio: float, echo) -> None:
+    """Prune with every demo criterion and print perplexity, KL and top-1 against the unpruned model."""
+    from surgery.eval.perplexity import evaluate
+    from surgery.model.load import load_model, load_tokenizer
+    from surgery.pipeline.score import ScoreOptions, plan_keep, score_plan
+    from surgery.rewrite.experts import rewrite_checkpoint
+
+    reference = load_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    base = evaluate(reference, tokenizer, [str(held)], seq_len=64, max_tokens=4096, progress=False)
+    echo(f"[3/4] Pruning {ratio:.0%} of the experts with {len(DEMO_CRITERIA)} criteria; [4/4] evaluating")
+    echo(f"      {'criterion':<15} {'ppl':>8} {'Δppl':>8} {'KL':>8} {'top-1':>6}")
+    echo(f"      {'(unpruned)':<15} {base['geomean_ppl']:>8.3f}")
+    for name in DEMO_CRITERIA:
+        doc = score_plan(model_dir, stats, ScoreOptions(name, ratio=ratio))
+        out = workdir / f"pruned-{name}"
+        rewrite_checkpoint(model_dir, plan_keep(doc), out, plan_doc=doc, overwrite=True)
+        r = evaluate(load_model(out), tokenizer, [str(held)], seq_len=64, max_tokens=4096, reference=reference,
+                     progress=False)
+        note = f"  (auto chose {doc['auto']['winner']})" if "auto" in doc else ""
+        echo(f"      {name:<15} {r['geomean_ppl']:>8.3f} {r['geomean_ppl'] / base['geomean_ppl'] - 1:>+8.1%} "
+             f"{r['kl']:>8.4f} {r['top1']:>6.3f}{note}")

@@ -1,0 +1,91 @@
+"""`moe-surgery prune`: write a checkpoint keeping only some experts (surgery.pipeline.prune). Imports no torch."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from surgery.architectures import supported
+from surgery.cli.options import (
+    FILE, collect_options, data_option, option_group, output_option, private_option, revision_option,
+    score_options, stats_option, overwrite_option,
+)
+from surgery.pipeline.prune import PushOptions, RoundsOptions, WriteOptions, prune as run_prune
+
+rounds_options = option_group(
+    "rounds", RoundsOptions,
+    data_option(required=False),
+    click.option("--rounds", type=int,
+                 help="With -d: N rounds of collect → score → remove (E-K)/N experts, each collecting on the model "
+                      "pruned so far; pruning.json records every round and maps kept experts to original ids."),
+    click.option("--progressive", is_flag=True,
+                 help="With -d: the rounds prune blocks of MoE layers top to bottom instead, each block scored with "
+                      "the blocks above it pruned in memory while collecting."),
+    click.option("--heal-between", type=click.Choice(["local", "kd", "both"]),
+                 help="With --rounds: after each round's removal, heal against the checkpoint it was cut from "
+                      "(`heal` stages: layer-local fit, logits distillation, or both) before re-estimating."),
+    click.option("--heal-tokens", type=int, default=65536, show_default=True,
+                 help="With --heal-between: calibration tokens per round's heal."),
+)
+
+write_options = option_group(
+    "write", WriteOptions,
+    overwrite_option,
+    click.option("--allow-nonuniform", is_flag=True,
+                 help="Allow different expert counts per layer. config.json holds one count, so vanilla "
+                      "transformers cannot load such a checkpoint; counts go to moe_surgery_experts_per_layer."),
+    click.option("--hash-shards", is_flag=True,
+                 help="Record the sha256 of every source shard in pruning.json (one more pass over the input's "
+                      "bytes, CPU-bound; free for Hub-cache inputs, whose blobs are named by it). Header hashes are "
+                      "always recorded."),
+    click.option("--novices", is_flag=True,
+                 help="With --stats: replace each removed expert by its mean output (a MoNE novice); keeps expert "
+                      "ids, router and config expert count, in the format vLLM serves (approximate_experts)."),
+)
+
+push_options = option_group(
+    "push", PushOptions,
+    click.option("--push-to-hub", "repo", metavar="REPO_ID", help="Then upload OUTPUT to this Hub repo in one commit."),
+    private_option,
+)
+
+
+@click.command()
+@click.argument("model")
+@output_option()
+@click.option("--plan", "plan_path", type=FILE,
+              help='Hand-made or `score`-made JSON plan: {"keep": {"<layer>": [expert ids]}}; layers not named stay '
+                   'untouched.')
+@stats_option
+@score_options()
+@rounds_options
+@collect_options
+@write_options
+@revision_option
+@push_options
+def prune(model: str, output: Path, plan_path: Path | None, stats_path: Path | None, scoring, rounds, collecting, write,
+          revision: str | None, push) -> None:
+    """Write a checkpoint of MODEL keeping only some experts: from --plan, or from
+    --stats + --criterion + --ratio/--keep, or from -d DATA + --criterion (collecting first, in
+    --rounds N steps, or --progressive by layer blocks; --seed also shuffles DATA).
+
+    MODEL is a local folder or a Hub repo id (org/name[@revision]); from the Hub only config,
+    index, tokenizer files and the shards are downloaded. A model card (README.md) is written
+    unless the folder holds one you edited.
+
+    Works on the bytes of the safetensors shards: kept experts are renumbered 0..k-1, fused
+    expert tensors and router rows are sliced, dtypes are never converted, the model is never
+    loaded. Plans must keep the same number of experts in every MoE layer (one count in
+    config.json) unless --allow-nonuniform, and the same number in every router group for
+    group-limited routers (DeepSeek-V3, GLM-4.5 with n_group > 1). A statistics file collected
+    on a different model is refused. Architectures:
+    """
+    run_prune(model, output, scoring=scoring, plan_path=plan_path, stats_path=stats_path, rounds=rounds,
+              collect=collecting, write=write, push=push, revision=revision,
+              command=shlex.join(["moe-surgery", *sys.argv[1:]]), echo=click.echo)
+
+
+prune.help = (prune.help or "") + " " + ", ".join(supported()) + "."

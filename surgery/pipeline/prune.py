@@ -1,0 +1,209 @@
+"""`prune`: a plan (from a file, from scores, or from rounds of collecting) → the rewritten checkpoint →
+its model card → optionally the Hub.
+
+`prune(model, out_dir, ...)` is the whole command; `prune_rounds` the `-d DATA [--rounds N]` part
+(bench/rounds_quality.py calls it directly). Messages go through `echo(message, err=False)`, so the
+CLI prints them with click and other callers with print. Imports no torch unless it collects.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+
+from surgery.collect.options import CollectOptions
+from surgery.errors import UserError
+from surgery.pipeline.score import GLOBAL_WARNING, ScoreOptions, plan_keep, score_plan
+
+Echo = Callable[..., None]
+HEAL_STAGES = {"local": {"kd_steps": 0}, "kd": {"local_steps": 0}, "both": {}}  # --heal-between → heal() stages
+
+
+def _print(message: str, err: bool = False) -> None:
+    print(message, file=sys.stderr if err else sys.stdout)
+
+
+@dataclass(frozen=True)
+class RoundsOptions:
+    """Collect here instead of reading --stats: `data` text, in `rounds` steps (None: one), `progressive`
+    by layer blocks, healing between rounds (`heal_between`: local, kd or both; `heal_tokens` per round).
+    `work_dir`: where the temporary checkpoints go (default: beside the output)."""
+
+    data: tuple[str, ...] = ()
+    rounds: int | None = None
+    progressive: bool = False
+    heal_between: str | None = None
+    heal_tokens: int = 65536
+    work_dir: Path | None = None
+
+    @property
+    def collecting(self) -> bool:
+        return bool(self.data or self.rounds or self.progressive)
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How the checkpoint is written: replace OUT_DIR, allow per-layer counts, hash the source shards,
+    keep removed experts as MoNE novices."""
+
+    overwrite: bool = False
+    allow_nonuniform: bool = False
+    hash_shards: bool = False
+    novices: bool = False
+
+
+@dataclass(frozen=True)
+class PushOptions:
+    repo: str | None = None
+    private: bool = False
+
+
+def prune(model: str, out_dir: Path, *, scoring: ScoreOptions, plan_path: Path | None = None,
+          stats_path: Path | None = None, rounds: RoundsOptions = RoundsOptions(),
+          collect: CollectOptions = CollectOptions(), write: WriteOptions = WriteOptions(),
+          push: PushOptions = PushOptions(), revision: str | None = None, command: str = "moe-surgery prune",
+          echo: Echo = _print) -> dict:
+    """Write OUT_DIR from MODEL (a folder or a Hub repo id) keeping the experts of a plan: `plan_path`, or
+    scores of `scoring.criterion` (from `stats_path` or the weights), or rounds of collecting on
+    `rounds.data`. Writes the model card (`command` is recorded in it) and pushes when `push.repo`.
+    Returns the content of the output's pruning.json."""
+    from surgery.hub.client import check_can_push, push_folder, resolve_model
+    from surgery.hub.model_card import keep_user_card, write_model_card
+
+    if push.repo:
+        check_can_push(push.repo)  # no token / offline: fail before the rewrite
+    _check_request(scoring, plan_path)
+    model_dir = resolve_model(model, revision=revision, purpose="prune")
+    _check_sources(scoring, plan_path, stats_path, rounds, write)
+    calibration = None
+    if not rounds.collecting:
+        keep, doc, source = _plan(model_dir, plan_path, stats_path, scoring, echo)
+    with keep_user_card(out_dir, model_dir):
+        if rounds.collecting:
+            _, calibration = prune_rounds(model_dir, out_dir, scoring, rounds, collect, write, echo=echo)
+        else:
+            _write(model_dir, keep, out_dir, doc, source, stats_path, write, echo)
+    provenance = json.loads((out_dir / "pruning.json").read_text())
+    if stats_path is not None:
+        from stats_formats import StatsFile
+
+        calibration = StatsFile(stats_path).calibration
+    if not write_model_card(out_dir, model, provenance, calibration=calibration, command=command):
+        echo(f"Kept the edited {out_dir / 'README.md'}; its numbers may describe an earlier prune.", err=True)
+    echo(f"Wrote {out_dir}: {provenance['num_experts_before']} → {provenance['num_experts_after']} experts per MoE "
+         f"layer ({provenance['model_type']}, {len(provenance['experts_per_layer'])} MoE layers).")
+    if push.repo:
+        echo(f"Pushed to {push.repo}: {push_folder(out_dir, push.repo, private=push.private)}")
+    return provenance
+
+
+def _check_request(scoring: ScoreOptions, plan_path: Path | None) -> None:
+    """A plan or a criterion, and a --drop the criterion accepts (before anything is downloaded or collected)."""
+    if (plan_path is None) == (scoring.criterion is None):
+        raise UserError("give either --plan PLAN.json or --criterion NAME (with --stats and --ratio/--keep)")
+    if scoring.drop is not None and scoring.criterion is not None:
+        from surgery.criteria import CRITERIA, oriented
+
+        if scoring.criterion in CRITERIA:
+            oriented(CRITERIA[scoring.criterion], scoring.drop)  # refuses recon and auto before any collecting
+
+
+def _check_sources(scoring: ScoreOptions, plan_path: Path | None, stats_path: Path | None, rounds: RoundsOptions,
+                   write: WriteOptions) -> None:
+    if rounds.heal_between and not (rounds.data and rounds.rounds):
+        raise UserError("--heal-between goes with -d DATA and --rounds N (it heals between rounds)")
+    if rounds.collecting and (plan_path is not None or stats_path is not None or scoring.global_rank):
+        raise UserError("-d/--rounds/--progressive collect their own statistics: drop --plan, --stats and --global")
+    if write.novices and stats_path is None and not rounds.collecting:
+        raise UserError("--novices needs --stats (or -d DATA): the novice vectors are the mean expert outputs it holds")
+
+
+def _plan(model_dir: Path, plan_path: Path | None, stats_path: Path | None, scoring: ScoreOptions,
+          echo: Echo) -> tuple[dict[int, list[int]], dict, str]:
+    """(keep-lists, plan document, where the plan came from) from --plan or from scores."""
+    if plan_path is not None:
+        from surgery.plan.document import load_plan
+
+        keep, doc = load_plan(plan_path)
+        return keep, doc, str(plan_path)
+    if scoring.global_rank:
+        echo(GLOBAL_WARNING, err=True)
+    doc = score_plan(model_dir, stats_path, scoring)
+    return plan_keep(doc), doc, f"{scoring.criterion} plan"
+
+
+def _write(model_dir: Path, keep: dict[int, list[int]], out_dir: Path, doc: dict, source: str,
+           stats_path: Path | None, write: WriteOptions, echo: Echo) -> None:
+    """The rewrite, or with --novices the same plan with removed experts as mean-output constants."""
+    if not write.novices:
+        from surgery.rewrite.experts import rewrite_checkpoint
+
+        rewrite_checkpoint(model_dir, keep, out_dir, allow_nonuniform=write.allow_nonuniform,
+                           overwrite=write.overwrite, plan_doc=doc, plan_source=source, progress=True,
+                           hash_shards=write.hash_shards)
+        return
+    from stats_formats import StatsFile
+
+    from surgery.io.identity import check_stats_match
+    from surgery.plan import Plan
+    from surgery.rewrite.novices import write_novice_checkpoint
+
+    stats = StatsFile(stats_path)
+    check_stats_match(model_dir, stats)
+    plan = Plan(keep, label=source, document=doc)
+    write_novice_checkpoint(model_dir, plan, stats, out_dir, progress=True, overwrite=write.overwrite,
+                            hash_shards=write.hash_shards)
+    memory = json.loads((out_dir / "pruning.json").read_text())["memory"]
+    echo(f"Novices: {memory['novice_params']} values added; parameters {memory['params_before']} → "
+         f"{memory['params_after']}, bytes {memory['bytes_before']} → {memory['bytes_after']}.")
+
+
+def _round_score(model_dir: Path, stats: Path | None, keep: int, *, scoring: ScoreOptions) -> dict:
+    """One round's plan: the criterion's keep-lists for `keep` experts per layer."""
+    return score_plan(model_dir, stats, replace(scoring, ratio=None, keep=keep, global_rank=False))
+
+
+def between_rounds_healer(mode: str, data: tuple[str, ...], tokens: int, collect: CollectOptions, seed: int):
+    """The `--heal-between MODE` callback of surgery.pipeline.rounds: heal(student, teacher, out) → record,
+    kept light (`tokens` for each stage, no teacher samples)."""
+    from surgery.refine.heal.run import heal
+
+    return partial(_heal_round, heal=heal, data=list(data), tokens=tokens, collect=collect, seed=seed,
+                   stages=HEAL_STAGES[mode])
+
+
+def _heal_round(student: Path, teacher: Path, out: Path, *, heal, data: list[str], tokens: int,
+                collect: CollectOptions, seed: int, stages: dict) -> dict:
+    from surgery.refine.heal.run import HealOptions
+
+    return heal(student, teacher, data, out, HealOptions(tokens=tokens, kd_tokens=tokens, seq_len=collect.seq_len,
+                                                         batch_size=collect.batch_size, device=collect.device, seed=seed,
+                                                         synthesize=False, progress=False, **stages))
+
+
+def prune_rounds(model_dir: Path, out_dir: Path, scoring: ScoreOptions, rounds: RoundsOptions,
+                 collect: CollectOptions, write: WriteOptions = WriteOptions(), echo: Echo = _print):
+    """Collect, score and rewrite in rounds (surgery.pipeline.rounds); returns (RoundsResult, the first
+    round's calibration record or None)."""
+    from surgery.pipeline.rounds import prune_in_rounds
+
+    heal = None
+    if rounds.heal_between is not None:
+        if not rounds.rounds:
+            raise UserError("--heal-between goes with --rounds N (it heals between rounds)")
+        heal = between_rounds_healer(rounds.heal_between, rounds.data, rounds.heal_tokens, collect, scoring.seed)
+    rewrite_kw = {"overwrite": write.overwrite, "hash_shards": write.hash_shards}
+    if rounds.work_dir is not None:
+        rewrite_kw["work_dir"] = rounds.work_dir
+    result, calibration = prune_in_rounds(
+        model_dir, out_dir, data=list(rounds.data), rounds=rounds.rounds, progressive_mode=rounds.progressive,
+        criterion=scoring.criterion, ratio=scoring.ratio, keep=scoring.keep, score=partial(_round_score, scoring=scoring),
+        collect_options=replace(collect, progress=True), seed=scoring.seed, novices=write.novices, heal=heal,
+        **rewrite_kw)
+    for line in result.lines():
+        echo(line, err=True)
+    return result, calibration
