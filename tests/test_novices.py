@@ -9,6 +9,7 @@ mu taken straight from the statistics file (out_sum / count) with numpy.
 from __future__ import annotations
 
 import json
+import shutil
 import random
 from pathlib import Path
 from typing import Callable
@@ -272,8 +273,5 @@ def _moe_layers(path: Path) -> list[int]:
 
 
 def _copy_with_config(src: Path, dst: Path, extra: dict) -> None:
-    dst.mkdir()
-    for f in src.iterdir():
-        (dst / f.name).symlink_to(f)
-    (dst / "config.json").unlink()
+    shutil.copytree(src, dst)  # copies, not links: links out of a checkpoint folder are refused
     (dst / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()), **extra}))
