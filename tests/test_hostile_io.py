@@ -967,3 +967,13 @@ def test_contained_tells_side_files_that_leave_the_folder(tmp_path: Path) -> Non
     assert contained(snapshot, snapshot / "config.json")  # a cache blob
     assert contained(snapshot, snapshot / "chat" / "template.jinja")  # a link inside
     assert not contained(snapshot, snapshot / "tokenizer.json")
+
+
+@pytest.mark.parametrize("name", ["config.json", INDEX_NAME])
+def test_config_or_index_as_a_directory(tmp_path: Path, name: str) -> None:
+    m = make_checkpoint(tmp_path / "m")
+    (m / name).unlink()
+    (m / name).mkdir()
+    with pytest.raises(CheckpointError) as e:
+        Checkpoint(m)
+    assert one_line(e) == f"{m / name}: a directory, not a file"

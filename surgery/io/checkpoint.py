@@ -66,7 +66,7 @@ class Checkpoint:
         cfg_path = self.config_path = self.dir / "config.json"
         if not os.path.lexists(cfg_path):
             raise CheckpointError(f"{show(cfg_path)}: missing; a checkpoint folder needs config.json")
-        member(self.dir, "config.json", self.dir, what="file")
+        member(self.dir, "config.json")
         config = _read_json(cfg_path)
         if not isinstance(config, dict):
             raise CheckpointError(f"{show(cfg_path)}: not a JSON object")
@@ -74,7 +74,7 @@ class Checkpoint:
         self.index: dict | None = None
         index_path = self.dir / INDEX_NAME
         if os.path.lexists(index_path):
-            member(self.dir, INDEX_NAME, self.dir, what="file")
+            member(self.dir, INDEX_NAME)
             index = _read_json(index_path)
             if not isinstance(index, dict):
                 raise CheckpointError(f"{show(index_path)}: corrupt index (not a JSON object)")
@@ -96,7 +96,7 @@ class Checkpoint:
             for shard in self.shard_names:
                 member(self.dir, shard, index_path)
         elif os.path.lexists(self.dir / SINGLE_NAME):
-            member(self.dir, SINGLE_NAME, self.dir)
+            member(self.dir, SINGLE_NAME)
             self.shard_names = [SINGLE_NAME]
         else:
             raise CheckpointError(f"{show(self.dir)}: no {INDEX_NAME} or {SINGLE_NAME}")

@@ -131,32 +131,37 @@ def contained(folder: str | os.PathLike, path: str | os.PathLike) -> bool:
     return _within(real, real_folder) or _is_cache_blob(real, real_folder)
 
 
-def member(folder: str | os.PathLike, name: object, where: str | os.PathLike, what: str = "shard") -> Path:
+def member(folder: str | os.PathLike, name: object, where: str | os.PathLike | None = None,
+           what: str = "shard") -> Path:
     """The path of a regular file a checkpoint folder names, checked (see the module docstring).
 
-    `where` is the file that names it (the index) and leads the error message; `what` says what it
-    is in the message ("shard", "file").
+    `where` is the file that names it (the index) and leads the error message ("INDEX: names shard
+    'x', which is missing"); without it the message leads with the file's own path ("DIR/config.json:
+    missing"). `what` says what the name is ("shard").
     """
-    lead = f"{show(where)}: names {what} {short_repr(name)}"
+    path = Path(folder) / name if isinstance(name, str) else Path(folder)
+
+    def fail(problem: str) -> CheckpointError:
+        if where is None:
+            return CheckpointError(f"{show(path)}: {problem}")
+        return CheckpointError(f"{show(where)}: names {what} {short_repr(name)}, which is {problem}")
+
     problem = _name_problem(name, 2)
     if problem:
-        raise CheckpointError(f"{lead}, which is not a file name inside the checkpoint folder ({problem})")
-    assert isinstance(name, str)
-    path = Path(folder) / name
+        raise fail(f"not a file name inside the checkpoint folder ({problem})")
     if not contained(folder, path):
         if not os.path.lexists(path) and not os.path.islink(path.parent):
-            raise CheckpointError(f"{lead}, which is missing")
-        raise CheckpointError(f"{lead}, a symbolic link to {show(os.path.realpath(path))}, outside the "
-                              "checkpoint folder (refused: copy the file into the folder)")
+            raise fail("missing")
+        raise fail(f"a symbolic link to {show(os.path.realpath(path))}, outside the checkpoint folder "
+                   "(refused: copy the file into the folder)")
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        kind = "a broken symbolic link" if os.path.lexists(path) else "missing"
-        raise CheckpointError(f"{lead}, which is {kind}") from None
+        raise fail("a broken symbolic link" if os.path.lexists(path) else "missing") from None
     except OSError as e:
-        raise CheckpointError(f"{lead}, which cannot be opened ({e.strerror})") from None
+        raise fail(f"not readable ({e.strerror})") from None
     if stat.S_ISDIR(st.st_mode):
-        raise CheckpointError(f"{lead}, which is a directory, not a file")
+        raise fail("a directory, not a file")
     if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{lead}, which is not a regular file")
+        raise fail("not a regular file")
     return path
