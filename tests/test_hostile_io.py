@@ -230,7 +230,8 @@ def mutate_header(rng: random.Random, base: bytes) -> bytes:
         header[new] = entry
         if rng.random() < 0.5:
             raw = _encode(rng, header)
-            dup = b"{" + json.dumps(new).encode("utf-8", "surrogatepass") + b':{"dtype":"U8","shape":[0],"data_offsets":[0,0]},' + raw[1:]
+            empty = b':{"dtype":"U8","shape":[0],"data_offsets":[0,0]},'
+            dup = b"{" + json.dumps(new).encode("utf-8", "surrogatepass") + empty + raw[1:]
             return struct.pack("<Q", len(dup)) + dup + data
     raw = _encode(rng, header)
     return struct.pack("<Q", len(raw)) + raw + data
