@@ -30,7 +30,7 @@ from typing import Callable
 
 import pytest
 
-import surgery.io.writer as writer
+import surgery.io.output_dir as output_dir
 from surgery.io import (
     INDEX_NAME,
     Checkpoint,
@@ -953,7 +953,7 @@ def test_sigterm_handler_is_restored(tmp_path: Path) -> None:
     with atomic_output_dir(tmp_path / "out"):
         assert signal.getsignal(signal.SIGTERM) is not before
     assert signal.getsignal(signal.SIGTERM) is before
-    assert writer._ACTIVE == {}
+    assert output_dir._ACTIVE == {}
 
 
 def test_contained_tells_side_files_that_leave_the_folder(tmp_path: Path) -> None:

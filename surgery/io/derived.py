@@ -5,7 +5,7 @@
         # or: out.replace_tensors(ckpt, produce)        # same tensors, some with new bytes; index copied
         out.finish(ckpt, record, config=new_config)     # config.json, tokenizer & other files, pruning.json
 
-Everything goes into the temporary folder `surgery.io.writer.atomic_output_dir` hands out (it
+Everything goes into the temporary folder `surgery.io.output_dir.atomic_output_dir` hands out (it
 refuses an existing output without --overwrite, locks it, and renames the folder into place when
 the block succeeds). Entering early (before a long computation) makes those checks early too.
 """
@@ -30,9 +30,8 @@ from surgery.io.checkpoint import INDEX_NAME, Checkpoint
 from surgery.io.identity import file_sha256, known_sha256
 from surgery.io.paths import inside
 from surgery.io.safetensors_file import TensorInfo
-from surgery.io.writer import (
-    OutTensor, atomic_output_dir, rewrite_shard, write_safetensors, write_safetensors_hashing,
-)
+from surgery.io.output_dir import atomic_output_dir
+from surgery.io.writer import OutTensor, rewrite_shard, write_safetensors, write_safetensors_hashing
 
 _SHARD_RE = re.compile(r"^(?P<stem>.*?)(?P<idx>\d+)-of-(?P<total>\d+)\.safetensors$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")

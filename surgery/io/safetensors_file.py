@@ -39,7 +39,7 @@ MAX_DIMS = 1024
 
 
 class _DuplicateKey(ValueError):
-    pass
+    """A JSON object names one key twice: refused, since readers would disagree on which one counts."""
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
