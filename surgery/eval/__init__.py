@@ -1,1 +1,1 @@
-""""""
+"""Measuring a checkpoint: perplexity per text file and divergence from a reference model."""

@@ -1,1 +1,1 @@
-""""""
+"""checkpoint → checkpoint: sparsify (zero weights inside experts) and heal (distil from the original)."""
