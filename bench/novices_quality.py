@@ -24,10 +24,9 @@ from types import SimpleNamespace
 import torch
 
 from stats_formats import StatsFile
-from surgery.pipeline.score import ScoreOptions, plan_keep, score_plan
+from surgery.pipeline.score import ScoreOptions, score_plan
 from surgery.eval.perplexity import evaluate
 from surgery.model.load import load_model, load_tokenizer
-from surgery.plan import Plan
 from surgery.rewrite.novices import write_novice_checkpoint
 from surgery.rewrite.experts import rewrite_checkpoint
 from bench_common import emit, list_eval_files
@@ -45,14 +44,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     try:
         for ratio in args.ratios:
             for criterion in args.criteria:
-                doc = score_plan(model_dir, Path(args.stats), ScoreOptions(criterion, ratio=ratio))
-                keep = plan_keep(doc)
+                plan = score_plan(model_dir, Path(args.stats), ScoreOptions(criterion, ratio=ratio))
                 for variant in ("removed", "novices"):
                     out = work / f"{criterion}-{ratio}-{variant}"
                     if variant == "novices":
-                        write_novice_checkpoint(model_dir, Plan.from_json(doc), stats, out)
+                        write_novice_checkpoint(model_dir, plan, stats, out)
                     else:
-                        rewrite_checkpoint(model_dir, keep, out, plan_doc=doc)
+                        rewrite_checkpoint(model_dir, plan, out)
                     model = load_model(out, dtype=torch.float32)
                     result = evaluate(model, tokenizer, eval_files, reference=reference, **kw)
                     rows.append(_row(model_dir.name, criterion, ratio, variant, result))

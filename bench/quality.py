@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from surgery.pipeline.score import ScoreOptions, plan_keep, score_plan
+from surgery.pipeline.score import ScoreOptions, score_plan
 from surgery.criteria import CRITERIA
 from surgery.eval.perplexity import evaluate
 from surgery.model.load import load_model, load_tokenizer
@@ -47,16 +47,16 @@ def run(args: argparse.Namespace) -> list[dict]:
         for ratio in args.ratios:
             for name in args.criteria:
                 t0 = time.perf_counter()
-                doc = score_plan(Path(args.model), Path(args.stats), ScoreOptions(name, ratio=ratio, seed=args.seed))
+                plan = score_plan(Path(args.model), Path(args.stats), ScoreOptions(name, ratio=ratio, seed=args.seed))
                 out = work / f"{name}-{ratio}"
-                rewrite_checkpoint(args.model, plan_keep(doc), out, plan_doc=doc)
+                rewrite_checkpoint(args.model, plan, out)
                 model = load_model(out, device=args.device, dtype=torch.float32)
                 r = evaluate(model, tokenizer, eval_files, reference=reference, **kw)
                 row = {"criterion": name, "ratio": ratio, **_flat(r, base, args.focus),
                        "seconds": time.perf_counter() - t0}
-                if "auto" in doc:
-                    row["auto_winner"] = doc["auto"]["winner"]
-                    row["auto_errors"] = doc["auto"]["errors"]
+                if "auto" in plan.extra:
+                    row["auto_winner"] = plan.extra["auto"]["winner"]
+                    row["auto_errors"] = plan.extra["auto"]["errors"]
                 rows.append(row)
                 emit(row, args.out)
                 del model

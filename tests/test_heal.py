@@ -23,6 +23,7 @@ from surgery.model.load import load_tokenizer
 from surgery.refine.heal.export import disk_tensors
 from surgery.refine.heal.run import HealOptions, heal
 from surgery.io import Checkpoint
+from surgery.plan import Plan
 from surgery.rewrite.experts import rewrite_checkpoint
 from surgery.refine.sparsify import check_nm, sparsify_checkpoint
 from tiny_models import ARCHS, LAYOUTS, build_tiny, checkpoint_bytes, folder_digest, load_model
@@ -70,7 +71,7 @@ def _student(root: Path, teacher: Path, name: str = "student") -> Path:
     out = teacher.parent / f"{teacher.name}-{name}"
     if not out.exists():
         layers = resolve(Checkpoint(teacher).config, Checkpoint(teacher).names()).layers
-        rewrite_checkpoint(teacher, {layer: KEEP for layer in layers}, out)
+        rewrite_checkpoint(teacher, Plan({layer: KEEP for layer in layers}), out)
     return out
 
 
@@ -378,9 +379,9 @@ def test_rounds_with_heal_between_equal_the_steps_by_hand(root: Path, data: Path
     for r, count in enumerate([6, 4]):
         stats = root / f"by-hand-{r}.safetensors"
         collect(current, [str(data)], stats, device="cpu", dtype="float32", progress=False, **run)
-        step = {int(k): v for k, v in score_plan(current, stats, ScoreOptions("frequency", keep=count, seed=3))["keep"].items()}
+        step = score_plan(current, stats, ScoreOptions("frequency", keep=count, seed=3)).keep_lists()
         composed = step if composed is None else {k: [composed[k][i] for i in ids] for k, ids in step.items()}
-        pruned = rewrite_checkpoint(current, step, root / f"by-hand-pruned-{r}")
+        pruned = rewrite_checkpoint(current, Plan(step), root / f"by-hand-pruned-{r}")
         healed = root / f"by-hand-healed-{r}"
         heal(pruned, current, [str(data)], healed, HealOptions(tokens=384, seq_len=24, batch_size=4, device="cpu", seed=3,
                                                              kd_steps=0, synthesize=False, progress=False))

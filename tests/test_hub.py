@@ -27,6 +27,7 @@ from stats_formats import StatsFile
 from stats_formats.file import StatsError
 from surgery.hub.client import HubError, is_repo_id, push_folder, resolve_model
 from surgery.hub.model_card import checkpoint_numbers, keep_user_card, update_card_eval, write_model_card
+from surgery.plan import Plan
 from surgery.rewrite.experts import rewrite_checkpoint
 from tiny_models import INDEX_NAME, checkpoint_bytes, folder_digest
 
@@ -172,7 +173,7 @@ def shards(folder: Path) -> list[str]:
 def prune_from_hub(out: Path, **kwargs) -> tuple[Path, dict]:
     """MODEL given as a repo id, then the rewrite `prune` runs; returns (source snapshot, provenance)."""
     src = resolve_model(REPO, purpose="prune")
-    rewrite_checkpoint(src, KEEP, out, plan_doc=PLAN_DOC, plan_source="reap plan", **kwargs)
+    rewrite_checkpoint(src, Plan.from_json(PLAN_DOC, "reap plan"), out, **kwargs)
     return src, json.loads((out / "pruning.json").read_text())
 
 
@@ -285,7 +286,7 @@ def test_cached_repo_resolves_offline_with_the_real_client(fake_hub: FakeSnapsho
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(fake_hub.cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert resolve_model(REPO, purpose="prune") == online
-    rewrite_checkpoint(online, KEEP, fake_hub.cache.parent / "out", hash_shards=False)
+    rewrite_checkpoint(online, Plan(KEEP), fake_hub.cache.parent / "out", hash_shards=False)
     with pytest.raises(HubError, match="org/other: .*HF_HUB_OFFLINE is set") as e:
         resolve_model("org/other", purpose="prune")
     one_line(e)
@@ -344,7 +345,7 @@ def test_card_counts_match_the_tensors(fake_hub: FakeSnapshots, tmp_path: Path) 
 
 def test_card_from_local_folder_has_no_base_model(tiny: Callable[[str, str], Path], tmp_path: Path) -> None:
     src = tiny("qwen3_moe", "per-expert")
-    out = rewrite_checkpoint(src, KEEP, tmp_path / "out", hash_shards=False)
+    out = rewrite_checkpoint(src, Plan(KEEP), tmp_path / "out", hash_shards=False)
     prov = json.loads((out / "pruning.json").read_text())
     assert write_model_card(out, str(src), prov, command="moe-surgery prune ...")
     text = (out / "README.md").read_text()
@@ -395,7 +396,7 @@ def test_user_card_survives_prune_overwrite(fake_hub: FakeSnapshots, tmp_path: P
     src, _ = prune_from_hub(out)
     (out / "README.md").write_text("# Hand-written card\n")
     with keep_user_card(out, src):
-        rewrite_checkpoint(src, KEEP, out, overwrite=True, hash_shards=False)
+        rewrite_checkpoint(src, Plan(KEEP), out, overwrite=True, hash_shards=False)
     assert (out / "README.md").read_text() == "# Hand-written card\n"
     prov = json.loads((out / "pruning.json").read_text())
     assert not write_model_card(out, REPO, prov, command=COMMAND)
@@ -405,7 +406,7 @@ def test_copied_source_card_is_not_kept_across_overwrite(fake_hub: FakeSnapshots
     out = tmp_path / "out"
     src, prov = prune_from_hub(out)
     with keep_user_card(out, src):
-        rewrite_checkpoint(src, KEEP, out, overwrite=True, hash_shards=False)
+        rewrite_checkpoint(src, Plan(KEEP), out, overwrite=True, hash_shards=False)
     assert write_model_card(out, REPO, prov, command=COMMAND)
 
 

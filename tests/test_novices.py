@@ -24,6 +24,7 @@ from surgery.collect.run import collect
 from surgery.errors import UserError
 from surgery.model.load import load_model as eval_load_model
 from surgery.model import load_model as load_novices
+from surgery.plan import Plan
 from surgery.rewrite.novices import NoviceError, encode, write_novice_checkpoint
 from tiny_models import ARCHS, LAYOUTS, build_tiny, checkpoint_bytes, load_model, moe_blocks
 from tiny_tokenizer import save_tiny_tokenizer
@@ -85,8 +86,8 @@ def model_and_stats(root: Path, data_file: Path) -> Callable[[str], tuple[Path, 
     return get
 
 
-def _plan(stats: StatsFile, num_experts: int = 8) -> dict[int, list[int]]:
-    return {layer: [i for i in range(num_experts) if i not in DROP] for layer in stats.layers}
+def _plan(stats: StatsFile, num_experts: int = 8) -> Plan:
+    return Plan({layer: [i for i in range(num_experts) if i not in DROP] for layer in stats.layers})
 
 
 def _write(model_dir: Path, stats_path: Path, out: Path) -> StatsFile:
@@ -241,7 +242,7 @@ def test_cli_novices_needs_stats(model_and_stats, root, cli):
 ])
 def test_refuses_what_vllm_cannot_serve(model_type, layout, tiny, root):
     path = tiny(model_type, layout)
-    plan = {layer: [0, 2, 3, 5, 7] for layer in _moe_layers(path)}
+    plan = Plan({layer: [0, 2, 3, 5, 7] for layer in _moe_layers(path)})
     with pytest.raises(NoviceError, match="fused|router weight"):
         write_novice_checkpoint(path, plan, None, root / f"{model_type}-refused", overwrite=True)
 
@@ -258,7 +259,7 @@ def test_refuses_quantized_and_novice_inputs(model_and_stats, root):
     with pytest.raises(NoviceError, match="already a novice checkpoint"):
         write_novice_checkpoint(novice, _plan(stats), stats, root / "twice-out", overwrite=True)
     with pytest.raises(NoviceError, match="keeps no expert"):
-        write_novice_checkpoint(model_dir, {stats.layers[0]: []}, stats, root / "none-out", overwrite=True)
+        write_novice_checkpoint(model_dir, Plan({stats.layers[0]: []}), stats, root / "none-out", overwrite=True)
 
 
 def _moe_layers(path: Path) -> list[int]:

@@ -13,7 +13,8 @@ from stats_factory import default_calibration, default_model, make_stats
 from stats_formats import StatsFile
 from surgery.criteria import CRITERIA, LayerInput
 from surgery.errors import PlanError
-from surgery.plan.select import keep_count, make_plan, normalised, plan_document
+from surgery.plan import Plan
+from surgery.plan.select import keep_count, make_plan, normalised
 
 SCORES = np.array([0.5, 0.9, 0.1, 0.7, 0.3, 0.8, 0.2, 0.6])  # best first: 1, 5, 3, 7, 0, 4, 6, 2
 
@@ -161,15 +162,15 @@ def test_global_refuses_selectors_and_groups() -> None:
 
 
 def test_plan_document() -> None:
-    doc = plan_document({1: [0, 2], 0: [1, 2]}, "reap", 0.333, {0: np.array([1.0, 2.0, -np.inf]),
-                        1: np.array([3.0, 0.0, 1.0])}, "ab" * 32, {"top_k": 1})
+    doc = Plan({1: [0, 2], 0: [1, 2]}, "reap", 0.333, {0: np.array([1.0, 2.0, -np.inf]),
+               1: np.array([3.0, 0.0, 1.0])}, "ab" * 32, {"top_k": 1}).to_json()
     assert doc == {
         "keep": {"0": [1, 2], "1": [0, 2]}, "criterion": "reap", "ratio": 0.333, "keep_per_layer": 2,
         "scores": {"0": [1.0, 2.0, None], "1": [3.0, 0.0, 1.0]}, "stats_sha256": "ab" * 32, "uniform": True,
         "top_k": 1,
     }
     json.dumps(doc, allow_nan=False)
-    doc = plan_document({0: [0], 1: [0, 1]}, "reap", 0.5, {}, None, None)
+    doc = Plan({0: [0], 1: [0, 1]}, "reap", 0.5, {}, None).to_json()
     assert doc["uniform"] is False and doc["keep_per_layer"] == {"0": 1, "1": 2}
 
 

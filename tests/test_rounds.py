@@ -22,6 +22,7 @@ from surgery.collect.progressive import RouterMask
 from surgery.collect.run import collect
 from surgery.criteria import CRITERIA
 from surgery.errors import PlanError
+from surgery.plan import Plan
 from surgery.rewrite.experts import rewrite_checkpoint
 from surgery.pipeline.rounds import layer_blocks, schedule
 from tiny_models import ARCHS, LAYOUTS, add_fake_mtp_layer, build_tiny, checkpoint_bytes, load_model, moe_layers
@@ -127,7 +128,7 @@ def _progressive_case(model: Callable[[str], Path], data_file: Path, root: Path,
     # the inputs of the pruned layers above it, and its own routing over the kept experts.
     plan = {layer: KEEPS[i % 2] for i, layer in enumerate(layers)}
     tag = f"{model_type}-{int(stream_layers)}"
-    pruned = rewrite_checkpoint(src, plan, root / f"pruned-{tag}")
+    pruned = rewrite_checkpoint(src, Plan(plan), root / f"pruned-{tag}")
     prog = root / f"prog-{tag}.safetensors"
     plain = root / f"plain-{tag}.safetensors"
     collect(src, [str(data_file)], prog, device="cpu", dtype="float32", progress=False, progressive=plan,

@@ -10,16 +10,18 @@ import click
 from surgery.cli.options import output_option, score_options
 from surgery.errors import UserError
 from surgery.pipeline.score import GLOBAL_WARNING, ScoreOptions, build_plan, criterion, load_source
+from surgery.plan import Plan
 
 
-def _summary(doc: dict, output: Path) -> str:
-    counts = [len(ids) for ids in doc["keep"].values()]
-    kept = str(counts[0]) if doc["uniform"] else f"{min(counts)}-{max(counts)} (non-uniform)"
-    lines = [f"Wrote {output}: {doc['criterion']} keeps {kept} of {doc['num_experts']} experts "
+def _summary(plan: Plan, output: Path) -> str:
+    counts = list(plan.counts.values())
+    kept = str(counts[0]) if plan.uniform else f"{min(counts)}-{max(counts)} (non-uniform)"
+    lines = [f"Wrote {output}: {plan.criterion} keeps {kept} of {plan.extra['num_experts']} experts "
              f"in each of {len(counts)} MoE layers"]
-    if "auto" in doc:
-        lines += [f"  {name:<15} held-out error {err:.6g}" for name, err in doc["auto"]["errors"].items()]
-        lines.append(f"  winner: {doc['auto']['winner']}")
+    auto = plan.extra.get("auto")
+    if auto:
+        lines += [f"  {name:<15} held-out error {err:.6g}" for name, err in auto["errors"].items()]
+        lines.append(f"  winner: {auto['winner']}")
     return "\n".join(lines)
 
 
@@ -42,9 +44,9 @@ def score_cmd(stats_path: Path | None, scoring: ScoreOptions, model_dir: Path | 
     if scoring.global_rank:
         click.echo(GLOBAL_WARNING, err=True)
     crit = criterion(scoring.criterion)
-    doc = build_plan(crit, load_source(crit, stats_path, model_dir), scoring)
+    plan = build_plan(crit, load_source(crit, stats_path, model_dir), scoring)
     try:
-        output.write_text(json.dumps(doc, indent=1) + "\n")
+        output.write_text(json.dumps(plan.to_json(), indent=1) + "\n")
     except OSError as e:
         raise UserError(f"{output}: cannot write ({e.strerror or e})") from e
-    click.echo(_summary(doc, output))
+    click.echo(_summary(plan, output))

@@ -47,7 +47,7 @@ def sparsify(model_dir: Path, output: Path, stats_path: Path | None, options: Sp
     shared experts are copied byte for byte, and kept weights keep their exact bits. Only MoE
     layers present in the statistics file are sparsified (all of them for magnitude). With
     --ratio and --criterion (--remove-ratio is the earlier name of --ratio), experts are removed
-    first (as `prune` does, into a temporary folder beside OUTPUT) and the statistics of the kept
+    first (as `prune` does, into OUTPUT's temporary folder) and the statistics of the kept
     experts are used for the sparsity.
     """
     section = run_sparsify(model_dir, output, stats_path, options, remove=remove, overwrite=overwrite)

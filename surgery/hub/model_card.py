@@ -25,6 +25,8 @@ from huggingface_hub.repocard import metadata_load
 from surgery.architectures import resolve
 from surgery.hub.client import is_repo_id, parse_repo_id
 from surgery.io import Checkpoint
+from surgery.io.provenance import PRUNING_JSON
+from surgery.plan import Plan
 
 README = "README.md"
 TAGS = ["moe", "expert-pruning", "moe-surgery"]
@@ -79,10 +81,12 @@ def write_model_card(
     """Write OUT_DIR/README.md for a checkpoint `rewrite_checkpoint` produced; returns False (and
     writes nothing) when the README there was written or edited by a person.
 
-    `source` is MODEL as the user gave it, `provenance` the content of pruning.json, `command`
-    the prune command line, `calibration` the statistics file's calibration record.
+    `source` is MODEL as the user gave it, `provenance` the content of pruning.json (`surgery.io.provenance.read`),
+    `command` the prune command line, `calibration` the statistics file's calibration record.
     """
     out_dir = Path(out_dir)
+    raw_plan = provenance.get("plan")
+    plan = Plan.from_json(raw_plan, f"{out_dir / PRUNING_JSON}: plan") if raw_plan else Plan({})
     source_dir = Path(provenance["source"]["path"])
     readme = out_dir / README
     if readme.is_file() and _is_user_card(readme, source_dir):
@@ -92,8 +96,8 @@ def write_model_card(
     meta = _metadata(repo_id, _source_metadata(source_dir / README), provenance["model_type"])
     body = "\n".join([
         _intro(out_dir.name, source, repo_id, commit, provenance, after),
-        _pruning_section(provenance, before, after),
-        _calibration_section(calibration, provenance.get("plan") or {}),
+        _pruning_section(plan, before, after),
+        _calibration_section(calibration, plan),
         f"{EVAL_BEGIN}\n{_eval_section(eval_result) if eval_result else ''}{EVAL_END}\n",
         _reproduce_section(command, provenance),
     ])
@@ -211,10 +215,9 @@ def _intro(title: str, source: str, repo_id: str | None, commit: str | None, pro
     return "\n".join(lines) + "\n"
 
 
-def _pruning_section(provenance: dict, before: CheckpointNumbers, after: CheckpointNumbers) -> str:
-    plan = provenance.get("plan") or {}
+def _pruning_section(plan: Plan, before: CheckpointNumbers, after: CheckpointNumbers) -> str:
     removed = 1 - sum(after.experts.values()) / sum(before.experts.values())
-    ratio = plan.get("ratio", removed)
+    ratio = removed if plan.ratio is None else plan.ratio
     rows = [
         ("Routed experts per MoE layer", _experts(before), _experts(after)),
         ("Experts per token (top-k)", str(before.top_k), str(after.top_k)),
@@ -238,16 +241,16 @@ def _pruning_section(provenance: dict, before: CheckpointNumbers, after: Checkpo
     ])
 
 
-def _criterion(plan: dict) -> str:
-    name = plan.get("criterion")
+def _criterion(plan: Plan) -> str:
+    name = plan.criterion
     if name is None:
         return "hand-made plan (`--plan`)"
-    winner = (plan.get("auto") or {}).get("winner")
+    winner = (plan.extra.get("auto") or {}).get("winner")
     return f"`{name}` (selected `{winner}` on held-out data)" if winner else f"`{name}`"
 
 
-def _calibration_section(calibration: dict | None, plan: dict) -> str:
-    stats_sha = plan.get("stats_sha256")
+def _calibration_section(calibration: dict | None, plan: Plan) -> str:
+    stats_sha = plan.stats_sha256
     if calibration:
         lines = [
             f"- Data: {', '.join(f'`{s}`' for s in calibration['sources'])}",

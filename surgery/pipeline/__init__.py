@@ -1,6 +1,6 @@
 """The public Python API the CLI and the bench scripts call; each module is one command's orchestration.
 
-- `score`: ScoreOptions, score_plan (scores → plan document), load_source + build_plan (its halves)
+- `score`: ScoreOptions, score_plan (scores → a surgery.plan.Plan), load_source + build_plan (its halves)
 - `prune`: prune (the whole `prune` command), prune_rounds (`-d DATA [--rounds N]`), RoundsOptions,
   WriteOptions, PushOptions, between_rounds_healer
 - `rounds`: the rounds themselves (iterative and progressive)

@@ -110,7 +110,7 @@ def _compare(workdir: Path, model_dir: Path, stats: Path, held: Path, ratio: flo
     """Prune with every demo criterion and print perplexity, KL and top-1 against the unpruned model."""
     from surgery.eval.perplexity import evaluate
     from surgery.model.load import load_model, load_tokenizer
-    from surgery.pipeline.score import ScoreOptions, plan_keep, score_plan
+    from surgery.pipeline.score import ScoreOptions, score_plan
     from surgery.rewrite.experts import rewrite_checkpoint
 
     reference = load_model(model_dir)
@@ -120,11 +120,11 @@ def _compare(workdir: Path, model_dir: Path, stats: Path, held: Path, ratio: flo
     echo(f"      {'criterion':<15} {'ppl':>8} {'Δppl':>8} {'KL':>8} {'top-1':>6}")
     echo(f"      {'(unpruned)':<15} {base['geomean_ppl']:>8.3f}")
     for name in DEMO_CRITERIA:
-        doc = score_plan(model_dir, stats, ScoreOptions(name, ratio=ratio))
+        plan = score_plan(model_dir, stats, ScoreOptions(name, ratio=ratio))
         out = workdir / f"pruned-{name}"
-        rewrite_checkpoint(model_dir, plan_keep(doc), out, plan_doc=doc, overwrite=True)
+        rewrite_checkpoint(model_dir, plan, out, overwrite=True)
         r = evaluate(load_model(out), tokenizer, [str(held)], seq_len=64, max_tokens=4096, reference=reference,
                      progress=False)
-        note = f"  (auto chose {doc['auto']['winner']})" if "auto" in doc else ""
+        note = f"  (auto chose {plan.extra['auto']['winner']})" if "auto" in plan.extra else ""
         echo(f"      {name:<15} {r['geomean_ppl']:>8.3f} {r['geomean_ppl'] / base['geomean_ppl'] - 1:>+8.1%} "
              f"{r['kl']:>8.4f} {r['top1']:>6.3f}{note}")

@@ -8,7 +8,6 @@ CLI prints them with click and other callers with print. Imports no torch unless
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -17,7 +16,9 @@ from pathlib import Path
 
 from surgery.collect.options import CollectOptions
 from surgery.errors import UserError
-from surgery.pipeline.score import GLOBAL_WARNING, ScoreOptions, plan_keep, score_plan
+from surgery.io import provenance
+from surgery.pipeline.score import GLOBAL_WARNING, ScoreOptions, score_plan
+from surgery.plan import Plan
 
 Echo = Callable[..., None]
 HEAL_STAGES = {"local": {"kd_steps": 0}, "kd": {"local_steps": 0}, "both": {}}  # --heal-between → heal() stages
@@ -81,24 +82,24 @@ def prune(model: str, out_dir: Path, *, scoring: ScoreOptions, plan_path: Path |
     _check_sources(scoring, plan_path, stats_path, rounds, write)
     calibration = None
     if not rounds.collecting:
-        keep, doc, source = _plan(model_dir, plan_path, stats_path, scoring, echo)
+        plan = _plan(model_dir, plan_path, stats_path, scoring, echo)
     with keep_user_card(out_dir, model_dir):
         if rounds.collecting:
             _, calibration = prune_rounds(model_dir, out_dir, scoring, rounds, collect, write, echo=echo)
         else:
-            _write(model_dir, keep, out_dir, doc, source, stats_path, write, echo)
-    provenance = json.loads((out_dir / "pruning.json").read_text())
+            _write(model_dir, plan, out_dir, stats_path, write, echo)
+    record = provenance.read(out_dir)
     if stats_path is not None:
         from stats_formats import StatsFile
 
         calibration = StatsFile(stats_path).calibration
-    if not write_model_card(out_dir, model, provenance, calibration=calibration, command=command):
+    if not write_model_card(out_dir, model, record, calibration=calibration, command=command):
         echo(f"Kept the edited {out_dir / 'README.md'}; its numbers may describe an earlier prune.", err=True)
-    echo(f"Wrote {out_dir}: {provenance['num_experts_before']} → {provenance['num_experts_after']} experts per MoE "
-         f"layer ({provenance['model_type']}, {len(provenance['experts_per_layer'])} MoE layers).")
+    echo(f"Wrote {out_dir}: {record['num_experts_before']} → {record['num_experts_after']} experts per MoE "
+         f"layer ({record['model_type']}, {len(record['experts_per_layer'])} MoE layers).")
     if push.repo:
         echo(f"Pushed to {push.repo}: {push_folder(out_dir, push.repo, private=push.private)}")
-    return provenance
+    return record
 
 
 def _check_request(scoring: ScoreOptions, plan_path: Path | None) -> None:
@@ -123,46 +124,39 @@ def _check_sources(scoring: ScoreOptions, plan_path: Path | None, stats_path: Pa
 
 
 def _plan(model_dir: Path, plan_path: Path | None, stats_path: Path | None, scoring: ScoreOptions,
-          echo: Echo) -> tuple[dict[int, list[int]], dict, str]:
-    """(keep-lists, plan document, where the plan came from) from --plan or from scores."""
+          echo: Echo) -> Plan:
+    """The plan of --plan, or of the criterion's scores."""
     if plan_path is not None:
-        from surgery.plan.document import load_plan
-
-        keep, doc = load_plan(plan_path)
-        return keep, doc, str(plan_path)
+        return Plan.read(plan_path)
     if scoring.global_rank:
         echo(GLOBAL_WARNING, err=True)
-    doc = score_plan(model_dir, stats_path, scoring)
-    return plan_keep(doc), doc, f"{scoring.criterion} plan"
+    return score_plan(model_dir, stats_path, scoring)
 
 
-def _write(model_dir: Path, keep: dict[int, list[int]], out_dir: Path, doc: dict, source: str,
-           stats_path: Path | None, write: WriteOptions, echo: Echo) -> None:
+def _write(model_dir: Path, plan: Plan, out_dir: Path, stats_path: Path | None, write: WriteOptions,
+           echo: Echo) -> None:
     """The rewrite, or with --novices the same plan with removed experts as mean-output constants."""
     if not write.novices:
         from surgery.rewrite.experts import rewrite_checkpoint
 
-        rewrite_checkpoint(model_dir, keep, out_dir, allow_nonuniform=write.allow_nonuniform,
-                           overwrite=write.overwrite, plan_doc=doc, plan_source=source, progress=True,
-                           hash_shards=write.hash_shards)
+        rewrite_checkpoint(model_dir, plan, out_dir, allow_nonuniform=write.allow_nonuniform,
+                           overwrite=write.overwrite, progress=True, hash_shards=write.hash_shards)
         return
     from stats_formats import StatsFile
 
     from surgery.io.identity import check_stats_match
-    from surgery.plan import Plan
     from surgery.rewrite.novices import write_novice_checkpoint
 
     stats = StatsFile(stats_path)
     check_stats_match(model_dir, stats)
-    plan = Plan(keep, label=source, document=doc)
     write_novice_checkpoint(model_dir, plan, stats, out_dir, progress=True, overwrite=write.overwrite,
                             hash_shards=write.hash_shards)
-    memory = json.loads((out_dir / "pruning.json").read_text())["memory"]
+    memory = provenance.read(out_dir)["memory"]
     echo(f"Novices: {memory['novice_params']} values added; parameters {memory['params_before']} → "
          f"{memory['params_after']}, bytes {memory['bytes_before']} → {memory['bytes_after']}.")
 
 
-def _round_score(model_dir: Path, stats: Path | None, keep: int, *, scoring: ScoreOptions) -> dict:
+def _round_score(model_dir: Path, stats: Path | None, keep: int, *, scoring: ScoreOptions) -> Plan:
     """One round's plan: the criterion's keep-lists for `keep` experts per layer."""
     return score_plan(model_dir, stats, replace(scoring, ratio=None, keep=keep, global_rank=False))
 

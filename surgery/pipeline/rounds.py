@@ -35,8 +35,8 @@ from surgery.plan import Plan
 from surgery.rewrite.experts import rewrite_checkpoint
 
 NOVICE_STATS = "novice-stats.safetensors"  # the first round's statistics, kept for --novices
-# (model_dir, statistics file or None, experts kept per layer) -> the round's Plan (or its JSON document)
-Scorer = Callable[[Path, Path | None, int], "Plan | dict"]
+# (model_dir, statistics file or None, experts kept per layer) -> the round's Plan
+Scorer = Callable[[Path, Path | None, int], Plan]
 # (model_dir, statistics file to write, progressive plan or None) -> None
 Collector = Callable[[Path, Path, dict[int, list[int]] | None], None]
 # (pruned student, the checkpoint it was pruned from, output folder) -> the heal record
@@ -124,10 +124,6 @@ def _final_plan(keep: dict[int, list[int]], rounds: list[dict], criterion: str, 
                 extra={"mode": mode, "rounds": rounds}, label=label)
 
 
-def _round_plan(scored: Plan | dict) -> Plan:
-    return scored if isinstance(scored, Plan) else Plan.from_json(scored, "round plan")
-
-
 def _round_entry(index: int, criterion: str, keep: int, plan: Plan, layers: list[int] | None = None) -> dict:
     entry = {"round": index + 1, "criterion": criterion, "keep_per_layer": keep, "plan": plan.to_json()}
     if layers is not None:
@@ -160,7 +156,7 @@ def iterative(model_dir: Path, out_dir: Path | DerivedCheckpoint, *, rounds: int
             if collect is not None:
                 collect(current, stats, None)
                 result.peak_disk_bytes = max(result.peak_disk_bytes, _disk_usage(tmp))
-            step = _round_plan(score(current, stats if collect is not None else None, count))
+            step = score(current, stats if collect is not None else None, count)
             kept = _compose(kept, step.keep)
             result.rounds.append(_round_entry(r, criterion, count, step))
             _keep_or_drop(stats, r, novices)
@@ -244,7 +240,7 @@ def progressive(model_dir: Path, out_dir: Path | DerivedCheckpoint, *, rounds: i
             stats = tmp / f"round{r + 1}.safetensors"
             collect(model_dir, stats, dict(kept) or None)
             result.peak_disk_bytes = max(result.peak_disk_bytes, _disk_usage(tmp))
-            step = _round_plan(score(model_dir, stats, keep))
+            step = score(model_dir, stats, keep)
             kept.update({layer: list(step.keep[layer]) for layer in block})
             result.rounds.append(_round_entry(r, criterion, keep, step, block))
             _keep_or_drop(stats, r, novices)

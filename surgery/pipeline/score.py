@@ -2,6 +2,7 @@
 
 `score_plan(model_dir, stats_path, ScoreOptions(...))` is what `prune`, `sparsify`, `demo` and the
 bench scripts call; `load_source` + `build_plan` are its two halves (`score` uses them without a model).
+Both give a `surgery.plan.Plan`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from surgery.errors import PlanError
 from surgery.io import Checkpoint
 from surgery.io.expert_weights import expert_matrices
 from surgery.io.identity import check_stats_match
-from surgery.plan.select import make_plan, plan_document
+from surgery.plan import Plan
+from surgery.plan.select import make_plan
 
 GLOBAL_WARNING = (
     "Warning: --global gives a non-uniform plan (expert counts differ per layer); vanilla transformers "
@@ -127,8 +129,9 @@ def _inputs(src: Source, seed: int) -> dict[int, LayerInput]:
     }
 
 
-def build_plan(crit: Criterion, src: Source, options: ScoreOptions) -> dict:
-    """The plan document for one criterion (for auto: the winner's plan plus every candidate's error).
+def build_plan(crit: Criterion, src: Source, options: ScoreOptions) -> Plan:
+    """The plan of one criterion (for auto: the winner's plan plus every candidate's error in `extra`),
+    labelled "<criterion> plan" for error messages.
 
     `options.criterion` is not read: `crit` is the criterion object (load_source opened what it needs).
     """
@@ -151,7 +154,7 @@ def build_plan(crit: Criterion, src: Source, options: ScoreOptions) -> dict:
         kept = plan_fn({l: crit.ranker(inp, scores[l]) for l, inp in inputs.items()})
     removed = ratio if ratio is not None else (src.num_experts - keep) / src.num_experts
     sha = src.stats.sha256 if src.stats is not None else None
-    return plan_document(kept, crit.name, removed, scores, sha, extra)
+    return Plan(kept, crit.name, removed, scores, sha, extra, label=f"{crit.name} plan")
 
 
 def criterion(name: str | None) -> Criterion:
@@ -161,8 +164,8 @@ def criterion(name: str | None) -> Criterion:
     return CRITERIA[name]
 
 
-def score_plan(model_dir: Path, stats_path: Path | None, options: ScoreOptions) -> dict:
-    """The plan document for MODEL_DIR, refusing statistics that belong to another model.
+def score_plan(model_dir: Path, stats_path: Path | None, options: ScoreOptions) -> Plan:
+    """The plan for MODEL_DIR, refusing statistics that belong to another model.
 
     Weight criteria (and any criterion when `stats_path` is None) read the checkpoint's experts.
     """
@@ -175,7 +178,3 @@ def score_plan(model_dir: Path, stats_path: Path | None, options: ScoreOptions) 
         check_stats_match(model_dir, src.stats)
     return build_plan(crit, src, options)
 
-
-def plan_keep(doc: dict) -> dict[int, list[int]]:
-    """A plan document's keep-lists with integer layer keys."""
-    return {int(layer): ids for layer, ids in doc["keep"].items()}

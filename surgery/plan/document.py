@@ -123,13 +123,6 @@ def _json_scores(scores: Sequence[float | None] | np.ndarray) -> tuple[float | N
     return tuple(None if s is None or not np.isfinite(s) else float(s) for s in scores)
 
 
-def as_plan(plan: Plan | Mapping[int, Sequence[int]], label: str | None = None) -> Plan:
-    """A Plan as it is (relabelled when `label` is given), or a bare keep map as a Plan."""
-    if isinstance(plan, Plan):
-        return plan if label is None else replace(plan, label=label)
-    return Plan(plan, label=label or "plan")
-
-
 def read_plan_for(path: str | Path, model_dir: str | Path) -> dict[int, list[int]]:
     """A plan file's keep-lists, validated against the model in `model_dir` and extended to its MTP layers."""
     from surgery.architectures import resolve
@@ -139,8 +132,3 @@ def read_plan_for(path: str | Path, model_dir: str | Path) -> dict[int, list[int
         layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
     return Plan.read(path).validate(layout).keep_lists()
 
-
-def load_plan(path: str | Path) -> tuple[dict[int, list[int]], dict]:
-    """(keep-lists, document) of a plan file. Kept for callers not yet passing `Plan.read(path)` along."""
-    plan = Plan.read(path)
-    return plan.keep_lists(), plan.to_json()

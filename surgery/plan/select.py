@@ -12,7 +12,6 @@ import numpy as np
 
 from surgery.criteria.base import Ranker
 from surgery.errors import PlanError
-from surgery.plan.document import Plan
 
 
 def keep_count(num_experts: int, top_k: int, *, ratio: float | None = None, keep: int | None = None) -> int:
@@ -139,14 +138,3 @@ def make_plan(
         _check_groups(num_experts, top_k, num_keep, n_group, min_group_size)
     return {l: _layer_keep(l, rankers[l], num_experts, num_keep, n_group) for l in sorted(rankers)}
 
-
-def plan_document(
-    keep: Mapping[int, list[int]],
-    criterion: str,
-    ratio: float,
-    scores: Mapping[int, np.ndarray],
-    stats_sha256: str | None,
-    extra: Mapping[str, object] | None = None,
-) -> dict:
-    """The JSON of a scored plan, `Plan(...).to_json()`; for callers not yet passing a Plan along."""
-    return Plan(keep, criterion, ratio, scores, stats_sha256, dict(extra or {})).to_json()

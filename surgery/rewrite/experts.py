@@ -7,7 +7,6 @@ Dtypes are never converted, so bf16, fp8 with scales and MXFP4 blocks pass throu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from surgery.architectures import MoELayout, check_shapes, resolve
@@ -15,7 +14,7 @@ from surgery.errors import PlanError, UserError
 from surgery.io import Checkpoint, OutTensor, TensorInfo, nbytes, provenance
 from surgery.io.derived import DerivedCheckpoint, as_output
 from surgery.io.safetensors_file import SafetensorsFile
-from surgery.plan import Plan, as_plan
+from surgery.plan import Plan
 from surgery.rewrite.config import rewrite_config
 
 
@@ -91,22 +90,18 @@ def source_layout(ckpt: Checkpoint, error: type[UserError] = PlanError) -> MoELa
 
 def rewrite_checkpoint(
     model_dir: str | Path,
-    plan: Plan | Mapping[int, Sequence[int]],
+    plan: Plan,
     out_dir: str | Path | DerivedCheckpoint,
     *,
     allow_nonuniform: bool = False,
     overwrite: bool = False,
-    plan_doc: dict | None = None,
-    plan_source: str | None = None,
     progress: bool = False,
     hash_shards: bool = False,
 ) -> Path:
-    """Write the pruned checkpoint to `out_dir` atomically; returns `out_dir`.
+    """Write the checkpoint keeping the experts of `plan` to `out_dir` atomically; returns `out_dir`.
 
-    `plan`: a Plan, or a bare keep map. `plan_doc` / `plan_source` (the plan's JSON and its label)
-    are for callers that still carry a keep map and its document apart.
+    The plan is validated against the checkpoint (errors name `plan.label`) and recorded in pruning.json.
     """
-    plan = as_plan(plan, plan_source) if plan_doc is None else Plan(plan, label=plan_source or "plan", document=plan_doc)
     with Checkpoint(model_dir) as ckpt:
         layout = source_layout(ckpt)
         chosen = plan.validate(layout)

@@ -33,7 +33,7 @@ from surgery.errors import UserError
 from surgery.io import Checkpoint, OutTensor, nbytes, provenance
 from surgery.io.derived import DerivedCheckpoint, as_output
 from surgery.io.novice_format import CONFIG_KEY, value_name
-from surgery.plan import Plan, as_plan
+from surgery.plan import Plan
 from surgery.rewrite.experts import layout_record, source_layout
 
 FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -162,7 +162,7 @@ def memory(ckpt: Checkpoint, per_shard: dict[str, list[OutTensor]]) -> dict[str,
 
 def write_novice_checkpoint(
     model_dir: str | Path,
-    plan: Plan | Mapping[int, Sequence[int]],
+    plan: Plan,
     stats,
     out_dir: str | Path | DerivedCheckpoint,
     *,
@@ -170,9 +170,8 @@ def write_novice_checkpoint(
     progress: bool = False,
     hash_shards: bool = False,
 ) -> Path:
-    """Write `model_dir` with every expert not in `plan` (a Plan or a bare keep map) replaced by its novice
-    vector from `stats` (a `stats_formats.StatsFile`), atomically; returns `out_dir`."""
-    plan = as_plan(plan)
+    """Write `model_dir` with every expert not in `plan` replaced by its novice vector from `stats`
+    (a `stats_formats.StatsFile`), atomically; returns `out_dir`."""
     with Checkpoint(model_dir) as ckpt:
         layout = source_layout(ckpt, NoviceError)
         novices = novice_ids(layout, plan.keep, plan.label)

@@ -17,7 +17,7 @@ from stats_formats import StatsFile
 
 from surgery.architectures import MoELayout, resolve
 from surgery.io import Checkpoint, SafetensorsFile, TensorInfo, decode, provenance
-from surgery.io.derived import as_output
+from surgery.io.derived import DerivedCheckpoint, as_output
 from surgery.refine.sparsify.masks import METHODS, SparsifyError, check_sparsity, mask_matrix, parse_pattern, slabs
 from surgery.refine.sparsify.targets import ChannelNorms, Target, find_targets, stats_expert_map
 
@@ -53,7 +53,7 @@ def _provenance(ckpt: Checkpoint, layout: MoELayout) -> dict:
 def sparsify_checkpoint(
     model_dir: str | Path,
     stats_path: str | Path | None,
-    out_dir: str | Path,
+    out_dir: str | Path | DerivedCheckpoint,
     *,
     sparsity: float | None,
     pattern: str = "unstructured",
