@@ -21,7 +21,7 @@ from surgery.architectures import resolve
 from surgery.errors import CheckpointError, UserError
 from surgery.io.expert_weights import read_expert
 from surgery.io.identity import router_sha256
-from surgery.io import Checkpoint, SafetensorsFile
+from surgery.io import Checkpoint, SafetensorsFile, provenance
 from surgery.refine.sparsify import SparsifyError, check_nm, check_sparsity, parse_pattern, row_mask, sparsify_checkpoint
 from tiny_models import checkpoint_bytes, read_header, write_checkpoint
 
@@ -454,11 +454,11 @@ def test_one_command_removes_experts_then_maps_statistics(tiny, cli, tmp_path: P
                  "--pattern", "2:4", "-o", out)
     assert result.exit_code == 0, result.output
     assert "50.0% of the weights in 24 expert tensors (2 MoE layers) are now zero (moe-pruner, 2:4)" in result.stdout
-    doc = json.loads((out / "pruning.json").read_text())
-    keep = {int(k): v for k, v in doc["expert_map"].items()}
+    doc = provenance.read(out)
+    keep = provenance.expert_map(doc, out)
     assert doc["num_experts_after"] == 4 and doc["sparsity"]["stats_expert_ids"] == "pruning.json expert_map"
     assert any(ids != list(range(4)) for ids in keep.values())
-    assert not list(tmp_path.glob(".out.*"))  # the temporary pruned checkpoint is gone
+    assert not list(tmp_path.glob(".out.*")) and not (out / "pruned").exists()  # the pruned checkpoint is gone
     sums = StatsFile(stats)
     a, b = Checkpoint(src), Checkpoint(out)
     la, lb = resolve(a.config, a.names()), resolve(b.config, b.names())
@@ -475,6 +475,23 @@ def test_one_command_removes_experts_then_maps_statistics(tiny, cli, tmp_path: P
     assert check_nm(out) == []
     a.close()
     b.close()
+
+
+def test_an_existing_output_is_refused_before_experts_are_removed(tiny, cli, tmp_path: Path) -> None:
+    src = tiny("qwen3_moe", "per-expert")
+    stats = skewed_stats(src, tmp_path / "stats.safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ("sparsify", src, "--stats", stats, "--remove-ratio", "0.5", "--criterion", "frequency",
+            "--sparsity", "0.5", "-o", out)
+    result = cli(*args)
+    assert result.exit_code == 2 and "output folder already exists (use --overwrite" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "stats.safetensors"]  # nothing written beside it
+    assert cli(*args, "--overwrite").exit_code == 0
+    assert not (out / "notes.txt").exists() and not (out / "pruned").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "stats.safetensors"]
 
 
 def test_prune_then_sparsify_equals_one_command(tiny, cli, tmp_path: Path) -> None:

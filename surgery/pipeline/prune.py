@@ -32,7 +32,7 @@ def _print(message: str, err: bool = False) -> None:
 class RoundsOptions:
     """Collect here instead of reading --stats: `data` text, in `rounds` steps (None: one), `progressive`
     by layer blocks, healing between rounds (`heal_between`: local, kd or both; `heal_tokens` per round).
-    `work_dir`: where the temporary checkpoints go (default: beside the output)."""
+    `work_dir`: where the temporary checkpoints go (default: inside the output's temporary folder)."""
 
     data: tuple[str, ...] = ()
     rounds: int | None = None

@@ -137,7 +137,7 @@ def iterative(model_dir: Path, out_dir: Path | DerivedCheckpoint, *, rounds: int
     """Prune to `keep` experts per layer in `rounds` equal steps, re-collecting on each pruned checkpoint.
 
     `collect` is None for criteria that read no statistics. Temporary checkpoints live in a
-    folder under `work_dir` (default: beside `out_dir`) and are removed at the end. With `heal`,
+    folder under `work_dir` (default: the output's temporary folder) and are removed at the end. With `heal`,
     each round's removal is healed against the checkpoint it was cut from before the next round
     estimates, and the output is the last healed checkpoint (its weights are no longer the original's).
     The output folder is opened (an existing one refused) before the first round.
@@ -149,7 +149,7 @@ def iterative(model_dir: Path, out_dir: Path | DerivedCheckpoint, *, rounds: int
     kept = {layer: list(range(shape.num_experts)) for layer in shape.layers if layer < shape.num_hidden_layers}
     out = as_output(out_dir, rewrite_kw.get("overwrite", False), [model_dir])
     result = RoundsResult(out.out_dir, kept)
-    with out, _work_folder(out.out_dir, work_dir) as tmp:
+    with out, _work_folder(out, work_dir) as tmp:
         current = model_dir
         for r, count in enumerate(counts):
             stats = tmp / f"round{r + 1}.safetensors"
@@ -175,9 +175,11 @@ def iterative(model_dir: Path, out_dir: Path | DerivedCheckpoint, *, rounds: int
 
 
 @contextlib.contextmanager
-def _work_folder(out_dir: Path, work_dir: Path | None) -> Iterator[Path]:
-    """A temporary folder for the rounds' statistics and checkpoints (beside the output by default), removed at the end."""
-    tmp = Path(tempfile.mkdtemp(prefix=".rounds-", dir=work_dir or Path(out_dir).resolve().parent))
+def _work_folder(out: DerivedCheckpoint, work_dir: Path | None) -> Iterator[Path]:
+    """A folder for the rounds' statistics and checkpoints, removed at the end (before `out` is committed):
+    under `work_dir`, or by default inside the output's temporary folder, so that the output's own cleanup
+    (errors, signals, a later run finding a dead run's leftovers) covers it too."""
+    tmp = Path(tempfile.mkdtemp(prefix=".rounds-", dir=work_dir or out.tmp.resolve()))
     try:
         yield tmp
     finally:
@@ -235,7 +237,7 @@ def progressive(model_dir: Path, out_dir: Path | DerivedCheckpoint, *, rounds: i
     kept: dict[int, list[int]] = {}
     out = as_output(out_dir, rewrite_kw.get("overwrite", False), [model_dir])
     result = RoundsResult(out.out_dir, kept)
-    with out, _work_folder(out.out_dir, work_dir) as tmp:
+    with out, _work_folder(out, work_dir) as tmp:
         for r, block in enumerate(layer_blocks(main_layers, rounds)):
             stats = tmp / f"round{r + 1}.safetensors"
             collect(model_dir, stats, dict(kept) or None)
