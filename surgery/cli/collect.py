@@ -23,8 +23,9 @@ from surgery.errors import UserError
 @collect_options
 @seed_option
 @click.option("--hidden-states", type=click.Choice(["auto", "gpu", "cpu", "disk"]), default="auto", show_default=True,
-              help="With --stream-layers: where the hidden states between layers are kept; auto = accelerator if "
-                   "they fit, else RAM, else a memory-mapped file beside OUTPUT.")
+              help="When streaming (--stream-layers, or auto on a model too large for the device): where the "
+                   "hidden states between layers are kept; auto = accelerator if they fit, else RAM, else a "
+                   "memory-mapped file beside OUTPUT.")
 @click.option("--progressive-plan", "progressive_plan", type=FILE,
               help="Plan JSON (original ids): its layers are pruned in memory while collecting, so later layers see "
                    "the pruned model's inputs; their dropped experts get zero statistics. (Formerly --progressive.)")
@@ -46,13 +47,12 @@ def collect(model: str, data: tuple[str, ...], output: Path, collecting: Collect
     on the first batch compares our per-expert outputs with the MoE block's real output.
     Under torchrun, each rank takes a disjoint share of the sequences and the sums are reduced.
     """
-    from surgery.collect.run import collect as run_collect
+    from surgery.collect.run import check_output, collect as run_collect
     from surgery.hub.client import resolve_model
 
     if output.exists() and not overwrite:
         raise UserError(f"{output}: already exists (use --overwrite to replace it)")
-    if output.is_dir():
-        raise UserError(f"{output}: is a folder; the statistics file is one file")
+    check_output(output)  # before any download or model load
     model_dir = resolve_model(model, revision=revision, purpose="collect")
     progressive = None
     if progressive_plan is not None:

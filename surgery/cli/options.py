@@ -166,11 +166,14 @@ dtype_option = click.option(
          "statistics are summed in float64, heal keeps trained weights in float32.")
 samples_option = click.option("--samples", type=int, default=256, show_default=True, help="Calibration sequences.")
 holdout_option = click.option(
-    "--holdout", type=int, default=32, show_default=True,
-    help="Extra calibration sequences kept aside for held-out error (used by the `auto` criterion); 0 disables.")
+    "--holdout", type=click.IntRange(min=0), default=None,
+    help="Extra calibration sequences kept aside for held-out error (used by the `auto` criterion); 0 disables. "
+         "Default: one per 8 --samples, at least 1 and at most 32 (min(32, max(1, samples // 8))).")
 stream_layers_option = click.option(
-    "--stream-layers", is_flag=True,
-    help="Materialise one decoder layer at a time from the shards: for models larger than RAM or GPU memory.")
+    "--stream-layers/--no-stream-layers", default=None,
+    help="Materialise one decoder layer at a time from the shards (the next layer is read while one computes), "
+         "or load the whole model. Default: auto, i.e. stream only when the weights do not fit in the device's "
+         "free memory (GPU memory, or available RAM on the CPU).")
 
 # --- groups: several options in, one typed object out ------------------------------------------------------
 

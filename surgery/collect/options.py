@@ -15,18 +15,30 @@ class CollectOptions:
     `gradients`: also back-propagate each main sequence's loss and write the gradient fields
     (see surgery.collect.gradients). `histogram`: also write `out_hist` (for mcs-eao).
     `device` / `dtype`: None or "auto" choose (cuda when present; bfloat16 on GPU, float32 on CPU).
+    `holdout`: None = default_holdout(samples). `stream_layers`: True streams one decoder layer at a
+    time, False loads the whole model, None ("auto") streams only when the model does not fit in the
+    device's free memory. `prefetch`: while streaming, read layer i+1 while layer i computes.
     """
 
     samples: int = 256
     seq_len: int = 2048
     seed: int = 0
     batch_size: int = 4
-    holdout: int = 32
+    holdout: int | None = None
     device: str | None = None
     dtype: str | None = None
-    stream_layers: bool = False
+    stream_layers: bool | None = None
+    prefetch: bool = True
     hidden_states: str = "auto"
     progress: bool = True
     progressive: Mapping[int, list[int]] | None = None
     gradients: bool = False
     histogram: bool = False
+
+
+MAX_HOLDOUT = 32
+
+
+def default_holdout(samples: int) -> int:
+    """Held-out sequences when --holdout is not given: one per 8 calibration sequences, at least 1, at most 32."""
+    return min(MAX_HOLDOUT, max(1, samples // 8))

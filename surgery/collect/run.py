@@ -21,7 +21,7 @@ from surgery.io.identity import config_sha256, router_sha256
 from surgery.io import Checkpoint
 from surgery.model.load import load_model
 from surgery.model.novices import is_novice_checkpoint
-from surgery.collect.options import CollectOptions
+from surgery.collect.options import CollectOptions, default_holdout
 from surgery.collect.accumulator import LayerAccumulator, all_reduce_field
 from surgery.collect.gradients import GradientSums, gradient_pass, stream_gradients
 from surgery.collect.hooks import Instrument
@@ -32,19 +32,52 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class CollectSummary:
+    """`seconds` is the compute time: from the moment the model (or, streamed, its frame) is loaded to the
+    last batch; `load_seconds` the loading before it. `tokens_per_second` counts every token that went
+    through the model, held-out ones included (this rank's share under torchrun)."""
+
     tokens: int
     holdout_tokens: int
     seconds: float
     dead_experts: dict[int, int] = field(default_factory=dict)
     rank: int = 0
+    load_seconds: float = 0.0
+    mode: str = "in memory"
+
+    @property
+    def tokens_per_second(self) -> float:
+        return (self.tokens + self.holdout_tokens) / self.seconds if self.seconds else 0.0
 
     def lines(self) -> list[str]:
-        rate = self.tokens / self.seconds if self.seconds else 0.0
         dead = ", ".join(f"{layer}:{n}" for layer, n in self.dead_experts.items() if n) or "none"
+        load = "the frame (layers streamed)" if self.mode == "streamed" else "the model"
         return [
-            f"Collected {self.tokens} tokens (+{self.holdout_tokens} held out) in {self.seconds:.1f} s ({rate:.0f} tokens/s).",
+            f"Loaded {load} in {self.load_seconds:.1f} s.",
+            f"Collected {self.tokens} tokens (+{self.holdout_tokens} held out) in {self.seconds:.1f} s "
+            f"({self.tokens_per_second:.0f} tokens/s over all {self.tokens + self.holdout_tokens} tokens, {self.mode}).",
             f"Dead experts (never routed) per layer: {dead}.",
         ]
+
+
+def check_output(output: str | os.PathLike) -> None:
+    """Refuse, before any work, a statistics path that cannot be written: its folder must exist, be a
+    folder and take new files (a probe file is created and removed), and the path must not be a folder."""
+    import tempfile
+
+    out = Path(output)
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; the statistics file is one file")
+    parent = out.parent
+    if not parent.exists():
+        raise UserError(f"{out}: its folder {parent} does not exist")
+    if not parent.is_dir():
+        raise UserError(f"{out}: {parent} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".moe-surgery-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{out}: cannot write in {parent} ({e.strerror or e})") from None
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -124,7 +157,10 @@ class _Sums:
     main: dict[int, LayerAccumulator]
     held: dict[int, LayerAccumulator]
     gradients: dict[int, GradientSums]
-    seconds: float
+    seconds: float  # compute, after loading
+    load_seconds: float
+    mode: str  # "in memory" or "streamed"
+    prefetch: bool
 
 
 def collect(model_dir: str | Path, data: list[str], output: str | Path, options: CollectOptions | None = None,
@@ -135,6 +171,9 @@ def collect(model_dir: str | Path, data: list[str], output: str | Path, options:
     e.g. `collect(model, data, out, samples=8, device="cpu")`.
     """
     options = replace(options or CollectOptions(), **changes)
+    if options.holdout is None:
+        options = replace(options, holdout=default_holdout(options.samples))
+    check_output(output)
     setup = _setup(str(model_dir), options)
     calib = _calibration(setup, data, options)
     sums = _run(setup, calib, options, Path(output))
@@ -192,14 +231,31 @@ def _calibration(setup: _Setup, data: list[str], options: CollectOptions) -> _Ca
 
 def _run(setup: _Setup, calib: _Calibration, options: CollectOptions, output: Path) -> _Sums:
     tol = 1e-4 if setup.dtype == torch.float32 else 3e-2
-    start = time.perf_counter()
-    run = _run_streamed if options.stream_layers else _run_loaded
-    main, held, grads = run(setup, calib, options, tol, output.resolve().parent)
-    return _Sums(main, held, grads, time.perf_counter() - start)
+    streamed = _stream(setup, options)
+    run = _run_streamed if streamed else _run_loaded
+    clock: dict[str, float] = {"start": time.perf_counter()}
+    main, held, grads = run(setup, calib, options, tol, output.resolve().parent, clock)
+    end = time.perf_counter()
+    loaded = clock.get("loaded", clock["start"])
+    return _Sums(main, held, grads, end - loaded, loaded - clock["start"], "streamed" if streamed else "in memory",
+                 bool(streamed and options.prefetch))
 
 
-def _run_streamed(setup: _Setup, calib: _Calibration, options: CollectOptions, tol: float, spill_dir: Path):
-    """One decoder layer in memory at a time (surgery.model.streaming)."""
+def _stream(setup: _Setup, options: CollectOptions) -> bool:
+    """--stream-layers as given; auto (None): stream when the weights do not fit in the device's free memory."""
+    if options.stream_layers is not None:
+        return bool(options.stream_layers)
+    if is_novice_checkpoint(setup.model_dir):
+        return False
+    from surgery.model.load import fits, model_bytes
+
+    return not fits(model_bytes(setup.model_dir, setup.dtype), setup.device)
+
+
+def _run_streamed(setup: _Setup, calib: _Calibration, options: CollectOptions, tol: float, spill_dir: Path,
+                  clock: dict[str, float]):
+    """One decoder layer in memory at a time (surgery.model.streaming); the clock's "loaded" is when the
+    first pass's frame (embeddings, norms) is in place: layer weights are read during the compute."""
     from surgery.model.streaming import stream_forward
 
     if is_novice_checkpoint(setup.model_dir):
@@ -213,7 +269,8 @@ def _run_streamed(setup: _Setup, calib: _Calibration, options: CollectOptions, t
                            hidden_states=options.hidden_states, spill_dir=spill_dir,
                            on_model=lambda m, f=flag: holder.setdefault(f, _instrument(
                                m, layout.spec, dev, tol, f, setup.masked, calib.vocab, options.histogram)),
-                           before_batch=lambda j, f=flag, bs=bs: holder[f].set_tokens(bs[j]))
+                           before_batch=lambda j, f=flag, bs=bs: holder[f].set_tokens(bs[j]),
+                           prefetch=options.prefetch, on_loaded=lambda: clock.setdefault("loaded", time.perf_counter()))
     main_accs = holder[False].main if False in holder else {}
     held_accs = holder[True].held if True in holder else {}
     grad_sums: dict[int, GradientSums] = {}
@@ -224,10 +281,13 @@ def _run_streamed(setup: _Setup, calib: _Calibration, options: CollectOptions, t
     return main_accs, held_accs, grad_sums
 
 
-def _run_loaded(setup: _Setup, calib: _Calibration, options: CollectOptions, tol: float, spill_dir: Path):
-    """The whole model loaded (novice checkpoints get their constant experts), instrumented by hooks."""
+def _run_loaded(setup: _Setup, calib: _Calibration, options: CollectOptions, tol: float, spill_dir: Path,
+                clock: dict[str, float]):
+    """The whole model loaded straight onto the device (novice checkpoints get their constant experts),
+    instrumented by hooks."""
     dev, spec = setup.device, setup.layout.spec
     model = load_model(setup.model_dir, dev, setup.dtype)
+    clock["loaded"] = time.perf_counter()
     inst = Instrument(model, spec, dev, tol, vocab_size=calib.vocab, histogram=options.histogram)
     mask = RouterMask(model, spec, setup.masked)
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -284,9 +344,21 @@ def _write(setup: _Setup, calib: _Calibration, sums: _Sums, data: list[str], opt
         "seed": int(options.seed),
         "holdout_sequences": calib.num_held if held_accs else 0,
     }
+    processed = n_tokens + n_held
+    calibration["timing"] = {  # this rank's run; optional, readers that do not know it ignore it
+        "load_seconds": round(sums.load_seconds, 6),
+        "compute_seconds": round(sums.seconds, 6),
+        "tokens_processed": processed,
+        "tokens_per_second": round(processed / sums.seconds, 1) if sums.seconds else 0.0,
+        "mode": sums.mode,
+        "prefetch": sums.prefetch,
+        "device": str(setup.device),
+        "dtype": str(setup.dtype).removeprefix("torch."),
+    }
     if setup.masked:
         calibration["progressive_plan"] = {str(layer): ids for layer, ids in sorted(setup.masked.items())}
-    summary = CollectSummary(n_tokens, n_held, sums.seconds, rank=setup.rank)
+    summary = CollectSummary(n_tokens, n_held, sums.seconds, rank=setup.rank, load_seconds=sums.load_seconds,
+                             mode=sums.mode)
     for layer, acc in main_accs.items():
         summary.dead_experts[layer] = int((acc.sums["count"] == 0).sum().item())
     if setup.rank == 0:

@@ -7,6 +7,7 @@ KL and top-1 agreement against the original say how far its predictions moved.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def evaluate(
         raise ValueError(f"seq_len must be at least 2 to predict anything (got {seq_len})")
     windows = [(str(p), eval_windows(p, tokenizer, seq_len, max_tokens)) for p in data_paths]
     files = []
+    start = time.perf_counter()
     with torch.no_grad(), tqdm(
         total=sum(len(w) for _, w in windows), unit="seq", desc="eval", disable=not progress
     ) as bar:
@@ -62,7 +64,20 @@ def evaluate(
                 _score_batch(model, reference, batch.to(device), totals)
                 bar.update(len(batch))
             files.append(_file_result(path, w, totals, reference is not None))
-    return _summary(files, seq_len, reference is not None)
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+    result = _summary(files, seq_len, reference is not None)
+    result["timing"] = _timing(model, reference, sum(w.numel() for _, w in windows), time.perf_counter() - start)
+    return result
+
+
+def _timing(model, reference, tokens: int, seconds: float) -> dict:
+    """Load time (as `surgery.model.load_model` recorded it on the models; 0 when they were built
+    otherwise) and compute throughput over every token scored (each goes through both models when
+    there is a reference), timed after loading."""
+    load = sum(float(getattr(m, "moe_surgery_load_seconds", 0.0)) for m in (model, reference) if m is not None)
+    return {"load_seconds": round(load, 6), "compute_seconds": round(seconds, 6), "tokens_processed": tokens,
+            "tokens_per_second": round(tokens / seconds, 1) if seconds else 0.0}
 
 
 def _score_batch(model, reference, input_ids: torch.Tensor, totals: _Totals) -> None:
@@ -143,4 +158,9 @@ def format_report(result: dict) -> str:
     summary = f"geometric mean ppl: {result['geomean_ppl']:.4g}"
     if with_reference:
         summary += f"   mean kl: {result['kl']:.4g}   mean top1: {result['top1']:.4f}"
-    return "\n".join([*lines, summary])
+    out = [*lines, summary]
+    if "timing" in result:
+        t = result["timing"]
+        out.append(f"loaded in {t['load_seconds']:.1f} s; scored {t['tokens_processed']} tokens in "
+                   f"{t['compute_seconds']:.1f} s ({t['tokens_per_second']:.0f} tokens/s)")
+    return "\n".join(out)

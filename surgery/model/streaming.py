@@ -20,14 +20,11 @@ import torch
 from tqdm import tqdm
 
 from surgery.architectures import MoELayout
-from surgery.architectures.expert_math import memory_fused
 from surgery.errors import UserError
-from surgery.io.expert_weights import read_expert
 from surgery.io import Checkpoint
+from surgery.model.weights import StreamingError, WeightReader, disk_name, plan_module
 
-
-class StreamingError(UserError):
-    """The architecture cannot be streamed (a parameter has no on-disk tensor)."""
+__all__ = ["HiddenStore", "StreamingError", "stream_forward"]
 
 
 class HiddenStore:
@@ -107,38 +104,27 @@ def _decoder_layers(base: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def _disk_name(ckpt: Checkpoint, name: str, renames: tuple[tuple[str, str], ...]) -> str | None:
-    if name in ckpt.weight_map:
-        return name
-    for mem, disk in renames:
-        cand = name.replace(mem, disk)
-        if cand in ckpt.weight_map:
-            return cand
-    return None
+    return disk_name(ckpt, name, renames)
+
+
+_READERS: dict[str, WeightReader] = {}
+
+
+def reader_for(device) -> WeightReader:
+    """One WeightReader per device for the synchronous loads (its pinned ring is reused)."""
+    key = str(torch.device(device))
+    if key not in _READERS:
+        _READERS[key] = WeightReader(device)
+    return _READERS[key]
 
 
 def _load_params(module: torch.nn.Module, prefix: str, ckpt: Checkpoint, layout: MoELayout, layer: int | None,
                  device, dtype) -> None:
-    """Fill every parameter and persistent buffer of `module` from disk (fused experts via read_expert)."""
-    spec = layout.spec
+    """Fill every parameter and persistent buffer of `module` from disk, straight onto `device`
+    (fused experts assembled from per-expert tensors in place; surgery.model.weights).
+    The module must have been built in `dtype`."""
     module.to_empty(device=device)
-    state = module.state_dict()
-    for key, target in state.items():
-        full = f"{prefix}.{key}" if prefix else key
-        fused = memory_fused(key) if layer is not None and spec.math.glu_halves else None
-        if fused is not None:  # [E, 2I, H] = gate rows then up rows, or [E, H, I] = down
-            values = []
-            for e in range(target.shape[0]):
-                m = read_expert(ckpt, layout, layer, e)
-                values.append(torch.cat([torch.from_numpy(m[role]) for role in fused.roles]))
-            target.copy_(torch.stack(values).to(dtype))
-            continue
-        disk = _disk_name(ckpt, full, spec.memory_renames)
-        if disk is None:
-            raise StreamingError(f"{ckpt.dir}: no on-disk tensor for parameter {full!r}; --stream-layers cannot load it")
-        value = torch.from_numpy(ckpt.array(disk).copy())
-        if tuple(value.shape) != tuple(target.shape):
-            raise StreamingError(f"{ckpt.dir}: {disk} has shape {list(value.shape)}, the model expects {list(target.shape)}")
-        target.copy_(value.to(target.dtype))
+    reader_for(device).load(plan_module(module, prefix, ckpt, layout, layer))
 
 
 def _rebuild_meta_buffers(model: torch.nn.Module, config) -> None:
@@ -200,12 +186,17 @@ def stream_forward(model_dir: str, config, layout: MoELayout, batches: list[torc
                    on_model: Callable[[torch.nn.Module], None] | None = None, progress: bool = True,
                    hidden_states: str = "auto", spill_dir: Path | None = None,
                    after_layer: Callable[[int], None] | None = None,
-                   before_batch: Callable[[int], None] | None = None) -> str:
+                   before_batch: Callable[[int], None] | None = None, prefetch: bool = True,
+                   on_loaded: Callable[[], None] | None = None) -> str:
     """Push every batch through the model layer by layer (outputs are discarded: hooks collect).
 
     `after_layer(i)` runs once every batch has been through layer i, before the next layer loads
     (the healer fits the student's layer i there, from what hooks cached). `before_batch(b)` runs
     before batch b goes through a layer (the collector hands the batch's token ids to its hooks).
+    `prefetch`: layer i+1's weights are read on a background thread (on CUDA: through pinned buffers,
+    copied on a side stream) while layer i computes, so at most two layers are on the device at once;
+    False reads each layer when it is needed (same numbers, for tests and comparisons).
+    `on_loaded()` runs once the frame (embeddings, norms) is loaded, before any text goes through.
 
     Returns where the hidden states were kept ("gpu", "cpu" or "disk").
     """
@@ -218,28 +209,77 @@ def stream_forward(model_dir: str, config, layout: MoELayout, batches: list[torc
     if on_model:
         on_model(model)
     base, layers, base_prefix, text_config = _load_frame(model, config, ckpt, layout, device, dtype)
+    if on_loaded:
+        on_loaded()
     hidden = text_config.hidden_size
     elem = torch.empty((), dtype=dtype).element_size()
     store = HiddenStore(hidden_states, torch.device(device), sum(b.numel() for b in batches) * hidden * elem,
                         spill_dir or Path(tempfile.gettempdir()))
     calls = _record_calls(base, layers, batches, store, device)
+    prefetcher = LayerPrefetcher(layers, base_prefix, ckpt, layout, device) if prefetch else None
 
     bar = tqdm(total=len(layers) * len(batches), desc="Layers × batches", disable=not progress)
-    for i, layer in enumerate(layers):
-        _load_params(layer, f"{base_prefix}.layers.{i}", ckpt, layout, i, device, dtype)
-        with torch.no_grad():
-            for b, call in enumerate(calls[i]):
-                if before_batch:
-                    before_batch(b)
-                out = layer(store.get(b), *call["args"], **call["kwargs"])
-                store.put(b, out[0] if isinstance(out, tuple) else out)
-                bar.update(1)
-        layer.to("meta")
-        calls[i] = []
-        if after_layer:
-            after_layer(i)
-    bar.close()
-    ckpt.close()
+    try:
+        for i, layer in enumerate(layers):
+            if prefetcher is not None:
+                prefetcher.ready(i)  # and layer i + 1 starts loading
+            else:
+                _load_params(layer, f"{base_prefix}.layers.{i}", ckpt, layout, i, device, dtype)
+            with torch.no_grad():
+                for b, call in enumerate(calls[i]):
+                    if before_batch:
+                        before_batch(b)
+                    out = layer(store.get(b), *call["args"], **call["kwargs"])
+                    store.put(b, out[0] if isinstance(out, tuple) else out)
+                    bar.update(1)
+            layer.to("meta")
+            calls[i] = []
+            if after_layer:
+                after_layer(i)
+    finally:
+        if prefetcher is not None:
+            prefetcher.close()
+        bar.close()
+        ckpt.close()
     where = store.where
     store.close()
     return where
+
+
+class LayerPrefetcher:
+    """Loads modules one ahead on a background thread (surgery.model.weights.WeightReader.submit).
+
+    `jobs` are (module on the meta device, its name prefix, checkpoint, layout, decoder layer index),
+    in the order they will be used. `ready(k)` returns once job k's weights are usable on the compute
+    stream and starts reading job k + 1 into freshly allocated device memory: job k + 1 is allocated
+    while job k is still there, so the device holds at most two of them (free each with `.to("meta")`
+    after use).
+    """
+
+    def __init__(self, layers: torch.nn.ModuleList | None, base_prefix: str, ckpt: Checkpoint | None,
+                 layout: MoELayout | None, device, jobs: list[tuple] | None = None):
+        self.device = torch.device(device)
+        self.jobs = jobs if jobs is not None else [
+            (layer, f"{base_prefix}.layers.{i}", ckpt, layout, i) for i, layer in enumerate(layers)]
+        self.reader = WeightReader(self.device)
+        self.pending: dict[int, object] = {}
+
+    def _start(self, k: int) -> None:
+        if k < len(self.jobs) and k not in self.pending:
+            module, prefix, ckpt, layout, layer = self.jobs[k]
+            module.to_empty(device=self.device)
+            self.pending[k] = self.reader.submit(plan_module(module, prefix, ckpt, layout, layer))
+
+    def ready(self, k: int) -> None:
+        self._start(k)
+        self.pending.pop(k).wait()
+        self._start(k + 1)
+
+    def close(self) -> None:
+        for pending in self.pending.values():
+            try:
+                pending.future.result()
+            except Exception:  # noqa: BLE001 - the run already failed or finished; only the thread must end
+                pass
+        self.pending = {}
+        self.reader.close()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from surgery.model.blocks import find_blocks
-from surgery.model.streaming import HiddenStore, _decoder_layers, _load_frame, _load_params, _record_calls
+from surgery.model.streaming import HiddenStore, LayerPrefetcher, _decoder_layers, _load_frame, _record_calls
 from surgery.refine.heal.pairing import Pairing
 
 
@@ -177,13 +177,34 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
     for b in range(len(t_store.items)):
         s_store.put(b, t_store.get(b))  # pruning leaves the embeddings alone
     result = LocalResult()
+    # teacher layer i, student layer i, teacher layer i + 1, ...: each read while the one before computes
+    jobs = []
+    for i, (t_layer, s_layer) in enumerate(zip(t_layers, s_layers)):
+        jobs.append((t_layer, f"{prefix}.layers.{i}", pairing.teacher, pairing.teacher_layout, i))
+        jobs.append((s_layer, f"{prefix}.layers.{i}", pairing.student, pairing.student_layout, i))
+    prefetcher = LayerPrefetcher(None, prefix, None, None, device, jobs=jobs)
+    try:
+        _walk(result, prefetcher, t_layers, s_layers, t_blocks, s_blocks, t_store, s_store, calls, touched, spec,
+              pairing, inputs, held_tokens, steps=steps, lr=lr, batch_tokens=batch_tokens, generator=generator,
+              progress=progress)
+    finally:
+        prefetcher.close()
+    t_store.close()
+    s_store.close()
+    return result
+
+
+def _walk(result: LocalResult, prefetcher: LayerPrefetcher, t_layers, s_layers, t_blocks, s_blocks, t_store, s_store,
+          calls, touched, spec, pairing: Pairing, inputs: str, held_tokens: int, *, steps: int, lr: float,
+          batch_tokens: int, generator: torch.Generator, progress: bool) -> None:
+    """The layer loop of local_stage: teacher layer i, then student layer i (fitted where pruned)."""
     bar = tqdm(total=len(t_layers), desc="Layer-local fit", unit="layer", disable=not progress)
     for i, (t_layer, s_layer) in enumerate(zip(t_layers, s_layers)):
-        _load_params(t_layer, f"{prefix}.layers.{i}", pairing.teacher, pairing.teacher_layout, i, device, dtype)
+        prefetcher.ready(2 * i)
         fit_here = i in touched
         teacher_io = _run_layer(t_layer, t_blocks.get(i) if fit_here and inputs != "student" else None, t_store, calls[i])
         t_layer.to("meta")
-        _load_params(s_layer, f"{prefix}.layers.{i}", pairing.student, pairing.student_layout, i, device, dtype)
+        prefetcher.ready(2 * i + 1)
         if not fit_here:
             _run_layer(s_layer, None, s_store, calls[i])
         else:
@@ -213,9 +234,6 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
         s_layer.to("meta")
         bar.update(1)
     bar.close()
-    t_store.close()
-    s_store.close()
-    return result
 
 
 def _fit(block: torch.nn.Module, name: str, router_module: str, sparsified: bool, x: torch.Tensor, y: torch.Tensor,

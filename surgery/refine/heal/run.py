@@ -90,10 +90,33 @@ def heal(student_dir: str | Path, teacher_dir: str | Path, data: list[str], out_
         if not run.trained:
             raise HealError("both stages are off (--local-steps 0 and --kd-steps 0): nothing to do")
         run.record["seconds"] = round(time.perf_counter() - start, 2)
+        _timing(run, time.perf_counter() - start)
         if run.device.type == "cuda":
             run.record["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**20)
         _write(run, out)
     return run.record
+
+
+def _timing(run: _Run, seconds: float) -> None:
+    """Whole-model loading (teacher sampling, distillation) apart from compute; tokens through the models:
+    the local stage's (every layer of both models) and the distillation's (both models, every step)."""
+    load = run.record.pop("_load_seconds", 0.0)
+    tokens = 0
+    for stage in run.record["stages"]:
+        if stage["stage"] == "local":
+            tokens += stage["tokens"] + run.record["held_out_tokens"]
+        else:
+            tokens += int(stage.get("tokens", 0))
+    compute = max(seconds - load, 0.0)
+    run.record["timing"] = {"load_seconds": round(load, 3), "compute_seconds": round(compute, 3),
+                            "tokens_processed": tokens,
+                            "tokens_per_second": round(tokens / compute, 1) if compute else 0.0}
+
+
+def _loaded(run: _Run, model):
+    """Adds a model's load time (recorded by load_model) to the run's."""
+    run.record["_load_seconds"] = run.record.get("_load_seconds", 0.0) + getattr(model, "moe_surgery_load_seconds", 0.0)
+    return model
 
 
 def _start(pairing: Pairing, data: list[str], teacher_dir: str | Path, options: HealOptions) -> _Run:
@@ -145,7 +168,7 @@ def _local_ids(run: _Run) -> tuple[torch.Tensor, dict]:
     from surgery.refine.heal.synthetic import teacher_samples
 
     t0 = time.perf_counter()
-    teacher = load_model(run.pairing.teacher.dir, str(run.device), run.dtype)
+    teacher = _loaded(run, load_model(run.pairing.teacher.dir, str(run.device), run.dtype))
     extra = teacher_samples(teacher, local_ids, missing, o.seed, run.device, progress=o.progress)
     sampled = {"sequences": int(extra.shape[0]), "tokens": int(extra.numel()),
                "seconds": round(time.perf_counter() - t0, 2)}
@@ -177,8 +200,8 @@ def _distill(run: _Run) -> None:
     from surgery.model.load import load_model
     from surgery.refine.heal.distill import distill_stage
 
-    teacher = load_model(run.pairing.teacher.dir, str(run.device), run.dtype)
-    student = load_model(run.pairing.student.dir, str(run.device), torch.float32)
+    teacher = _loaded(run, load_model(run.pairing.teacher.dir, str(run.device), run.dtype))
+    student = _loaded(run, load_model(run.pairing.student.dir, str(run.device), torch.float32))
     with torch.no_grad():
         for name, value in run.trained.items():
             student.get_parameter(name).copy_(value)
