@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from surgery.architectures import ArchitectureError, MoELayout, check_shapes, resolve
 from surgery.io import Checkpoint
+from surgery.io.paths import contained, show
 from surgery.refine.sparsify import check_nm
 
 
@@ -30,7 +32,25 @@ def verify_checkpoint(path: str | Path) -> list[str]:
         if declared is not None and declared != actual:
             problems.append(f"{ckpt.dir}/model.safetensors.index.json: total_size {declared!r} != {actual} bytes of tensors")
     ckpt.close()
-    problems += check_nm(path)
+    try:
+        problems += check_nm(path)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        problems.append(f"{Path(path) / 'pruning.json'}: malformed sparsity section ({type(e).__name__}: {e})")
+    problems += _links_out(Path(path))
+    return problems
+
+
+def _links_out(folder: Path) -> list[str]:
+    """Files of the folder that resolve outside it (and are no Hugging Face cache blob): `push` would upload
+    what they point at."""
+    problems = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in [*dirs, *files]:
+            entry = Path(root) / name
+            if not name.startswith(".") and not contained(folder, entry):
+                target = show(os.path.realpath(entry))
+                problems.append(f"{show(entry)}: a symbolic link to {target}, outside the folder")
     return problems
 
 

@@ -195,10 +195,14 @@ class SafetensorsFile:
                 raise self._fail(f"corrupt header entry for tensor {label} (data_offsets is not two integers)")
             b, e = offsets
             if not 0 <= b <= e <= data_len:
+                shown = f" [{b}, {e}]" if _is_small(b) and _is_small(e) else ""
+                if b < 0 or e < 0:
+                    raise self._fail(f"tensor {label} has negative data_offsets{shown}")
+                if b > e:
+                    raise self._fail(f"tensor {label} data_offsets{shown} are reversed (begin after end)")
                 raise self._fail(
-                    f"tensor {label} offsets [{b}, {e}] are out of range (data is {data_len} bytes; file truncated?)"
-                    if _is_small(b) and _is_small(e) else
-                    f"tensor {label} offsets are out of range (data is {data_len} bytes)"
+                    f"tensor {label} offsets{shown} are out of range (data is {data_len} bytes; file truncated?)"
+                    if shown else f"tensor {label} offsets are out of range (data is {data_len} bytes)"
                 )
             numel = 0 if 0 in shape else 1
             for d in shape if numel else ():

@@ -8,6 +8,7 @@ so the demo's collect → score → prune → eval shows real differences, offli
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -43,9 +44,13 @@ def build_tokenizer(path: Path):
     return fast
 
 
-def build_demo_model(path: Path, data: Path, steps: int = 300, seed: int = 0) -> Path:
+DEMO_EXPERTS, DEMO_TOP_K = 16, 2
+
+
+def build_demo_model(path: Path, data: Path, steps: int = 300, seed: int = 0, progress: bool = False) -> Path:
     """Create, train briefly and save a 4-layer, 16-expert, top-2 Qwen3-MoE in 4 shards."""
     import torch
+    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     from surgery.model.data import build_sequences
@@ -55,7 +60,8 @@ def build_demo_model(path: Path, data: Path, steps: int = 300, seed: int = 0) ->
     tokenizer = build_tokenizer(path)
     config = Qwen3MoeConfig(
         vocab_size=64, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=16, num_experts_per_tok=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_experts=DEMO_EXPERTS, num_experts_per_tok=DEMO_TOP_K,
         norm_topk_prob=True, max_position_embeddings=512, tie_word_embeddings=True,
         eos_token_id=0, pad_token_id=0, bos_token_id=0,
     )
@@ -63,12 +69,16 @@ def build_demo_model(path: Path, data: Path, steps: int = 300, seed: int = 0) ->
     seqs = build_sequences([str(data)], tokenizer, 256, 64, seed).input_ids
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for step in range(steps):
+    bar = tqdm(range(steps), desc="      Training", unit="step", disable=not progress, leave=False)
+    for step in bar:
         batch = seqs[(step * 16) % len(seqs):][:16]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
     model.eval()
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(path, max_shard_size=max(size // 4 + 1, 1))
@@ -76,12 +86,44 @@ def build_demo_model(path: Path, data: Path, steps: int = 300, seed: int = 0) ->
 
 
 DEMO_CRITERIA = ("frequency", "soft_frequency", "reap", "man", "recon", "auto", "random")
+DEMO_FILES = ("calib.jsonl", "eval.jsonl", "model", "stats.safetensors")
+LEGEND = ("ppl: perplexity on held-out text (lower is better); Δppl: change from the unpruned model; "
+          "KL: mean KL(unpruned ‖ pruned) per token; top-1: share of tokens whose most likely next token agrees.")
 
 
-def run_demo(workdir: Path, ratio: float, steps: int, echo=print) -> None:
-    """Build and train the demo model in WORKDIR (emptied first), collect, prune with DEMO_CRITERIA and
-    compare each with the unpruned model; `echo` prints the progress lines and the table."""
+def check_demo(workdir: Path, ratio: float, steps: int, overwrite: bool) -> None:
+    """Refuse bad options and an existing WORKDIR (without `overwrite`) before any work; with `overwrite`
+    only a folder holding nothing but an earlier demo's files is replaced."""
+    from surgery.errors import UserError
+    from surgery.plan.select import keep_count
+
+    if steps < 0:
+        raise UserError(f"--steps {steps}: must be ≥ 0")
+    try:
+        keep_count(DEMO_EXPERTS, DEMO_TOP_K, ratio=ratio)  # e.g. a ratio that keeps fewer than top-k experts
+    except UserError as e:
+        raise UserError(f"--ratio {ratio}: the demo model has {DEMO_EXPERTS} experts per layer: {e}") from None
+    if not os.path.lexists(workdir):
+        return
+    if not workdir.is_dir() or workdir.is_symlink():
+        raise UserError(f"{workdir}: exists and is not a folder; choose another --workdir")
+    if not overwrite:
+        raise UserError(f"{workdir}: already exists (use --overwrite to replace an earlier demo, or another --workdir)")
+    strangers = sorted(p.name for p in workdir.iterdir()
+                       if p.name not in DEMO_FILES and not p.name.startswith("pruned-"))
+    if strangers:
+        raise UserError(f"{workdir}: holds files the demo did not make ({', '.join(strangers[:3])}"
+                        f"{', ...' if len(strangers) > 3 else ''}); --overwrite only replaces an earlier demo's folder")
+
+
+def run_demo(workdir: Path, ratio: float, steps: int, echo=print, overwrite: bool = False,
+             progress: bool = True) -> None:
+    """Build and train the demo model in WORKDIR (refused if it exists, replaced with `overwrite`), collect,
+    prune with DEMO_CRITERIA and compare each with the unpruned model; `echo` prints the progress lines and
+    the table."""
     import shutil
+
+    check_demo(workdir, ratio, steps, overwrite)
 
     from transformers.utils import logging as hf_logging
 
@@ -95,7 +137,7 @@ def run_demo(workdir: Path, ratio: float, steps: int, echo=print) -> None:
     make_corpus(calib, 400, seed=1)
     make_corpus(held, 60, seed=2)
     echo(f"[1/4] Building and training the demo model ({steps} steps) in {workdir / 'model'}")
-    model_dir = build_demo_model(workdir / "model", calib, steps=steps)
+    model_dir = build_demo_model(workdir / "model", calib, steps=steps, progress=progress)
     echo("[2/4] Collecting statistics")
     stats = workdir / "stats.safetensors"
     summary = collect(model_dir, [str(calib)], stats, samples=96, seq_len=64, batch_size=16, holdout=32,
@@ -128,3 +170,4 @@ def _compare(workdir: Path, model_dir: Path, stats: Path, held: Path, ratio: flo
         note = f"  (auto chose {plan.extra['auto']['winner']})" if "auto" in plan.extra else ""
         echo(f"      {name:<15} {r['geomean_ppl']:>8.3f} {r['geomean_ppl'] / base['geomean_ppl'] - 1:>+8.1%} "
              f"{r['kl']:>8.4f} {r['top1']:>6.3f}{note}")
+    echo(f"      {LEGEND}")

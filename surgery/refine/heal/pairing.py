@@ -8,6 +8,7 @@ fit the teacher. The mapping is never guessed: no pruning.json, no heal.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,6 +114,9 @@ def pair(student_dir: str | Path, teacher_dir: str | Path) -> Pairing:
     if is_novice_checkpoint(student_dir):
         raise HealError(f"{student_dir / 'config.json'}: MoNE novice checkpoints cannot be healed yet")
     doc = _read_record(student_dir)
+    if os.path.realpath(student_dir) == os.path.realpath(teacher_dir):
+        raise HealError(f"{teacher_dir}: the teacher is the student itself (both name the folder "
+                        f"{os.path.realpath(student_dir)}); give --teacher the checkpoint the student was pruned from")
     with contextlib.ExitStack() as opened:  # closed again unless every check passes
         student, teacher = opened.enter_context(Checkpoint(student_dir)), opened.enter_context(Checkpoint(teacher_dir))
         s_layout = resolve(student.config, student.names(), str(student.config_path))

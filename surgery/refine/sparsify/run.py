@@ -70,7 +70,7 @@ def sparsify_checkpoint(
     sparsity = check_sparsity(sparsity, pattern)
     stats = _open_stats(stats_path, method)
     with Checkpoint(model_dir) as ckpt:
-        layout = resolve(ckpt.config, ckpt.names())
+        layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
         out = as_output(out_dir, overwrite, [ckpt.dir])
         expert_map = stats_expert_map(ckpt, layout, stats) if stats is not None else {}
         layers = _layers(layout, stats)
@@ -85,13 +85,12 @@ def sparsify_checkpoint(
             return _masked_pieces(ckpt.file_of(info.name), info, target, norms, sparsity, pattern, zeros)
 
         bar = tqdm(total=len(targets), unit="tensor", desc="Sparsifying", disable=not progress)
-        with out:
+        with bar, out:  # the bar ends its line even on an error, so `Error:` starts a line of its own
             out.replace_tensors(ckpt, produce, lambda shard: bar.update(sum(1 for n in ckpt.files[shard].tensors
                                                                             if n in targets)))
             section = _section(ckpt, targets, norms, zeros, stats, method=method, pattern=pattern,
                                sparsity=sparsity, include_shared=include_shared, layers=layers)
             out.finish(ckpt, {**_provenance(ckpt, layout), "sparsity": section})
-        bar.close()
     return section
 
 
