@@ -4,10 +4,15 @@ Weight-based criteria (weight_norm, aimer) and the collector's streaming mode ne
 matrices in nn.Linear orientation ([out, in]) whatever the on-disk layout: per-expert
 tensors, fused [E, 2I, H] or [E, H, 2I], halves or interleaved gate/up. Router criteria
 (mcs-rwn) read the layer's router weight [E, H] alone.
+
+Quantized experts are dequantized to float32 on the way (surgery.io.quantization): per-expert FP8
+weights with their `weight_scale_inv` / `weight_scale`, NVFP4 `weight_packed`, and fused MXFP4
+`*_blocks`/`*_scales` (stored [E, 2I, H] / [E, H, I], rows = output features), one expert at a time.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,44 +22,49 @@ import numpy as np
 from surgery.architectures import MoELayout, resolve
 from surgery.architectures.expert_math import FUSED_DOWN, FUSED_GATE_UP, ROLE_PATTERNS  # per-model names, re-exported
 from surgery.architectures.layout import active_groups
-from surgery.io import Checkpoint, CheckpointError, decode
+from surgery.io import Checkpoint, CheckpointError
+from surgery.io.quantization import dequantize, scheme_for
 
 
 Matrices = dict[str, np.ndarray]
 
 
-def _slab(ckpt: Checkpoint, name: str, expert: int) -> np.ndarray:
-    """Expert `expert`'s slab of a fused tensor, reading only its bytes."""
-    info = ckpt.info(name)
-    slab_bytes = info.nbytes // info.shape[0]
-    begin = info.begin + expert * slab_bytes
-    raw = ckpt.file_of(name).read_range(begin, begin + slab_bytes)
-    return decode(raw, info.dtype, info.shape[1:], where=f"{ckpt.file_of(name).path}: tensor {name!r}")
+# A per-expert projection's weight as stored: `<proj>.weight` (float or FP8) or NVFP4 `<proj>.weight_packed`.
+_STORED_WEIGHT = {role: re.compile(pat.pattern.replace(r"\.weight$", r"\.weight(_packed)?$"))
+                  for role, pat in ROLE_PATTERNS.items()}
+MXFP4_SUFFIX = "_blocks"
 
 
 def read_expert(ckpt: Checkpoint, layout: MoELayout, layer: int, expert: int) -> Matrices:
-    """{"gate": [I, H], "up": [I, H], "down": [H, I]} as float32 for one expert."""
+    """{"gate": [I, H], "up": [I, H], "down": [H, I]} as float32 for one expert (dequantized if stored quantized)."""
     entry = layout.layers[layer]
     spec = layout.spec
+    scheme = scheme_for(ckpt)
     if entry.per_expert:
-        out: Matrices = {}
-        for name in entry.per_expert[expert]:
-            for role, pat in ROLE_PATTERNS.items():
-                if pat.search(name):
-                    out[role] = ckpt.array(name).astype(np.float32)
+        weights = {role: name.removesuffix("_packed") for name in entry.per_expert[expert]
+                   for role, pat in _STORED_WEIGHT.items() if pat.search(name)}
+        out: Matrices = {role: dequantize(ckpt, name, scheme=scheme) for role, name in weights.items()}
         if set(out) != set(ROLE_PATTERNS):
             raise CheckpointError(f"{ckpt.dir}: layer {layer} expert {expert}: cannot find gate/up/down weights "
-                                  f"(found {entry.per_expert[expert]}; quantized experts are not supported here)")
+                                  f"(found {entry.per_expert[expert]})")
         return out
     gate_up = next((n for n in entry.fused if FUSED_GATE_UP.search(n)), None)
     down = next((n for n in entry.fused if FUSED_DOWN.search(n)), None)
-    if gate_up is None or down is None:
-        raise CheckpointError(f"{ckpt.dir}: layer {layer}: fused expert weights not readable as numbers "
-                              f"(found {entry.fused}; quantized layouts such as MXFP4 are not supported here)")
-    gu = _slab(ckpt, gate_up, expert).astype(np.float32)
-    dn = _slab(ckpt, down, expert).astype(np.float32)
-    if spec.fused_orientation == "in_out":
-        gu, dn = gu.T, dn.T
+    if gate_up is not None and down is not None:
+        gu = dequantize(ckpt, gate_up, index=expert, scheme=scheme)
+        dn = dequantize(ckpt, down, index=expert, scheme=scheme)
+        if spec.fused_orientation == "in_out":
+            gu, dn = gu.T, dn.T
+    else:
+        # MXFP4 (gpt-oss): `experts.gate_up_proj_blocks` [E, 2I, H/32, 16] dequantizes to rows = outputs.
+        blocks = {n.removesuffix(MXFP4_SUFFIX) for n in entry.fused if n.endswith(MXFP4_SUFFIX)}
+        gate_up = next((n for n in blocks if FUSED_GATE_UP.search(n)), None)
+        down = next((n for n in blocks if FUSED_DOWN.search(n)), None)
+        if gate_up is None or down is None:
+            raise CheckpointError(f"{ckpt.dir}: layer {layer}: fused expert weights not found "
+                                  f"(found {entry.fused})")
+        gu = dequantize(ckpt, gate_up, index=expert, scheme=scheme)
+        dn = dequantize(ckpt, down, index=expert, scheme=scheme)
     if spec.interleaved:
         g, u = gu[0::2], gu[1::2]
     else:
@@ -64,11 +74,11 @@ def read_expert(ckpt: Checkpoint, layout: MoELayout, layer: int, expert: int) ->
 
 def read_router(ckpt: Checkpoint, layout: MoELayout, layer: int) -> np.ndarray:
     """The layer's router weight [E, H] as float32: its one 2-D router tensor with the expert axis first
-    (biases and correction terms are vectors)."""
+    (biases and correction terms are vectors); dequantized if a scheme stored it quantized."""
     names = [n for n, axis in layout.layers[layer].router.items() if axis == 0 and len(ckpt.info(n).shape) == 2]
     if len(names) != 1:
         raise CheckpointError(f"{ckpt.dir}: layer {layer}: expected one 2-D router weight, found {names or 'none'}")
-    return ckpt.array(names[0]).astype(np.float32)
+    return dequantize(ckpt, names[0])
 
 
 @dataclass(frozen=True)
