@@ -25,8 +25,8 @@ from surgery.architectures import resolve
 from surgery.errors import CheckpointError
 from surgery.io import Checkpoint
 from surgery.io.expert_weights import read_expert
-from surgery.io.quantization import (E2M1_TABLE, companions, decode_fp8, dequantize, fp8_block, mxfp4, nvfp4,
-                                     scheme_of)
+from surgery.io.quant_formats import E2M1_TABLE, decode_fp8, fp8_block, mxfp4, nvfp4
+from surgery.io.quantization import companions, dequantize, scheme_of
 
 # The published dtypes each scheme's expert tensors must carry.
 EXPERT_DTYPES = {
