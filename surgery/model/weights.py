@@ -192,7 +192,7 @@ class WeightReader:
     `slot_bytes` × `slots` is all the pinned host memory it uses on a CUDA device.
     """
 
-    def __init__(self, device: torch.device | str, slots: int = 4, slot_bytes: int = 32 << 20):
+    def __init__(self, device: torch.device | str, slots: int = 8, slot_bytes: int = 16 << 20):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self._pool: ThreadPoolExecutor | None = None
@@ -201,7 +201,7 @@ class WeightReader:
             self.ring = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
             self.ring_events: list[torch.cuda.Event | None] = [None] * slots
             self.slot_bytes = slot_bytes
-            self.turn = 0
+            self._readers = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="moe-surgery-pread")
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -216,13 +216,15 @@ class WeightReader:
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             if after is not None:
                 self.stream.wait_event(after)
+            staged = []
             for p in pieces:
-                if p.direct:
-                    self._to_device(p, p.target)
-                else:
-                    staged = torch.empty(p.info.shape, dtype=TORCH_DTYPES[p.info.dtype], device=self.device)
-                    self._to_device(p, staged)
-                    p.target.copy_(_apply(staged, p.transform))
+                dest = p.target if p.direct else torch.empty(p.info.shape, dtype=TORCH_DTYPES[p.info.dtype],
+                                                             device=self.device)
+                staged.append((p, dest))
+            self._to_device([(p, dest) for p, dest in staged])
+            for p, dest in staged:
+                if dest is not p.target:
+                    p.target.copy_(_apply(dest, p.transform))
             done = torch.cuda.Event()
             done.record(self.stream)
         return done
@@ -235,23 +237,29 @@ class WeightReader:
         _pread_into(p.file, p.info.begin, _bytes_of(staged))
         p.target.copy_(_apply(staged, p.transform))
 
-    def _to_device(self, p: Piece, dest: torch.Tensor) -> None:
-        """The piece's bytes into `dest` (contiguous, on the device), chunk by chunk through the pinned ring."""
-        flat = dest.reshape(-1).view(torch.uint8)
-        total, pos = p.info.nbytes, 0
-        while pos < total:
-            n = min(self.slot_bytes, total - pos)
-            slot = self.turn % len(self.ring)
-            self.turn += 1
-            if self.ring_events[slot] is not None:
-                self.ring_events[slot].synchronize()  # its previous copy has left the buffer
-            buf = self.ring[slot][:n]
-            _pread_into(p.file, p.info.begin + pos, buf.numpy())
-            flat[pos:pos + n].copy_(buf, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-            self.ring_events[slot] = event
-            pos += n
+    def _to_device(self, work: list[tuple[Piece, torch.Tensor]]) -> None:
+        """Each piece's bytes into its `dest` (contiguous, on the device) through the pinned ring, a wave of
+        `slots` chunks at a time: the wave's reads run in parallel threads (positioned reads release the
+        GIL; one thread cannot keep up with the copy engine), then its copies are queued in order."""
+        chunks = []
+        for p, dest in work:
+            flat = dest.reshape(-1).view(torch.uint8)
+            for pos in range(0, p.info.nbytes, self.slot_bytes):
+                n = min(self.slot_bytes, p.info.nbytes - pos)
+                chunks.append((p.file, p.info.begin + pos, flat[pos:pos + n]))
+        slots = len(self.ring)
+        for first in range(0, len(chunks), slots):
+            wave = chunks[first:first + slots]
+            for slot in range(len(wave)):
+                if self.ring_events[slot] is not None:
+                    self.ring_events[slot].synchronize()  # its previous copy has left the buffer
+            bufs = [self.ring[slot][:len(out)] for slot, (_, _, out) in enumerate(wave)]
+            list(self._readers.map(lambda job: _pread_into(job[0][0], job[0][1], job[1].numpy()), zip(wave, bufs)))
+            for slot, ((_, _, out), buf) in enumerate(zip(wave, bufs)):
+                out.copy_(buf, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+                self.ring_events[slot] = event
 
     def load(self, pieces: list[Piece]) -> None:
         """Read every piece now; on CUDA the compute stream then waits for the copies (no host sync)."""
@@ -281,6 +289,7 @@ class WeightReader:
             self._pool = None
         if self.cuda:
             self.stream.synchronize()
+            self._readers.shutdown(wait=True)
 
 
 class Pending:
