@@ -42,7 +42,8 @@ def _umask() -> int:
     return mask
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists (one of another user counts as alive): dead runs' temporaries may go."""
     if pid <= 0:
         return False
     try:
@@ -65,7 +66,7 @@ def _remove_stale(path: Path) -> None:
         return
     for entry in entries:
         m = pattern.fullmatch(entry.name)
-        if m and int(m[1]) != os.getpid() and not _alive(int(m[1])):
+        if m and int(m[1]) != os.getpid() and not process_alive(int(m[1])):
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
 

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+from stats_formats.atomic import process_alive
 from surgery.io.paths import is_plain_name, show
 from surgery.io.safetensors_file import CheckpointError
 
@@ -92,21 +93,6 @@ def _os_error(out: Path, e: OSError, doing: str) -> CheckpointError:
     what = e.strerror or e.__class__.__name__
     where = f" ({show(e.filename)})" if e.filename and os.fspath(e.filename) != os.fspath(out) else ""
     return CheckpointError(f"{show(out)}: {doing} failed: {what}{where}")
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` exists (one of another user counts as alive)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, ValueError, OSError):
-        return False
-    return True
 
 
 def _rmtree(path: str | os.PathLike) -> None:
@@ -259,7 +245,7 @@ def _remove_stale(out: Path) -> None:
         if not m:
             continue
         pid = int(m["tpid"] or m["opid"] or m["lpid"])
-        if pid != os.getpid() and _alive(pid):
+        if pid != os.getpid() and process_alive(pid):
             continue
         (tmps if m["tpid"] else olds).append(entry.path)
     if olds and not os.path.lexists(out):

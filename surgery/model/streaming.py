@@ -277,9 +277,7 @@ class LayerPrefetcher:
 
     def close(self) -> None:
         for pending in self.pending.values():
-            try:
-                pending.future.result()
-            except Exception:  # noqa: BLE001 - the run already failed or finished; only the thread must end
-                pass
+            # the run already failed or finished: only the reader thread must end, its error is not news
+            pending.future.exception()
         self.pending = {}
         self.reader.close()
