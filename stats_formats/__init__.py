@@ -2,12 +2,12 @@
 file passes), file.py (StatsFile: reading), write.py (StatsWriter), atomic.py (temp-and-rename writes),
 merge.py and export.py (summary, CSV, JSON). Imports numpy, safetensors and the standard library only."""
 
+import importlib
+import sys
+import types
+
 from stats_formats.atomic import atomic_write, atomic_write_text
-from stats_formats.export import SUMMARY_COLUMNS, expert_summary, summary_table, to_csv, to_json
-from stats_formats.file import StatsFile
-from stats_formats.merge import merge
-from stats_formats.validate import StatsError
-from stats_formats.write import StatsWriter
+from stats_formats.errors import StatsError
 from stats_formats.schema import (
     FIELD_BY_NAME,
     FIELDS,
@@ -20,6 +20,38 @@ from stats_formats.schema import (
     field_shape,
     tensor_name,
 )
+
+# Imported on first use (they import numpy and safetensors): `from stats_formats import StatsFile` works as
+# before, and writing a file with stats_formats.atomic (the rewriter's output folders) costs no numpy.
+_LAZY = {
+    "SUMMARY_COLUMNS": "export", "expert_summary": "export", "summary_table": "export", "to_csv": "export",
+    "to_json": "export", "StatsFile": "file", "merge": "merge", "StatsWriter": "write",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """`stats_formats.merge` stays the function when the submodule of that name is first imported (the import
+    system sets a package attribute per submodule), as when this file imported everything eagerly."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "FIELD_BY_NAME",

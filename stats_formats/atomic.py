@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 from safetensors import SafetensorError
 
-from stats_formats.validate import StatsError, one_line
+from stats_formats.errors import StatsError, one_line
 
 PathLike = str | os.PathLike[str]
 

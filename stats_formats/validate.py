@@ -13,6 +13,7 @@ from typing import Any, Mapping, Protocol
 
 import numpy as np
 
+from stats_formats.errors import StatsError, one_line  # noqa: F401 - re-exported
 from stats_formats.schema import (
     FIELD_BY_NAME,
     FIELDS,
@@ -63,10 +64,6 @@ NUMPY_DTYPES = {"F64": np.float64, "U8": np.uint8}  # Field.dtype -> array dtype
 _TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", type(None): "null"}
 
 
-class StatsError(Exception):
-    """Invalid statistics: the message is one line starting with the file (or in-memory label)."""
-
-
 class TensorSource(Protocol):
     """What validation reads: tensor names, (dtype, shape) per name, and the values."""
 
@@ -79,10 +76,6 @@ class TensorSource(Protocol):
 
 # ---------------------------------------------------------------------------------------------
 # Metadata validation
-
-
-def one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def _check_section(label: str, section: str, data: object, spec: Mapping[str, tuple[type, ...]]) -> dict[str, Any]:

@@ -193,3 +193,25 @@ def test_prune_and_verify_never_import_torch(tmp_path: Path) -> None:
                          text=True, cwd=ROOT, check=True)
     assert run.stdout.strip().splitlines()[-1] == "False False", run.stdout + run.stderr
     assert json.loads((tmp_path / "out" / "pruning.json").read_text())["num_experts_after"] > 0
+
+
+def test_prune_plan_imports_no_heavy_module(tmp_path: Path) -> None:
+    """`prune --plan` on a local folder is a byte copy: start-up imports neither numpy (the rewriter never
+    decodes a tensor) nor huggingface_hub (the Hub client and the model card's YAML), torch or transformers.
+    tqdm stays: it draws the bar while shards are written."""
+    from tiny_models import build_tiny
+
+    src = build_tiny("qwen3_moe", tmp_path / "src")
+    (tmp_path / "plan.json").write_text(json.dumps({"keep": {"0": [0, 2, 3, 5, 6, 7], "2": [1, 2, 3, 4, 5, 6]}}))
+    script = (
+        "import sys\n"
+        "from surgery.cli import main\n"
+        "main(['prune', sys.argv[1], '--plan', sys.argv[2], '-o', sys.argv[3]], standalone_mode=False)\n"
+        "print(sorted(m for m in sys.modules\n"
+        "             if m.split('.')[0] in {'numpy', 'huggingface_hub', 'httpx', 'httpx2', 'torch', 'transformers'}))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "plan.json"), str(tmp_path / "out")],
+                         capture_output=True, text=True, cwd=ROOT, check=True)
+    assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout + run.stderr
+    assert (tmp_path / "out" / "README.md").is_file()
+    assert json.loads((tmp_path / "out" / "pruning.json").read_text())["num_experts_after"] == 6

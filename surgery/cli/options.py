@@ -206,7 +206,7 @@ collect_options = option_group(
 
 def score_options(required: bool = False) -> Callable:
     """criterion, ratio, keep, global, seed, drop, holdout-stats → ScoreOptions (score, prune)."""
-    from surgery.pipeline.score import ScoreOptions
+    from surgery.pipeline.score_options import ScoreOptions
 
     return option_group("scoring", ScoreOptions, criterion_option(required), ratio_option(), keep_option,
                         global_option, seed_option, drop_option, holdout_stats_option)

@@ -3,6 +3,11 @@
 Downloads go through `snapshot_download` into the normal HF cache, so `HF_TOKEN`,
 `HF_HUB_OFFLINE`, `HF_HUB_CACHE` and already cached files behave as in every HF tool. Every
 Hub failure becomes a one-line `HubError`; nothing here deletes or rewrites a local folder.
+
+huggingface_hub and its HTTP stack (about 0.2 s to import) are imported on first use by `_import_hub`,
+so a local MODEL never pays for them: `is_repo_id` and the local branch of `resolve_model` are plain
+Python. Its names (`snapshot_download`, `HfApi`, ...) are still attributes of this module, loaded on
+first access, so tests can replace them.
 """
 
 from __future__ import annotations
@@ -11,19 +16,14 @@ import json
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
-
-from huggingface_hub import CommitOperationAdd, HfApi, get_token, is_offline_mode, snapshot_download
-from huggingface_hub import errors as hf_errors
+from typing import TYPE_CHECKING, Any, Iterator
 
 from surgery import __version__
-
-try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
-    from httpx2 import TransportError
-except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
-    from httpx import TransportError
 from surgery.errors import UserError
 from surgery.io import INDEX_NAME, SINGLE_NAME
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitOperationAdd, HfApi
 
 # `org/name` with an optional `@revision` (branch, tag, commit or refs/pr/N); Hub names use [\w.-].
 _REPO_RE = re.compile(r"^(?P<repo>\w[\w.-]*/\w[\w.-]*)(?:@(?P<rev>\w[\w./-]*))?$")
@@ -42,6 +42,35 @@ STATS_DIR_IN_REPO = "moe_surgery"
 
 class HubError(UserError):
     """A Hub download or upload failed; the message is one line and says what to do."""
+
+
+_HUB_NAMES = ("CommitOperationAdd", "HfApi", "get_token", "is_offline_mode", "snapshot_download", "hf_errors",
+              "TransportError")
+
+
+def _import_hub() -> None:
+    """Bind the huggingface_hub names this module uses as its globals, once; a name already set (a test's
+    replacement) is kept."""
+    if all(name in globals() for name in _HUB_NAMES):
+        return
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token, is_offline_mode, snapshot_download
+    from huggingface_hub import errors as hf_errors
+
+    try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
+        from httpx2 import TransportError
+    except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
+        from httpx import TransportError
+    found = locals()
+    for name in _HUB_NAMES:
+        globals().setdefault(name, found[name])
+
+
+def __getattr__(name: str) -> Any:
+    """`surgery.hub.client.snapshot_download` and the other huggingface_hub names, imported on first access."""
+    if name in _HUB_NAMES:
+        _import_hub()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_repo_id(model: str) -> tuple[str, str | None] | None:
@@ -67,6 +96,7 @@ def resolve_model(model: str, *, revision: str | None = None, purpose: str) -> P
             raise HubError(f"{model}: --revision applies to Hub repo ids, not to local folders")
         return Path(model)
     repo_id, rev = _pick_revision(model, revision)
+    _import_hub()
     with _hub_errors(repo_id, rev):
         first = Path(snapshot_download(repo_id, revision=rev, allow_patterns=["config.json", INDEX_NAME]))
         if not (first / "config.json").is_file():
@@ -99,6 +129,7 @@ def check_can_push(repo_id: str) -> None:
     parsed = parse_repo_id(repo_id)
     if parsed is None or parsed[1] is not None:
         raise HubError(f"{repo_id}: give the target repository as org/name (a branch goes to --revision)")
+    _import_hub()
     if is_offline_mode():
         raise HubError(f"{repo_id}: HF_HUB_OFFLINE is set; unset it to push")
     if get_token() is None:
@@ -168,6 +199,7 @@ def _hidden(rel: Path) -> bool:
 @contextmanager
 def _hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
     """Turn huggingface_hub and network exceptions into one-line HubErrors naming the repo."""
+    _import_hub()
     try:
         yield
     except (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, hf_errors.LocalTokenNotFoundError,

@@ -6,11 +6,13 @@ import os
 import stat
 from functools import cached_property
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from surgery.io.paths import member, short_repr, show
 from surgery.io.safetensors_file import CheckpointError, SafetensorsFile, TensorInfo, one_line, strict_json
+
+if TYPE_CHECKING:
+    import numpy as np
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

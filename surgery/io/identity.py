@@ -12,8 +12,6 @@ import re
 import struct
 from pathlib import Path
 
-import numpy as np
-
 from surgery.architectures import MoELayout, resolve
 from surgery.errors import UserError
 from surgery.io import Checkpoint
@@ -72,6 +70,8 @@ def known_sha256(ckpt: Checkpoint) -> dict[str, str]:
 def router_mismatch(ckpt: Checkpoint, layout: MoELayout, source: Checkpoint, keep: dict[int, list[int]]) -> str | None:
     """The first router tensor of `ckpt` that is not the kept rows of `source`'s, or None when all are.
     Byte equality: it tells the checkpoint an expert removal started from apart from a look-alike."""
+    import numpy as np
+
     for layer, entry in layout.layers.items():
         for name, axis in entry.router.items():
             if name not in source.weight_map:

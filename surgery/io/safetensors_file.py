@@ -13,11 +13,13 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from surgery.errors import CheckpointError
 from surgery.io.paths import short_repr, show
+
+if TYPE_CHECKING:  # numpy is imported by `decode` only: copying tensors never needs it
+    import numpy as np
 
 # Bits per element of every dtype the safetensors format defines (0.8).
 DTYPE_BITS: dict[str, int] = {
@@ -27,10 +29,10 @@ DTYPE_BITS: dict[str, int] = {
     "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }
 
-_NUMPY = {
-    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16,
-    "F16": np.float16, "I32": np.int32, "U32": np.uint32, "F32": np.float32,
-    "F64": np.float64, "I64": np.int64, "U64": np.uint64, "C64": np.complex64,
+_NUMPY = {  # numpy dtype names
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
+    "F16": "float16", "I32": "int32", "U32": "uint32", "F32": "float32",
+    "F64": "float64", "I64": "int64", "U64": "uint64", "C64": "complex64",
 }
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -256,6 +258,8 @@ class SafetensorsFile:
 
 def decode(raw: bytes, dtype: str, shape: tuple[int, ...], where: str = "") -> np.ndarray:
     """Turn raw little-endian bytes into a numpy array (BF16 becomes float32 exactly)."""
+    import numpy as np
+
     if dtype == "BF16":
         u = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
         return u.view(np.float32).reshape(shape)

@@ -3,7 +3,8 @@ its model card → optionally the Hub.
 
 `prune(model, out_dir, ...)` is the whole command; `prune_rounds` the `-d DATA [--rounds N]` part
 (bench/rounds_quality.py calls it directly). Messages go through `echo(message, err=False)`, so the
-CLI prints them with click and other callers with print. Imports no torch unless it collects.
+CLI prints them with click and other callers with print. Imports no torch unless it collects, and with
+--plan on a local folder neither numpy nor huggingface_hub (tests/test_cli_options.py checks).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from surgery.collect.options import CollectOptions
 from surgery.errors import UserError
 from surgery.io import provenance
-from surgery.pipeline.score import GLOBAL_WARNING, ScoreOptions, score_plan
+from surgery.pipeline.score_options import GLOBAL_WARNING, ScoreOptions
 from surgery.plan import Plan
 
 Echo = Callable[..., None]
@@ -128,6 +129,8 @@ def _plan(model_dir: Path, plan_path: Path | None, stats_path: Path | None, scor
     """The plan of --plan, or of the criterion's scores."""
     if plan_path is not None:
         return Plan.read(plan_path)
+    from surgery.pipeline.score import score_plan
+
     if scoring.global_rank:
         echo(GLOBAL_WARNING, err=True)
     return score_plan(model_dir, stats_path, scoring)
@@ -158,6 +161,8 @@ def _write(model_dir: Path, plan: Plan, out_dir: Path, stats_path: Path | None, 
 
 def _round_score(model_dir: Path, stats: Path | None, keep: int, *, scoring: ScoreOptions) -> Plan:
     """One round's plan: the criterion's keep-lists for `keep` experts per layer."""
+    from surgery.pipeline.score import score_plan
+
     return score_plan(model_dir, stats, replace(scoring, ratio=None, keep=keep, global_rank=False))
 
 

@@ -23,32 +23,9 @@ from surgery.errors import PlanError
 from surgery.io import Checkpoint
 from surgery.io.expert_weights import expert_matrices
 from surgery.io.identity import check_stats_match
+from surgery.pipeline.score_options import GLOBAL_WARNING, ScoreOptions  # noqa: F401 - re-exported
 from surgery.plan import Plan
 from surgery.plan.select import make_plan
-
-GLOBAL_WARNING = (
-    "Warning: --global gives a non-uniform plan (expert counts differ per layer); vanilla transformers "
-    "cannot load such a checkpoint (prune needs --allow-nonuniform)"
-)
-
-
-@dataclass(frozen=True)
-class ScoreOptions:
-    """How to turn scores into a plan: the criterion and how many experts each layer keeps.
-
-    Exactly one of `ratio` (fraction removed per layer) and `keep` (experts kept per layer).
-    `global_rank`: rank across layers (a non-uniform plan). `seed`: the `random` criterion's.
-    `holdout_stats`: for `auto`, a second statistics file serving as held-out data.
-    `drop` ("low" / "high"): override the criterion's drop direction (refused for set selectors and auto).
-    """
-
-    criterion: str | None
-    ratio: float | None = None
-    keep: int | None = None
-    global_rank: bool = False
-    seed: int = 0
-    holdout_stats: Path | None = None
-    drop: str | None = None
 
 
 class StatsLayer(Mapping[str, np.ndarray]):

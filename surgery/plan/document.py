@@ -12,13 +12,15 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from surgery.architectures import MoELayout
 from surgery.errors import PlanError
 from surgery.io.provenance import keep_map
 from surgery.plan.constraints import complete
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,8 @@ class Plan:
 
 def _json_scores(scores: Sequence[float | None] | np.ndarray) -> tuple[float | None, ...]:
     """JSON has no infinities: undefined scores (-inf, or None as read back) are kept as None."""
+    import numpy as np  # only plans with scores come here: a hand-made plan is read without numpy
+
     return tuple(None if s is None or not np.isfinite(s) else float(s) for s in scores)
 
 
