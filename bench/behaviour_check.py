@@ -39,12 +39,13 @@ SEED = 0
 # Normalisation, found by diffing two runs of the SAME code (everything else was byte-identical):
 # - `created` (statistics metadata, pruning.json, its `sparsity` block): wall-clock time of writing;
 # - `tool_version`: the package version string, which a refactor may bump without changing behaviour;
+# - `timing` (statistics metadata, eval/heal records, since issue 20): load and compute seconds of the run;
 #   other `version` keys (statistics schema, tokenizer.json) are content and are kept;
 # - the statistics file's own whole-file sha256, quoted by plans, pruning.json, model cards,
 #   `stats show` and `stats export`: it covers `created`, so it differs on every run. Its tensors and
 #   scrubbed metadata are compared directly instead, so the placeholder hides nothing;
 # - in text: ISO timestamps, "moe-surgery X.Y.Z" and the model card's self-hash (of text holding the time).
-VOLATILE_KEYS = {"created", "tool_version"}
+VOLATILE_KEYS = {"created", "tool_version", "timing"}
 TEXT_SUBS = [
     (re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)?"), "<time>"),
     (re.compile(r"moe-surgery \d+\.\d+\S*"), "moe-surgery <version>"),
