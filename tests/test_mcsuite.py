@@ -23,7 +23,8 @@ from surgery.plan.select import make_plan
 INF = np.inf
 MCS = ["mcs-ewn", "mcs-wsr", "mcs-ews", "mcs-rwn", "mcs-euf", "mcs-ecc", "mcs-evtc", "mcs-ets", "mcs-ean", "mcs-eae",
        "mcs-eas", "mcs-eao"]
-DROP_HIGH = ("mcs-ews", "mcs-ets", "mcs-eas")
+DROP_HIGH = ("mcs-wsr", "mcs-ews", "mcs-rwn", "mcs-ecc", "mcs-ets", "mcs-eas")  # docs/criteria.md
+PAIR_RULE = ("mcs-ecc", "mcs-ets")
 
 
 def score(name: str, num_experts: int, stats: dict | None = None, weights=None) -> np.ndarray:
@@ -33,6 +34,13 @@ def score(name: str, num_experts: int, stats: dict | None = None, weights=None) 
 def score_cli(*args: object) -> Result:
     """`moe-surgery score ARGS` through the top-level command."""
     return CliRunner().invoke(main, ["score", *map(str, args)])
+
+
+def keep_of_selector(crit, num_experts: int, num_keep: int, n_group: int | None = None, **inputs) -> list[int]:
+    """The kept set of a set selector (a criterion or its name) through make_plan."""
+    crit = CRITERIA[crit] if isinstance(crit, str) else crit
+    inp = LayerInput(0, num_experts, **inputs)
+    return make_plan({0: crit.ranker(inp, crit.layer_scores(inp))}, num_experts, 1, keep=num_keep, groups=n_group)[0]
 
 
 def keep_of(name: str, num_experts: int, num_keep: int, **inputs) -> list[int]:
@@ -59,7 +67,7 @@ def test_registered_with_one_line_formulas() -> None:
     assert list(SIGNALS) == MCS
     for name in MCS:
         crit = CRITERIA[name]
-        assert crit.select is None and crit.formula and "\n" not in crit.formula
+        assert (crit.select is not None) == (name in PAIR_RULE) and crit.formula and "\n" not in crit.formula
     lines = CliRunner().invoke(main, ["criteria"]).output.splitlines()
     listed = {line.split()[0] for line in lines}
     assert set(MCS) <= listed
@@ -72,7 +80,8 @@ def test_ewn() -> None:
 
 def test_wsr() -> None:
     # stable ranks: E0 (25/16, 2, 1), E1 (1, 2, zero matrix 0), E2 all 0
-    np.testing.assert_allclose(score("mcs-wsr", 3, weights=WEIGHTS), [(25 / 16 + 3) / 3, 1.0, 0.0])
+    # drop high (finding 4: dominant experts have lower stable rank), so the score is the negated signal
+    np.testing.assert_allclose(score("mcs-wsr", 3, weights=WEIGHTS), [-(25 / 16 + 3) / 3, -1.0, 0.0])
 
 
 def test_ews_drops_the_most_similar_by_default() -> None:
@@ -98,8 +107,21 @@ def test_euf() -> None:
     assert CRITERIA["mcs-euf"].needs == "stats"
 
 
-def test_ecc() -> None:
-    np.testing.assert_array_equal(score("mcs-ecc", 3, stats=STATS), [1 / 3, 1.0, -INF])
+# top-2 routing of 7 tokens: {0,1} x3, {0,2}, {2,3} x2, {1,3}: n = (4, 4, 3, 3)
+ECC_STATS = {"count": np.array([4.0, 4.0, 3.0, 3.0]),
+             "coselect": np.array([[4.0, 3, 1, 0], [3, 4, 0, 1], [1, 0, 3, 2], [0, 1, 2, 3]])}
+
+
+def test_ecc_pair_rule() -> None:
+    # high: pair (0,1) C=3, equal usage -> drop 1; then (2,3) C=2 -> drop 3; then (0,2) -> drop 2 (n 3 < 4)
+    np.testing.assert_array_equal(score("mcs-ecc", 4, stats=ECC_STATS), [3.0, 0.0, 2.0, 1.0])
+    assert keep_of_selector("mcs-ecc", 4, 2, stats=ECC_STATS) == [0, 2]
+    # low: pairs (0,3) and (1,2) have C=0, (0,3) first -> drop 3; then (1,2) -> drop 2; then (0,1) -> drop 1
+    low = oriented(CRITERIA["mcs-ecc"], "low")
+    np.testing.assert_array_equal(low.layer_scores(LayerInput(0, 4, stats=ECC_STATS)), [3.0, 2.0, 1.0, 0.0])
+    assert keep_of_selector(low, 4, 2, stats=ECC_STATS) == [0, 1]
+    # never routed first, whatever the direction
+    np.testing.assert_array_equal(score("mcs-ecc", 3, stats=STATS), [2.0, 1.0, 0.0])
 
 
 def test_ean_is_sum_of_channel_roots() -> None:
@@ -127,8 +149,8 @@ EAS_STATS = {
 
 
 def test_eas_drops_the_most_similar_by_default() -> None:
-    c = 1 / np.sqrt(2.0)
-    expected = [-c / 3, -c / 3, -2 * c / 3, -INF]
+    # Eqs. 10-11: sum_{q != p} <U_p/n_p, U_q/n_q>, means (1,0), (0,1), (1,1), none: not renormalised
+    expected = [-1.0, -1.0, -2.0, -INF]
     np.testing.assert_allclose(score("mcs-eas", 4, stats=EAS_STATS), expected)
     assert keep_of("mcs-eas", 4, 2, stats=EAS_STATS) == [0, 1]  # never routed first, then the most similar
 
@@ -147,7 +169,8 @@ class RouterOnly:
 
 
 def test_rwn_is_the_router_row_norm() -> None:
-    np.testing.assert_allclose(score("mcs-rwn", 3, weights=RouterOnly([[3, 4], [0, 0], [1, 0]])), [5.0, 0.0, 1.0])
+    # Max-RWN (Table 1): drop high, so the score is the negated norm
+    np.testing.assert_allclose(score("mcs-rwn", 3, weights=RouterOnly([[3, 4], [0, 0], [1, 0]])), [-5.0, 0.0, -1.0])
     assert CRITERIA["mcs-rwn"].needs == "weights"
     with pytest.raises(ValueError, match="router weights"):
         score("mcs-rwn", 3, weights=WEIGHTS)  # matrices without a router
@@ -163,7 +186,7 @@ def bit_sets(*id_sets: set[int], vocab: int = 44) -> np.ndarray:
 
 
 # expert 0 saw ids {0, 1, 33}, expert 1 {1}, expert 2 nothing, expert 3 {40}
-TOKENS = {"token_bits": bit_sets({0, 1, 33}, {1}, set(), {40})}
+TOKENS = {"token_bits": bit_sets({0, 1, 33}, {1}, set(), {40}), "count": np.array([3.0, 1.0, 0.0, 1.0])}
 
 
 def test_token_bits_layout() -> None:
@@ -176,12 +199,15 @@ def test_evtc_is_the_share_of_seen_token_ids() -> None:
     np.testing.assert_array_equal(score("mcs-evtc", 2, stats={"token_bits": bit_sets(set(), set())}), [0.0, 0.0])
 
 
-def test_ets_drops_the_most_similar_token_sets_by_default() -> None:
-    c = 1 / np.sqrt(3.0)  # |{1}| / sqrt(|{0, 1, 33}| |{1}|); disjoint sets have cosine 0
-    np.testing.assert_allclose(score("mcs-ets", 4, stats=TOKENS), [-c / 3, -c / 3, -INF, 0.0])
-    assert keep_of("mcs-ets", 4, 2, stats=TOKENS) == [0, 3]  # empty set first, then the most similar (tie: lower id)
-    low = oriented(CRITERIA["mcs-ets"], "low").layer_scores(LayerInput(0, 4, stats=TOKENS))
-    np.testing.assert_allclose(low, [c / 3, c / 3, -INF, 0.0])
+def test_ets_pair_rule_on_shared_token_ids() -> None:
+    # shared ids: only 0 and 1 share one ({1}); expert 2 never routed goes first
+    # high: pair (0,1) -> drop the less used 1; then (0,3) -> drop 3
+    np.testing.assert_array_equal(score("mcs-ets", 4, stats=TOKENS), [3.0, 1.0, 0.0, 2.0])
+    assert keep_of_selector("mcs-ets", 4, 2, stats=TOKENS) == [0, 3]
+    # low: pair (0,3) shares nothing, first -> drop 3; then (0,1) -> drop 1
+    low = oriented(CRITERIA["mcs-ets"], "low")
+    np.testing.assert_array_equal(low.layer_scores(LayerInput(0, 4, stats=TOKENS)), [3.0, 2.0, 0.0, 1.0])
+    assert keep_of_selector(low, 4, 2, stats=TOKENS) == [0, 1]
 
 
 def hist_of(*values: list[float]) -> np.ndarray:
@@ -235,9 +261,8 @@ def test_drop_flips_scores_and_keeps_undefined_last() -> None:
     np.testing.assert_allclose(flipped.layer_scores(inp), [-np.log(2.0), -INF, -INF], rtol=1e-9)
     np.testing.assert_allclose(oriented(CRITERIA["mcs-ean"], "high").layer_scores(inp),
                                [-(np.sqrt(20.0) + np.sqrt(2.0)), -1.0, 0.0])
-    c = 1 / np.sqrt(2.0)
     eas_low = oriented(CRITERIA["mcs-eas"], "low").layer_scores(LayerInput(0, 4, stats=EAS_STATS))
-    np.testing.assert_allclose(eas_low, [c / 3, c / 3, 2 * c / 3, -INF])
+    np.testing.assert_allclose(eas_low, [1.0, 1.0, 2.0, -INF])
     assert oriented(CRITERIA["mcs-eas"], "high") is CRITERIA["mcs-eas"]
     # any criterion flips, e.g. the family's frequency
     np.testing.assert_array_equal(oriented(CRITERIA["frequency"], "high").layer_scores(
@@ -331,7 +356,7 @@ def collected(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return src, out
 
 
-# Independent computations of three signals, straight from the file's tensors as docs/stats-format.md and
+# Independent computations of two signals, straight from the file's tensors as docs/stats-format.md and
 # README define them (nothing from surgery.criteria): the CLI must keep exactly the experts they keep.
 
 
@@ -347,21 +372,6 @@ def independent_evtc(tensors: dict[str, np.ndarray]) -> np.ndarray:
     """|T_i| / |union_j T_j|; drop low, so the score is the signal."""
     sets = independent_token_sets(tensors["token_bits"])
     return np.array([row.sum() for row in sets]) / np.logical_or.reduce(sets).sum()
-
-
-def independent_ets(tensors: dict[str, np.ndarray]) -> np.ndarray:
-    """-mean_{j != i} |T_i & T_j| / sqrt(|T_i| |T_j|); drop high, so the score is negated; empty T_i -> -inf."""
-    sets = independent_token_sets(tensors["token_bits"])
-    num = len(sets)
-    out = np.empty(num)
-    for i in range(num):
-        if not sets[i].any():
-            out[i] = -INF
-            continue
-        cos = [(sets[i] & sets[j]).sum() / np.sqrt(sets[i].sum() * sets[j].sum()) if sets[j].any() else 0.0
-               for j in range(num) if j != i]
-        out[i] = -np.mean(cos)
-    return out
 
 
 def independent_eao(tensors: dict[str, np.ndarray]) -> np.ndarray:
@@ -404,7 +414,7 @@ def independent_keep(scores: np.ndarray, num_keep: int) -> list[int]:
     return sorted(order[:num_keep])
 
 
-INDEPENDENT = {"mcs-evtc": independent_evtc, "mcs-ets": independent_ets, "mcs-eao": independent_eao}
+INDEPENDENT = {"mcs-evtc": independent_evtc, "mcs-eao": independent_eao}  # ETS, ECC, EAS: tests/test_criteria_paper.py
 
 
 @pytest.mark.parametrize("name", sorted(INDEPENDENT))
@@ -453,4 +463,4 @@ def test_rwn_reads_the_checkpoint_router(model_type: str, layout: str, tiny, tmp
     assert sorted(map(int, scores)) == sorted(blocks)
     for layer, block in blocks.items():
         router = getattr(block, ROUTER_ATTR.get(model_type, "gate")).weight.detach().double().numpy()
-        np.testing.assert_allclose(scores[str(layer)], np.linalg.norm(router, axis=1), rtol=1e-6)
+        np.testing.assert_allclose(scores[str(layer)], -np.linalg.norm(router, axis=1), rtol=1e-6)  # Max-RWN

@@ -39,7 +39,9 @@ class Criterion:
 
     `score` ranks experts; `select`, when present, picks the kept set directly for a keep count
     (set objectives such as `recon` are not a sum of per-expert scores). `score` is None only for
-    `auto`, which works on the whole statistics file (see surgery.criteria.auto).
+    `auto`, which works on the whole statistics file (see surgery.criteria.auto). `directed`, when
+    present, builds the criterion for the other drop direction (set selectors with a direction, such as
+    MC-Suite's pair rule for ECC and ETS: `--drop low` picks the lowest pair instead of the highest).
     """
 
     name: str
@@ -48,6 +50,7 @@ class Criterion:
     score: Callable[[LayerInput], np.ndarray] | None
     select: Callable[[LayerInput, int, int | None], list[int]] | None = None
     drop: str = "low"  # the direction the criterion drops by default (the paper's best, see `moe-surgery criteria`)
+    directed: Callable[[str], Criterion] | None = None  # drop direction -> the criterion dropping that way
 
     def __post_init__(self) -> None:
         if self.needs not in NEEDS:
@@ -141,12 +144,15 @@ DROPS = ("low", "high")
 def oriented(crit: Criterion, drop: str | None) -> Criterion:
     """The criterion dropping `drop` ("low" / "high" of its signal); None or the default leaves it unchanged.
 
-    Set selectors (recon) and auto choose whole sets, which have no opposite direction: a PlanError.
+    Set selectors with a direction (`directed`: ECC and ETS's pair rule) are rebuilt for it; other set
+    selectors (recon) and auto choose whole sets, which have no opposite direction: a PlanError.
     """
     if drop is None:
         return crit
     if drop not in DROPS:
         raise PlanError(f"--drop must be one of {DROPS}, not {drop!r}")
+    if crit.directed is not None:
+        return crit if drop == crit.drop else crit.directed(drop)
     if crit.select is not None or crit.score is None:
         raise PlanError(f"--drop does not apply to {crit.name}: it selects whole expert sets, not a score order")
     if drop == crit.drop:

@@ -9,8 +9,8 @@ criterion below is the paper's formula applied to that: with one sequence it is 
 - EGE: 1/2 sum_j log v_ij, v_ij the variance of the entries of hidden dimension j pooled over sequences;
 - EGO: entries beyond mean +- 3 std of each G_{s,i}, counted per sequence and summed;
 - EGN: sqrt(K^g_ii), the root of the summed squared per-sequence gradient norms.
-Directions follow surgery.criteria.mcsuite: EGS drops the most similar ("high"), the others the
-smallest ("low"); the paper's best gradient criterion is Min-EGE.
+Directions: EGE drops the smallest ("low": Min-EGE, the paper's best gradient criterion, Table 1); the
+paper states no best for the others: EGS drops the most similar ("high", as EAS), EGO and EGN the smallest.
 """
 
 from __future__ import annotations
@@ -74,12 +74,14 @@ def ego(layer: Layer) -> np.ndarray:
 # name: (signal, default drop, formula)
 SIGNALS = {
     "mcs-egs": (egs, "high", ("-mean_{j!=i} K^g_ij / sqrt(K^g_ii K^g_jj), K^g_ij = sum_s <G_si, G_sj> per-sequence gradient "
-                              "Gram  [EGS; drop high = most redundant; no gradient -> -inf; collect --gradients]")),
+                              "Gram  [EGS Eq. 14; drop high = most redundant: ours, the paper states no best; no gradient -> -inf; "
+                              "collect --gradients]")),
     "mcs-ege": (ege, "low", ("1/2 sum_j log v_ij, v_ij = variance of G_si's entries in hidden dim j pooled over sequences s  "
-                             "[EGE; drop low: paper's best gradient criterion; v=0 -> -inf; collect --gradients]")),
-    "mcs-ego": (ego, "low", "sum_s #entries of G_si outside mean +- 3 std of G_si  [EGO; drop low; collect --gradients]"),
+                             "[EGE Eq. 15; drop low: Min-EGE, Table 1 and Fig. 14; v=0 -> -inf; collect --gradients]")),
+    "mcs-ego": (ego, "low", ("sum_s #entries of G_si outside mean +- 3 std of G_si  [EGO Sec. 2.5 3; drop low: ours, the paper states "
+                            "no best; collect --gradients]")),
     "mcs-egn": (egn, "low", ("sqrt(sum_s ||G_si||^2), G_si = d(loss of sequence s)/d(expert i's gate, up, down)  "
-                             "[EGN; drop low; collect --gradients]")),
+                             "[EGN Eq. 16; drop low: ours, the paper states no best; collect --gradients]")),
 }
 
 

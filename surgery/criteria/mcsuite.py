@@ -1,18 +1,20 @@
 """MC-Suite signals (arXiv 2504.05586) computable from the weights or the schema-v1 statistics.
 
-Every signal has a default pruning direction: "low" drops the experts with the smallest signal (the
-criterion's score is the signal), "high" drops the largest (the score is the negated signal), so the
-registry keeps its convention higher score = keep. The paper's best are Min-EAN and Min-EGE; the
-similarity signals (EWS, ETS, EAS) drop the most redundant experts, i.e. the highest. `oriented` flips
-any criterion to the other direction (`--drop`). Undefined signals score -inf in both directions.
+Every signal has a default pruning direction, the paper's where it states one (Table 1, the findings of
+Sec. 3.1, the captions of Figs. 8-14; docs/criteria.md lists the source of each): "low" drops the experts
+with the smallest signal (the criterion's score is the signal), "high" drops the largest (the score is the
+negated signal), so the registry keeps its convention higher score = keep. `oriented` flips any criterion
+to the other direction (`--drop`). Undefined signals score -inf in both directions.
 
-ETS is named but not defined in the texts we could read; we take it as Expert Token Similarity, the
-routing family's counterpart of EWS / EAS / EGS (weight, activation, gradient similarity): the cosine
-between experts' sets of routed token ids, from the same bit sets as EVTC.
+ECC and ETS are pair rules (Sec. 2.3 2 and 4): from a matrix over expert pairs (co-selection counts,
+shared token ids) the pair with the highest (drop "high") or lowest (drop "low") entry is found and its
+less-used member (fewer routed tokens) dropped, removed from the matrix, and so on until the keep count
+is reached. They are set selectors (`select`); their scores record the elimination order.
 """
 
 from __future__ import annotations
 
+from functools import partial
 
 import numpy as np
 
@@ -20,7 +22,10 @@ from stats_formats import StatsError
 from stats_formats.schema import HIST_HALF, HIST_LOG2_RANGE, HIST_STEPS
 
 from surgery.errors import PlanError
-from surgery.criteria.base import Criterion, ExpertWeights, Layer, lowest_where, oriented_score, unbiased_variance
+from surgery.criteria.base import (
+    Criterion, ExpertWeights, Layer, LayerInput, lowest_where, oriented_score, unbiased_variance,
+)
+from surgery.criteria.reconstruction import _block_of, _blocks
 from surgery.criteria.weights import MATRICES, WEIGHT_NORM_FORMULA, flattened, weight_norm
 
 OUTLIER_SIGMAS = 3.0
@@ -80,12 +85,9 @@ def euf(layer: Layer) -> np.ndarray:
     return n / tokens if tokens > 0 else np.zeros_like(n)
 
 
-def ecc(layer: Layer) -> np.ndarray:
-    """Co-selection sum_{j != i} C_ij / n_i; never-routed experts score -inf."""
-    c = np.asarray(layer["coselect"], dtype=np.float64)
-    n = _count(layer)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return lowest_where((c.sum(axis=1) - np.diag(c)) / n, n == 0)
+def coselect_matrix(layer: Layer) -> np.ndarray:
+    """ECC's collaboration matrix (Eq. 8): C_pq = tokens whose top-k holds both p and q."""
+    return np.asarray(layer["coselect"], dtype=np.float64)
 
 
 _PRODUCED_BY = {"out_hist": "moe-surgery collect MODEL -d DATA --histogram"}
@@ -113,10 +115,10 @@ def evtc(layer: Layer) -> np.ndarray:
     return sets.sum(axis=1) / seen if seen else np.zeros(sets.shape[0])
 
 
-def ets(layer: Layer) -> np.ndarray:
-    """Token similarity: mean cosine |T_i & T_j| / sqrt(|T_i| |T_j|) to every other expert's token-id set."""
-    sets = _token_sets(layer)
-    return lowest_where(_mean_cosine_to_others(sets.astype(np.float64)), ~sets.any(axis=1))
+def shared_tokens_matrix(layer: Layer) -> np.ndarray:
+    """ETS's token similarity matrix (Sec. 2.3 4): |T_p & T_q|, the token ids routed to both p and q."""
+    sets = _token_sets(layer).astype(np.float64)
+    return sets @ sets.T
 
 
 def ean(layer: Layer) -> np.ndarray:
@@ -135,11 +137,13 @@ def eae(layer: Layer) -> np.ndarray:
 
 
 def eas(layer: Layer) -> np.ndarray:
-    """Activation similarity: mean cosine between U_i / n_i and every other expert's; never routed -> -inf."""
+    """Activation similarity (Eqs. 10-11): sum_{q != p} <U_p / n_p, U_q / n_q>, the mean cosine over all pairs of
+    p's and q's routed outputs (U = sum r f / ||f||); an expert never routed counts 0 for the others and scores -inf."""
     n = _count(layer)
     u = np.asarray(layer["out_unit_sum"], dtype=np.float64)
-    direction = np.divide(u, n[:, None], out=np.zeros_like(u), where=n[:, None] > 0)
-    return lowest_where(_mean_cosine_to_others(direction), n == 0)
+    mean_unit = np.divide(u, n[:, None], out=np.zeros_like(u), where=n[:, None] > 0)
+    sim = mean_unit @ mean_unit.T
+    return lowest_where(sim.sum(axis=1) - np.diag(sim), n == 0)
 
 
 def _grid(values: np.ndarray) -> np.ndarray:
@@ -182,34 +186,125 @@ def eao(layer: Layer) -> np.ndarray:
     return lowest_where(np.where(sigma > 0, count, 0.0), n == 0)
 
 
-# name: (signal, what it reads, default drop, formula)
+# the pair rule of ECC and ETS
+
+
+def pair_rule_drops(matrix: np.ndarray, usage: np.ndarray, drop: str, num_drop: int,
+                    n_group: int | None = None) -> list[int]:
+    """Experts in the order MC-Suite's pair rule drops them (Sec. 2.3, ECC and ETS).
+
+    Each step takes, among the pairs p < q of experts still present, the one with the highest (drop "high")
+    or lowest (drop "low") matrix entry, the first such pair in (p, q) order on ties, and drops its less-used
+    member (smaller usage n; on equal usage the higher id); the dropped expert leaves the matrix. Experts
+    never routed (usage 0) are dropped first, highest id first (the paper leaves them undefined). With
+    n_group > 1 every contiguous block of E / n_group experts drops the same number: a pair whose less-used
+    member's block has dropped its share is skipped.
+    """
+    num = len(usage)
+    blocks = _blocks(num, n_group)
+    if num_drop < 0 or num_drop > num or num_drop % len(blocks):
+        raise ValueError(f"cannot drop {num_drop} of {num} experts in {len(blocks)} equal groups")
+    block_of = _block_of(num, blocks)
+    left = np.full(len(blocks), num_drop // len(blocks))
+    present = np.ones(num, dtype=bool)
+    order: list[int] = []
+
+    def take(i: int) -> None:
+        order.append(i)
+        present[i] = False
+        left[block_of[i]] -= 1
+
+    for i in sorted(np.flatnonzero(usage == 0).tolist(), reverse=True):
+        if left[block_of[i]] > 0:
+            take(int(i))
+    ids = np.arange(num)
+    loser = np.where(usage[None, :] <= usage[:, None], ids[None, :], ids[:, None])  # for p < q: q unless n_p < n_q
+    upper = np.triu(np.ones((num, num), dtype=bool), k=1)
+    key = matrix if drop == "high" else -matrix
+    while len(order) < num_drop:
+        eligible = upper & present[:, None] & present[None, :] & (left[block_of[loser]] > 0)
+        flat = int(np.argmax(np.where(eligible, key, -np.inf)))  # first maximum in row-major (p, q) order
+        p, q = divmod(flat, num)
+        take(int(loser[p, q]))
+    return order
+
+
+def _pair_inputs(matrix_of, inp: LayerInput) -> tuple[np.ndarray, np.ndarray]:
+    if inp.stats is None:
+        raise ValueError("this criterion needs a statistics file")
+    return matrix_of(inp.stats), _count(inp.stats)
+
+
+def pair_select(matrix_of, drop: str, inp: LayerInput, num_keep: int, n_group: int | None = None) -> list[int]:
+    """The kept experts of the pair rule for a keep count."""
+    matrix, usage = _pair_inputs(matrix_of, inp)
+    dropped = pair_rule_drops(matrix, usage, drop, inp.num_experts - num_keep, n_group)
+    return sorted(set(range(inp.num_experts)) - set(dropped))
+
+
+def pair_scores(matrix_of, drop: str, inp: LayerInput) -> np.ndarray:
+    """The pair rule's elimination order over all experts (no groups): the first dropped scores 0, the last kept E - 1."""
+    matrix, usage = _pair_inputs(matrix_of, inp)
+    order = pair_rule_drops(matrix, usage, drop, max(inp.num_experts - 1, 0))
+    scores = np.full(inp.num_experts, float(len(order)))
+    scores[order] = np.arange(len(order), dtype=np.float64)
+    return scores
+
+
+# name: (signal, what it reads, default drop, formula); "pairs" = a pair matrix for the pair rule. The bracket
+# names the default direction's source in the paper (docs/criteria.md); "ours" where the paper states none.
 SIGNALS = {
-    "mcs-ewn": (weight_norm, "weights", "low", f"{WEIGHT_NORM_FORMULA}  [MC-Suite EWN; drop low]"),
-    "mcs-wsr": (wsr, "weights", "low",
-                "mean over gate, up, down of ||W||_F^2 / ||W||_2^2  [stable rank WSR; drop low]"),
+    "mcs-ewn": (weight_norm, "weights", "low",
+                f"{WEIGHT_NORM_FORMULA}  [MC-Suite EWN Eq. 6; drop low: ours, the paper states no best]"),
+    "mcs-wsr": (wsr, "weights", "high",
+                "mean over gate, up, down of ||W||_F^2 / ||W||_2^2  [stable rank WSR Eq. 5; drop high: finding 4 of "
+                "Sec. 3.1, dominant experts have lower stable rank]"),
     "mcs-ews": (ews, "weights", "high",
-                "-mean_{j!=i} cos(w_i, w_j), w = flat gate|up|down  [EWS similarity; drop high = most redundant]"),
-    "mcs-rwn": (rwn, "router", "low", "||W_router[i, :]||_2, the expert's router row  [MC-Suite RWN; drop low]"),
-    "mcs-euf": (euf, "stats", "low", "n_i / N  [EUF; drop low]"),
-    "mcs-ecc": (ecc, "stats", "low", "sum_{j!=i} C_ij / n_i  [ECC co-selection; drop low; n_i=0 -> -inf]"),
+                "-mean_{j!=i} cos(w_i, w_j), w = flat gate|up|down (the paper's sum, divided by E-1)  [EWS Eq. 3; "
+                "drop high = most redundant: ours, the paper states no best]"),
+    "mcs-rwn": (rwn, "router", "high",
+                "||W_router[i, :]||_2, the expert's router row  [MC-Suite RWN Eq. 4; drop high: Max-RWN, Table 1]"),
+    "mcs-euf": (euf, "stats", "low", "n_i / N  [EUF Eq. 7; drop low: Fig. 9]"),
+    "mcs-ecc": (coselect_matrix, "pairs", "high",
+                "pair rule on C_pq = sum_t r_p r_q: drop the less-used (smaller n) of the pair with the highest C "
+                "among remaining experts, repeat; score = elimination order; n=0 first  [ECC Eq. 8; drop high: "
+                "Fig. 10; --drop low = lowest pair]"),
     "mcs-evtc": (evtc, "stats", "low",
-                 "|T_i| / |union_j T_j|, T_i = token ids routed to i at least once  [EVTC vocabulary coverage; drop low]"),
-    "mcs-ets": (ets, "stats", "high",
-                "-mean_{j!=i} |T_i & T_j| / sqrt(|T_i| |T_j|), cosine of token-id sets  [ETS token similarity "
-                "(our reading); drop high = most redundant; T_i empty -> -inf]"),
+                 "|T_i| / |union_j T_j|, T_i = token ids routed to i at least once  [EVTC Eq. 9 (over ids seen, "
+                 "not |V|: same order); drop low: Fig. 8, finding 3]"),
+    "mcs-ets": (shared_tokens_matrix, "pairs", "high",
+                "pair rule on |T_p & T_q|, T = distinct token ids routed to the expert: drop the less-used (smaller "
+                "n) of the pair sharing the most ids, repeat; score = elimination order; n=0 first  [ETS Sec. 2.3 "
+                "4; drop high: Max-ETS, Table 1; --drop low = lowest pair]"),
     "mcs-ean": (ean, "stats", "low",
-                "sum_c sqrt(Q_ic)  [MC-Suite EAN, not REAP's ean; drop low: paper's best Min-EAN]"),
+                "sum_c sqrt(Q_ic)  [MC-Suite EAN Eq. 13, not REAP's ean; drop low: Min-EAN, Table 1]"),
     "mcs-eae": (eae, "stats", "low",
-                "1/2 sum_c log(v_ic + 1e-12), v_ic = (Q_ic - S_ic^2/n_i)/(n_i - 1)  [EAE; drop low; n_i<=1 -> -inf]"),
+                "1/2 sum_c log(v_ic + 1e-12), v_ic = (Q_ic - S_ic^2/n_i)/(n_i - 1)  [EAE Eq. 12; drop low: Fig. 13; "
+                "n_i<=1 -> -inf]"),
     "mcs-eas": (eas, "stats", "high",
-                "-mean_{j!=i} cos(U_i/n_i, U_j/n_j)  [EAS similarity; drop high = most redundant; n_i=0 -> -inf]"),
+                "-sum_{j!=i} <U_i/n_i, U_j/n_j>, U = sum r f/||f|| (mean pairwise cosine of routed outputs)  [EAS "
+                "Eqs. 10-11; drop high: Fig. 12; n_i=0 -> -inf]"),
     "mcs-eao": (eao, "stats", "low",
                 "#{routed f_ic outside mu_i +- 3 sigma_i}, mu, sigma over all n_i*H values; estimated from out_hist "
-                "(eighth-octave bins, slope-corrected; ~0.3%/layer, ~3%/expert off)  [EAO outliers; drop low; n_i=0 -> -inf]"),
+                "(eighth-octave bins, slope-corrected; ~0.3%/layer, ~3%/expert off)  [EAO Sec. 2.4 3; drop low: "
+                "ours, the paper states no best; n_i=0 -> -inf]"),
 }
+
+
+def _pair_criterion(name: str, matrix_of, drop: str, formula: str) -> Criterion:
+    """A pair-rule criterion dropping `drop`; `--drop` rebuilds it for the other direction (`directed`)."""
+    return Criterion(name, formula, "stats", partial(pair_scores, matrix_of, drop),
+                     select=partial(pair_select, matrix_of, drop), drop=drop,
+                     directed=partial(_pair_criterion, name, matrix_of, formula=formula))
 
 
 def mcsuite_criteria() -> list[Criterion]:
     """The router is read with the experts' weights (--model), so router signals need "weights"."""
-    return [Criterion(name, formula, "weights" if reads == "router" else reads, oriented_score(fn, reads, drop), drop=drop)
-            for name, (fn, reads, drop, formula) in SIGNALS.items()]
+    out = []
+    for name, (fn, reads, drop, formula) in SIGNALS.items():
+        if reads == "pairs":
+            out.append(_pair_criterion(name, fn, drop, formula))
+        else:
+            needs = "weights" if reads == "router" else reads
+            out.append(Criterion(name, formula, needs, oriented_score(fn, reads, drop), drop=drop))
+    return out
