@@ -34,7 +34,7 @@ from surgery.io import Checkpoint
 from surgery.model.blocks import MoEBlock, find_blocks
 from surgery.collect.hooks import SelfCheckError
 from surgery.collect.progressive import RouterMask
-from surgery.model.streaming import HiddenStore, _load_frame, _load_params, _record_calls
+from surgery.model.streaming import HiddenStore, load_frame, load_params, record_calls
 
 OUTLIER_SIGMAS = 3.0  # MC-Suite's c
 
@@ -140,7 +140,7 @@ def stream_gradients(model_dir: str, config, layout: MoELayout, batches: list[to
     model.eval().requires_grad_(False)
     RouterMask(model, layout.spec, masked)  # the streamed model is discarded afterwards: nothing to restore
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    base, layers, prefix, text_config = _load_frame(model, config, ckpt, layout, device, dtype)
+    base, layers, prefix, text_config = load_frame(model, config, ckpt, layout, device, dtype)
     _load_head(model, ckpt, layout, device, dtype, tied)
     blocks = {b.layer: b for b in find_blocks(model, layout.spec)}
     sums = {layer: GradientSums(expert_matrices(b.experts, layout.spec), device) for layer, b in blocks.items()}
@@ -151,13 +151,13 @@ def stream_gradients(model_dir: str, config, layout: MoELayout, batches: list[to
         return HiddenStore(hidden_states, torch.device(device), size, spill_dir or Path(tempfile.gettempdir()))
 
     def load(i: int) -> None:
-        _load_params(layers[i], f"{prefix}.layers.{i}", ckpt, layout, i, device, dtype)
+        load_params(layers[i], f"{prefix}.layers.{i}", ckpt, layout, i, device, dtype)
 
     first = min(blocks)
     bar = tqdm(total=(2 * len(layers) - first) * len(sequences), desc="Gradients (layers × sequences)",
                disable=not progress)
     inputs = store()
-    calls = _record_calls(base, layers, sequences, inputs, device)
+    calls = record_calls(base, layers, sequences, inputs, device)
     kept, final = _forward_sweep(layers, calls, inputs, first, load, store, bar)
     upstream = _top_gradients(model, layers, sequences, final, store(), device)
     final.close()
@@ -206,7 +206,7 @@ def _load_head(model: torch.nn.Module, ckpt: Checkpoint, layout: MoELayout, devi
         head.weight = model.get_input_embeddings().weight
         return
     name = next(n for n, m in model.named_modules() if m is head)
-    _load_params(head, name, ckpt, layout, None, device, dtype)
+    load_params(head, name, ckpt, layout, None, device, dtype)
 
 
 def _top_gradients(model: torch.nn.Module, layers: torch.nn.ModuleList, sequences: list[torch.Tensor],

@@ -80,9 +80,9 @@ def free_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     if device.type == "cpu":
-        from surgery.model.streaming import _available_ram
+        from surgery.model.streaming import available_ram
 
-        return _available_ram()
+        return available_ram()
     return None
 
 

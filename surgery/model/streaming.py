@@ -76,7 +76,7 @@ class HiddenStore:
         self.items = []
 
 
-def _available_ram() -> int:
+def available_ram() -> int:
     """MemAvailable on Linux (it counts reclaimable cache); free pages elsewhere."""
     meminfo = Path("/proc/meminfo")
     if meminfo.is_file():
@@ -91,12 +91,12 @@ def _choose(where: str, device: torch.device, total_bytes: int) -> str:
         return where
     if device.type == "cuda" and total_bytes < 0.3 * torch.cuda.mem_get_info(device)[0]:
         return "gpu"
-    if total_bytes < 0.5 * _available_ram():
+    if total_bytes < 0.5 * available_ram():
         return "cpu"
     return "disk"
 
 
-def _decoder_layers(base: torch.nn.Module) -> torch.nn.ModuleList:
+def decoder_layers(base: torch.nn.Module) -> torch.nn.ModuleList:
     layers = getattr(base, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise StreamingError(f"{type(base).__name__} has no `layers` list to stream")
@@ -118,7 +118,7 @@ def reader_for(device) -> WeightReader:
     return _READERS[key]
 
 
-def _load_params(module: torch.nn.Module, prefix: str, ckpt: Checkpoint, layout: MoELayout, layer: int | None,
+def load_params(module: torch.nn.Module, prefix: str, ckpt: Checkpoint, layout: MoELayout, layer: int | None,
                  device, dtype) -> None:
     """Fill every parameter and persistent buffer of `module` from disk, straight onto `device`
     (fused experts assembled from per-expert tensors in place; surgery.model.weights).
@@ -137,26 +137,26 @@ def _rebuild_meta_buffers(model: torch.nn.Module, config) -> None:
                 setattr(parent, attr, type(module)(config=config))
 
 
-def _load_frame(model: torch.nn.Module, config, ckpt: Checkpoint, layout: MoELayout, device, dtype):
+def load_frame(model: torch.nn.Module, config, ckpt: Checkpoint, layout: MoELayout, device, dtype):
     """Load everything of a meta model's decoder but its layers (embeddings, final norm, rotary buffers).
 
     Returns (decoder, its layers, the decoder's module name, the text config).
     """
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    layers = _decoder_layers(base)
+    layers = decoder_layers(base)
     base_prefix = next(n for n, m in model.named_modules() if m is base)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     _rebuild_meta_buffers(model, text_config)
     for name, child in base.named_children():
         if child is not layers and any(True for _ in child.parameters()):
-            _load_params(child, f"{base_prefix}.{name}", ckpt, layout, None, device, dtype)
+            load_params(child, f"{base_prefix}.{name}", ckpt, layout, None, device, dtype)
     for name, buf in base.named_buffers():
         if buf.is_meta and not name.startswith("layers."):  # decoder layers are loaded one at a time later
             raise StreamingError(f"buffer {name} of {type(base).__name__} cannot be rebuilt for --stream-layers")
     return base, layers, base_prefix, text_config
 
 
-def _record_calls(base: torch.nn.Module, layers: torch.nn.ModuleList, batches: list[torch.Tensor],
+def record_calls(base: torch.nn.Module, layers: torch.nn.ModuleList, batches: list[torch.Tensor],
                   store: HiddenStore, device) -> list[list[dict]]:
     """One cheap pass with identity layers: each layer's call arguments per batch, and layer 0's inputs into `store`."""
     calls: list[list[dict]] = [[] for _ in layers]
@@ -208,14 +208,14 @@ def stream_forward(model_dir: str, config, layout: MoELayout, batches: list[torc
     model.eval()
     if on_model:
         on_model(model)
-    base, layers, base_prefix, text_config = _load_frame(model, config, ckpt, layout, device, dtype)
+    base, layers, base_prefix, text_config = load_frame(model, config, ckpt, layout, device, dtype)
     if on_loaded:
         on_loaded()
     hidden = text_config.hidden_size
     elem = torch.empty((), dtype=dtype).element_size()
     store = HiddenStore(hidden_states, torch.device(device), sum(b.numel() for b in batches) * hidden * elem,
                         spill_dir or Path(tempfile.gettempdir()))
-    calls = _record_calls(base, layers, batches, store, device)
+    calls = record_calls(base, layers, batches, store, device)
     prefetcher = LayerPrefetcher(layers, base_prefix, ckpt, layout, device) if prefetch else None
 
     bar = tqdm(total=len(layers) * len(batches), desc="Layers × batches", disable=not progress)
@@ -224,7 +224,7 @@ def stream_forward(model_dir: str, config, layout: MoELayout, batches: list[torc
             if prefetcher is not None:
                 prefetcher.ready(i)  # and layer i + 1 starts loading
             else:
-                _load_params(layer, f"{base_prefix}.layers.{i}", ckpt, layout, i, device, dtype)
+                load_params(layer, f"{base_prefix}.layers.{i}", ckpt, layout, i, device, dtype)
             with torch.no_grad():
                 for b, call in enumerate(calls[i]):
                     if before_batch:

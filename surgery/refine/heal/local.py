@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from surgery.model.blocks import find_blocks
-from surgery.model.streaming import HiddenStore, LayerPrefetcher, _decoder_layers, _load_frame, _record_calls
+from surgery.model.streaming import HiddenStore, LayerPrefetcher, decoder_layers, load_frame, record_calls
 from surgery.refine.heal.pairing import Pairing
 
 
@@ -163,17 +163,17 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
     generator = torch.Generator().manual_seed(seed)
     teacher, t_config = _meta_model(pairing.teacher.dir, dtype)
     student, _ = _meta_model(pairing.student.dir, dtype)
-    t_base, t_layers, prefix, text_config = _load_frame(teacher, t_config, pairing.teacher, pairing.teacher_layout,
+    t_base, t_layers, prefix, text_config = load_frame(teacher, t_config, pairing.teacher, pairing.teacher_layout,
                                                         device, dtype)
     s_base = student.get_decoder() if hasattr(student, "get_decoder") else student.model
-    s_layers = _decoder_layers(s_base)
+    s_layers = decoder_layers(s_base)
     t_blocks = {b.layer: teacher.get_submodule(b.name) for b in find_blocks(teacher, spec)}
     s_blocks = {b.layer: (b.name, student.get_submodule(b.name)) for b in find_blocks(student, spec)}
 
     total = sum(b.numel() for b in batches) * text_config.hidden_size * torch.empty((), dtype=dtype).element_size()
     t_store = HiddenStore("auto", device, total, Path(tempfile.gettempdir()))
     s_store = HiddenStore(t_store.where, device, total, Path(tempfile.gettempdir()))
-    calls = _record_calls(t_base, t_layers, batches, t_store, device)
+    calls = record_calls(t_base, t_layers, batches, t_store, device)
     for b in range(len(t_store.items)):
         s_store.put(b, t_store.get(b))  # pruning leaves the embeddings alone
     result = LocalResult()
