@@ -250,3 +250,14 @@ def test_family_names_are_checked(bad: str) -> None:
 
     with pytest.raises(PlanError, match="family:M,A,B"):
         get_criterion(bad)
+
+
+def test_family_names_from_the_command_line(collect_tiny, tmp_path: Path) -> None:
+    """`score --criterion family:1,1,1` is accepted at parse time and keeps what `reap` keeps."""
+    stats, raw, _ = collect_tiny("qwen3_moe")
+    family = plan_of(stats, "family:1,1,1", 6, tmp_path)
+    reap = plan_of(stats, "reap", 6, tmp_path)
+    assert family["criterion"] == "family:1,1,1" and family["keep"] == reap["keep"]
+    bad = CliRunner().invoke(main, ["score", str(stats), "--criterion", "family:1,3,1", "--keep", "6",
+                                    "-o", str(tmp_path / "bad.json")])
+    assert bad.exit_code == 2 and "family:M,A,B" in bad.output and not (tmp_path / "bad.json").exists()

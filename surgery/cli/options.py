@@ -44,16 +44,16 @@ class DeviceType(click.ParamType):
 
 
 class CriterionType(click.ParamType):
-    """A name from the criteria registry (surgery.criteria.CRITERIA), read when a value is parsed."""
+    """A name from the criteria registry (surgery.criteria.CRITERIA) or `family:M,A,B`, read when a value is parsed."""
 
     name = "criterion"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from surgery.criteria import CRITERIA
+        from surgery.criteria import CRITERIA, is_criterion
 
-        if value in CRITERIA:
+        if is_criterion(value):
             return value
-        self.fail(f"unknown criterion {value!r}; choose from {', '.join(CRITERIA)}", param, ctx)
+        self.fail(f"unknown criterion {value!r}; choose from {', '.join(CRITERIA)}, or family:M,A,B", param, ctx)
 
 
 DEVICE = DeviceType()

@@ -108,10 +108,10 @@ def _check_request(scoring: ScoreOptions, plan_path: Path | None) -> None:
     if (plan_path is None) == (scoring.criterion is None):
         raise UserError("give either --plan PLAN.json or --criterion NAME (with --stats and --ratio/--keep)")
     if scoring.drop is not None and scoring.criterion is not None:
-        from surgery.criteria import CRITERIA, oriented
+        from surgery.criteria import get_criterion, is_criterion, oriented
 
-        if scoring.criterion in CRITERIA:
-            oriented(CRITERIA[scoring.criterion], scoring.drop)  # refuses recon and auto before any collecting
+        if is_criterion(scoring.criterion):
+            oriented(get_criterion(scoring.criterion), scoring.drop)  # refuses recon and auto before any collecting
 
 
 def _check_sources(scoring: ScoreOptions, plan_path: Path | None, stats_path: Path | None, rounds: RoundsOptions,

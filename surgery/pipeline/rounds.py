@@ -293,13 +293,11 @@ def prune_in_rounds(model_dir: Path, out_dir: Path, *, data: list[str], rounds: 
                     **rewrite_kw) -> tuple[RoundsResult, dict | None]:
     """`prune -d DATA [--rounds N] [--progressive]`: checks the options, runs the rounds, returns
     the result and the first round's calibration record (None when nothing was collected)."""
-    from surgery.criteria import CRITERIA
+    from surgery.criteria import get_criterion
     from surgery.criteria.gradients import SIGNALS as GRADIENT_SIGNALS
     from surgery.plan.select import keep_count
 
-    crit = CRITERIA.get(criterion)
-    if crit is None:
-        raise PlanError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+    crit = get_criterion(criterion)
     if crit.needs == "stats" and not data:
         raise PlanError(f"--rounds with criterion {criterion} needs calibration text: pass -d DATA")
     if novices and not data:

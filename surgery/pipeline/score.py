@@ -18,7 +18,7 @@ from stats_formats import FIELDS, StatsFile
 
 from surgery.architectures import spec_for
 from surgery.criteria import AUTO, CRITERIA, Criterion, ExpertWeights, LayerInput, auto_candidates, holdout_grams, run_auto
-from surgery.criteria import oriented
+from surgery.criteria import get_criterion, oriented
 from surgery.errors import PlanError
 from surgery.io import Checkpoint
 from surgery.io.expert_weights import expert_matrices
@@ -136,9 +136,9 @@ def build_plan(crit: Criterion, src: Source, options: ScoreOptions) -> Plan:
 
 def criterion(name: str | None) -> Criterion:
     """The registered criterion called `name` (the CLI validates names as it parses; this guards the API)."""
-    if name not in CRITERIA:
-        raise PlanError(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA)}")
-    return CRITERIA[name]
+    if name is None:
+        raise PlanError(f"no criterion given; choose from {', '.join(CRITERIA)}, or family:M,A,B")
+    return get_criterion(name)
 
 
 def score_plan(model_dir: Path, stats_path: Path | None, options: ScoreOptions) -> Plan:
