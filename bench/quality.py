@@ -47,8 +47,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         for ratio in args.ratios:
             for name in args.criteria:
                 t0 = time.perf_counter()
-                plan = score_plan(Path(args.model), Path(args.stats), ScoreOptions(name, ratio=ratio, seed=args.seed))
-                out = work / f"{name}-{ratio}"
+                crit, _, drop = name.partition("@")  # NAME@low / NAME@high: the other drop direction
+                plan = score_plan(Path(args.model), Path(args.stats),
+                                  ScoreOptions(crit, ratio=ratio, seed=args.seed, drop=drop or None))
+                out = work / f"{name.replace(':', '_')}-{ratio}"
                 rewrite_checkpoint(args.model, plan, out)
                 model = load_model(out, device=args.device, dtype=torch.float32)
                 r = evaluate(model, tokenizer, eval_files, reference=reference, **kw)
@@ -97,7 +99,7 @@ def main() -> None:
     ap.add_argument("--stats", required=True)
     ap.add_argument("--eval", required=True, help="Folder of eval .jsonl files (or one file).")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
-    ap.add_argument("--criteria", nargs="+", default=list(CRITERIA))
+    ap.add_argument("--criteria", nargs="+", help="Criterion names; NAME@low or NAME@high sets the drop direction", default=list(CRITERIA))
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=16384, help="Tokens per eval file.")
     ap.add_argument("--batch-size", type=int, default=8)
