@@ -19,6 +19,7 @@ from surgery.model.data import build_sequences, cap_seq_len
 from surgery.errors import UserError
 from surgery.io.identity import config_sha256, router_sha256
 from surgery.io import Checkpoint
+from surgery.io.quantization import scheme_for
 from surgery.model.load import load_model
 from surgery.model.novices import is_novice_checkpoint
 from surgery.collect.options import CollectOptions, default_holdout
@@ -137,6 +138,7 @@ class _Setup:
     rank: int
     world: int
     owned: bool  # this call set up the process group, so it tears it down
+    quantization: dict | None = None  # the source's scheme (surgery.io.quantization), None when unquantized
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,11 @@ def _setup(model_dir: str, options: CollectOptions) -> _Setup:
         raise UserError(f"{ckpt.config_path}: collect runs text-only checkpoints; {layout.spec.model_type} nests its "
                         "language model in a multimodal wrapper (the rewriter supports it, the collector does not)")
     identity = {"config_sha256": config_sha256(ckpt.config), "router_sha256": router_sha256(ckpt, layout)}
-    ckpt.close()
+    try:
+        scheme = scheme_for(ckpt)  # an unsupported scheme is refused here, before any text is read
+    finally:
+        ckpt.close()
+    quantization = None if scheme is None else {"method": scheme.method, "scheme": scheme.name}
     masked = _progressive_layers(layout, options.progressive)
     dev = pick_device(options.device)
     dt = pick_dtype(options.dtype, dev)
@@ -199,7 +205,7 @@ def _setup(model_dir: str, options: CollectOptions) -> _Setup:
 
     owned = not dist.is_initialized()  # a group the caller set up is the caller's to tear down
     rank, world = _dist()
-    return _Setup(model_dir, layout, identity, ckpt.config_path, masked, dev, dt, rank, world, owned)
+    return _Setup(model_dir, layout, identity, ckpt.config_path, masked, dev, dt, rank, world, owned, quantization)
 
 
 def _calibration(setup: _Setup, data: list[str], options: CollectOptions) -> _Calibration:
@@ -355,6 +361,8 @@ def _write(setup: _Setup, calib: _Calibration, sums: _Sums, data: list[str], opt
         "device": str(setup.device),
         "dtype": str(setup.dtype).removeprefix("torch."),
     }
+    if setup.quantization:  # the weights were read dequantized from this scheme
+        calibration["quantization"] = setup.quantization
     if setup.masked:
         calibration["progressive_plan"] = {str(layer): ids for layer, ids in sorted(setup.masked.items())}
     summary = CollectSummary(n_tokens, n_held, sums.seconds, rank=setup.rank, load_seconds=sums.load_seconds,

@@ -17,8 +17,11 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str | torch.
     the shards straight into its place there (surgery.model.weights): no full copy of the model is
     ever held in host memory on the way to a GPU. A model that cannot fit in the device's free
     memory is refused up front (`collect --stream-layers` runs it one layer at a time).
-    MoNE novice checkpoints (config lists `approximate_experts`) and quantized checkpoints go
-    through transformers' own loader. The seconds spent are in `model.moe_surgery_load_seconds`.
+    Quantized checkpoints (FP8, NVFP4, MXFP4: surgery.io.quantization) load the same way, each weight
+    dequantized as it is read (one tensor or one expert at a time) into a plain model in `dtype`; the
+    model's config then has no `quantization_config`. MoNE novice checkpoints (config lists
+    `approximate_experts`) go through transformers' own loader. The seconds spent are in
+    `model.moe_surgery_load_seconds`.
     """
     from surgery.model.novices import is_novice_checkpoint, load_novice_model
 
@@ -42,8 +45,7 @@ def _load_direct(path, device, dtype):
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"{path}: transformers cannot load this checkpoint ({_first_line(e)})") from None
-    if getattr(config, "quantization_config", None) is not None:
-        return _from_pretrained(path, device, dtype)
+    config = plain_config(config)
     ckpt = Checkpoint(path)
     try:
         dt = _resolve_dtype(dtype, config, ckpt)
@@ -60,6 +62,22 @@ def _load_direct(path, device, dtype):
     finally:
         ckpt.close()
     return model.eval()
+
+
+def plain_config(config):
+    """`config` without `quantization_config` (a copy; `config` itself when it has none), so that
+    `from_config` builds a plain module tree that dequantized weights are read into."""
+    import copy
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "quantization_config", None) is None and getattr(text, "quantization_config", None) is None:
+        return config
+    config = copy.deepcopy(config)
+    for cfg in {id(c): c for c in (config, config.get_text_config() if hasattr(config, "get_text_config") else config)
+                }.values():
+        if hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+    return config
 
 
 class DoesNotFitError(UserError):
@@ -104,16 +122,6 @@ def check_fits(ckpt, device: torch.device, dtype: torch.dtype) -> None:
             f"{ckpt.dir}: the model needs {needed / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')}, "
             f"{device} has {free_bytes(device) / 2**30:.1f} GiB free: too large to load whole; "
             "`collect --stream-layers` runs it one decoder layer at a time")
-
-
-def _from_pretrained(path, device, dtype):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
-    except (OSError, ValueError, RuntimeError, KeyError) as e:  # the library's own words, on one line
-        raise UserError(f"{path}: transformers cannot load this checkpoint ({_first_line(e)})") from None
-    return model.eval().to(device)
 
 
 def _resolve_dtype(dtype, config, ckpt) -> torch.dtype:

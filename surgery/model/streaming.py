@@ -202,6 +202,9 @@ def stream_forward(model_dir: str, config, layout: MoELayout, batches: list[torc
     """
     from transformers import AutoModelForCausalLM
 
+    from surgery.model.load import plain_config
+
+    config = plain_config(config)  # quantized checkpoints: a plain module tree, weights read dequantized
     ckpt = Checkpoint(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -13,6 +13,12 @@ resident memory does not grow with the checkpoint):
 
 `WeightReader.submit` runs `fill` on a background thread, so the next decoder layer is read while
 the current one computes (surgery.model.streaming).
+
+Quantized checkpoints (surgery.io.quantization: FP8 block/channel/tensor, NVFP4, MXFP4) are read
+dequantized: a parameter whose on-disk tensor is quantized becomes a piece that `dequantize`s its
+tensor (with its scales) to float32 on the host, one tensor or one expert at a time, and copies it into
+the target in the model's dtype with the same transforms as the unquantized path. The host memory this
+takes is one expert's (or one attention matrix's) float32 values, never the model's.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from surgery.architectures import MoELayout
 from surgery.architectures.expert_math import FUSED_DOWN, FUSED_GATE_UP, ROLE_PATTERNS, memory_fused
 from surgery.errors import UserError
 from surgery.io import Checkpoint
+from surgery.io.quantization import companions, dequantize, is_quantized
 from surgery.io.safetensors_file import SafetensorsFile, TensorInfo
 
 TORCH_DTYPES = {
@@ -45,39 +52,119 @@ class StreamingError(UserError):
 @dataclass(frozen=True)
 class Piece:
     """One on-disk tensor and where it goes: `target` (a tensor or a view of one), after `transform`
-    ("t": swap the last two axes; "deinterleave": gate = rows ::2, up = rows 1::2, stacked as halves)."""
+    ("t": swap the last two axes; "deinterleave": gate = rows ::2, up = rows 1::2, stacked as halves).
+
+    A quantized tensor has `quantized` set: the weight's name as `dequantize` takes it (`W.weight`, or the
+    MXFP4 parameter `X`), with `index` the expert slab of a fused tensor (None: the whole tensor) and `ckpt`
+    the checkpoint it is read from; `file`/`info` are then those of its stored codes (for ordering only)."""
 
     target: torch.Tensor
     file: SafetensorsFile
     info: TensorInfo
     transform: tuple[str, ...] = ()
+    quantized: str | None = None
+    index: int | None = None
+    ckpt: Checkpoint | None = None
 
     @property
     def direct(self) -> bool:
         """Bytes can go straight into the target's memory."""
-        return (not self.transform and self.target.dtype == TORCH_DTYPES.get(self.info.dtype)
+        return (self.quantized is None and not self.transform and self.target.dtype == TORCH_DTYPES.get(self.info.dtype)
                 and self.target.is_contiguous() and tuple(self.target.shape) == tuple(self.info.shape))
+
+    def dequantized(self) -> torch.Tensor:
+        """A quantized piece's float32 value on the host, transformed to the target's shape."""
+        value = dequantize(self.ckpt, self.quantized, self.index)
+        return _apply(torch.from_numpy(np.ascontiguousarray(value)), self.transform)
+
+
+def _stored(ckpt: Checkpoint, name: str) -> bool:
+    """`name` is on disk, as itself or in a quantized form (NVFP4 `W.weight_packed`, MXFP4 `X_blocks`)."""
+    names = ckpt.weight_map
+    return (name in names or f"{name}_blocks" in names
+            or (name.endswith(".weight") and f"{name}_packed" in names))
 
 
 def disk_name(ckpt: Checkpoint, name: str, renames: tuple[tuple[str, str], ...]) -> str | None:
-    """The on-disk tensor holding in-memory parameter `name` (the registry's renames applied), or None."""
-    if name in ckpt.weight_map:
+    """The on-disk tensor holding in-memory parameter `name` (the registry's renames applied), or None.
+    A quantized tensor is named as `dequantize` takes it (`W.weight` for NVFP4, `X` for MXFP4 blocks)."""
+    if _stored(ckpt, name):
         return name
     for mem, disk in renames:
         cand = name.replace(mem, disk)
-        if cand in ckpt.weight_map:
+        if _stored(ckpt, cand):
             return cand
     return None
 
 
+def _codes_name(ckpt: Checkpoint, name: str) -> str:
+    """The stored tensor holding a (possibly quantized) weight's values: itself, `_packed` or `_blocks`."""
+    names = ckpt.weight_map
+    if name in names:
+        return name
+    if f"{name}_blocks" in names:
+        return f"{name}_blocks"
+    return f"{name}_packed"
+
+
+def dequantized_shape(ckpt: Checkpoint, name: str) -> tuple[int, ...]:
+    """The shape `dequantize(ckpt, name)` returns, from the header alone (storage orientation)."""
+    stored = _codes_name(ckpt, name)
+    shape = tuple(ckpt.info(stored).shape)
+    if stored.endswith("_blocks"):  # [..., G, 16] -> [..., 32 G]
+        return (*shape[:-2], shape[-2] * 2 * shape[-1]) if len(shape) >= 2 else shape
+    if stored.endswith("_packed"):  # two codes per byte
+        return (*shape[:-1], 2 * shape[-1]) if shape else shape
+    return shape
+
+
+def _quantized(ckpt: Checkpoint, name: str) -> bool:
+    return is_quantized(ckpt, _codes_name(ckpt, name))
+
+
 def _piece(ckpt: Checkpoint, name: str, target: torch.Tensor, transform: tuple[str, ...] = ()) -> Piece:
+    if _quantized(ckpt, name):
+        return _quantized_piece(ckpt, name, target, transform, None)
     info = ckpt.info(name)
     if info.dtype not in TORCH_DTYPES:
-        raise StreamingError(f"{ckpt.dir}: {name} is stored as {info.dtype}, which cannot be loaded this way (quantized?)")
+        raise StreamingError(f"{ckpt.dir}: {name} is stored as {info.dtype}, which cannot be loaded this way")
     shape = _transformed_shape(tuple(info.shape), transform)
     if shape != tuple(target.shape):
         raise StreamingError(f"{ckpt.dir}: {name} has shape {list(info.shape)}, the model expects {list(target.shape)}")
     return Piece(target, ckpt.file_of(name), info, transform)
+
+
+def _quantized_piece(ckpt: Checkpoint, name: str, target: torch.Tensor, transform: tuple[str, ...],
+                     index: int | None) -> Piece:
+    shape = dequantized_shape(ckpt, name)
+    if index is not None:
+        shape = shape[1:]
+    if _transformed_shape(shape, transform) != tuple(target.shape):
+        raise StreamingError(f"{ckpt.dir}: {name} dequantizes to shape {list(shape)}, the model expects "
+                             f"{list(target.shape)}")
+    stored = _codes_name(ckpt, name)
+    return Piece(target, ckpt.file_of(stored), ckpt.info(stored), transform, quantized=name, index=index, ckpt=ckpt)
+
+
+def _mxfp4_transform(transform: tuple[str, ...]) -> tuple[str, ...]:
+    """MXFP4 dequantizes to the storage orientation (rows = outputs), the transpose of the unquantized tensor
+    on disk (gpt-oss: [E, H, 2I] in bf16, [E, 2I, H] as blocks): one more swap of the last two axes."""
+    return transform[1:] if transform[:1] == ("t",) else ("t", *transform)
+
+
+def _pieces(ckpt: Checkpoint, name: str, target: torch.Tensor, transform: tuple[str, ...] = ()) -> list[Piece]:
+    """The pieces filling `target` from on-disk `name`: one, or one per expert (axis 0) for a quantized
+    tensor with more than two axes (fused experts), so one expert at a time is dequantized in host memory."""
+    if not _quantized(ckpt, name):
+        return [_piece(ckpt, name, target, transform)]
+    if _codes_name(ckpt, name).endswith("_blocks"):
+        transform = _mxfp4_transform(transform)
+    if len(dequantized_shape(ckpt, name)) <= 2 or target.ndim < 1:
+        return [_quantized_piece(ckpt, name, target, transform, None)]
+    if target.shape[0] != dequantized_shape(ckpt, name)[0]:
+        raise StreamingError(f"{ckpt.dir}: {name} dequantizes to shape {list(dequantized_shape(ckpt, name))}, "
+                             f"the model expects {list(target.shape)}")
+    return [_quantized_piece(ckpt, name, target[e], transform, e) for e in range(target.shape[0])]
 
 
 def _transformed_shape(shape: tuple[int, ...], transform: tuple[str, ...]) -> tuple[int, ...]:
@@ -98,14 +185,14 @@ def _fused_pieces(ckpt: Checkpoint, layout: MoELayout, layer: int, key: str, tar
     if entry.per_expert:
         pieces = []
         for e in range(target.shape[0]):
-            names = entry.per_expert.get(e, [])
+            names = [n.removesuffix("_packed") for n in entry.per_expert.get(e, [])]  # NVFP4 as `W.weight`
             row = 0
             for role in roles:
                 name = next((n for n in names if ROLE_PATTERNS[role].search(n)), None)
                 if name is None:
                     raise StreamingError(f"{ckpt.dir}: layer {layer} expert {e}: no {role} weight on disk "
-                                         f"(found {names}; quantized experts cannot be loaded this way)")
-                rows = ckpt.info(name).shape[0]
+                                         f"(found {names})")
+                rows = dequantized_shape(ckpt, name)[0]
                 pieces.append(_piece(ckpt, name, target[e, row:row + rows]))
                 row += rows
             if row != target.shape[1]:
@@ -113,13 +200,13 @@ def _fused_pieces(ckpt: Checkpoint, layout: MoELayout, layer: int, key: str, tar
                                      f"the model expects {target.shape[1]}")
         return pieces
     pattern = FUSED_GATE_UP if "gate" in roles else FUSED_DOWN
-    name = next((n for n in entry.fused if pattern.search(n)), None)
+    name = next((n for n in (x.removesuffix("_blocks") for x in entry.fused) if pattern.search(n)), None)
     if name is None:
         raise StreamingError(f"{ckpt.dir}: layer {layer}: no fused tensor on disk for {key} (found {entry.fused})")
     transform = ("t",) if spec.fused_orientation == "in_out" else ()
     if spec.interleaved and "gate" in roles:
         transform += ("deinterleave",)
-    return [_piece(ckpt, name, target, transform)]
+    return _pieces(ckpt, name, target, transform)
 
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -153,7 +240,7 @@ def plan_module(module: torch.nn.Module, prefix: str, ckpt: Checkpoint, layout: 
                 break
             disk = disk_name(ckpt, full, spec.memory_renames)
             if disk is not None:
-                pieces.append(_piece(ckpt, disk, target))
+                pieces += _pieces(ckpt, disk, target)
                 done = True
                 break
         if not done:
@@ -218,6 +305,8 @@ class WeightReader:
                 self.stream.wait_event(after)
             staged = []
             for p in pieces:
+                if p.quantized is not None:
+                    continue
                 dest = p.target if p.direct else torch.empty(p.info.shape, dtype=TORCH_DTYPES[p.info.dtype],
                                                              device=self.device)
                 staged.append((p, dest))
@@ -225,11 +314,17 @@ class WeightReader:
             for p, dest in staged:
                 if dest is not p.target:
                     p.target.copy_(_apply(dest, p.transform))
+            for p in pieces:  # dequantized on the host one tensor (or expert) at a time, converted on the device
+                if p.quantized is not None:
+                    p.target.copy_(p.dequantized().to(self.device))
             done = torch.cuda.Event()
             done.record(self.stream)
         return done
 
     def _fill_cpu(self, p: Piece) -> None:
+        if p.quantized is not None:
+            p.target.copy_(p.dequantized())
+            return
         if p.direct:
             _pread_into(p.file, p.info.begin, _bytes_of(p.target))
             return
@@ -306,9 +401,19 @@ class Pending:
 
 
 def estimate_bytes(ckpt: Checkpoint, dtype: torch.dtype | None) -> int:
-    """Bytes the checkpoint's floating tensors take in `dtype` (None: as stored), from the shard headers."""
+    """Bytes the checkpoint's floating tensors take in `dtype` (None: as stored), from the shard headers.
+    A quantized weight counts as its dequantized values in `dtype` (bf16 when None); its scales count nothing."""
+    names = ckpt.names()
+    quantized = {n for n in names if is_quantized(ckpt, n) and not n.endswith(("_scale", "_scales", "_scale_inv"))}
+    skip = {c for n in quantized for c in companions(n, ckpt.weight_map)} - quantized
     total = 0
-    for name in ckpt.names():
+    for name in names:
+        if name in skip:
+            continue
+        if name in quantized:
+            logical = name.removesuffix("_blocks").removesuffix("_packed")
+            total += int(np.prod(dequantized_shape(ckpt, logical), dtype=np.int64)) * (dtype or torch.bfloat16).itemsize
+            continue
         info = ckpt.info(name)
         stored = TORCH_DTYPES.get(info.dtype)
         if dtype is not None and stored is not None and stored.is_floating_point:
