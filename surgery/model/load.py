@@ -40,12 +40,13 @@ def _load_direct(path, device, dtype):
 
     from surgery.architectures import resolve
     from surgery.io import Checkpoint
+    from surgery.model.weights import plain_config
 
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"{path}: transformers cannot load this checkpoint ({_first_line(e)})") from None
-    config = plain_config(config)
+    config = plain_config(config)  # quantized: a plain module tree, weights read dequantized
     ckpt = Checkpoint(path)
     try:
         dt = _resolve_dtype(dtype, config, ckpt)
@@ -62,22 +63,6 @@ def _load_direct(path, device, dtype):
     finally:
         ckpt.close()
     return model.eval()
-
-
-def plain_config(config):
-    """`config` without `quantization_config` (a copy; `config` itself when it has none), so that
-    `from_config` builds a plain module tree that dequantized weights are read into."""
-    import copy
-
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(config, "quantization_config", None) is None and getattr(text, "quantization_config", None) is None:
-        return config
-    config = copy.deepcopy(config)
-    for cfg in {id(c): c for c in (config, config.get_text_config() if hasattr(config, "get_text_config") else config)
-                }.values():
-        if hasattr(cfg, "quantization_config"):
-            delattr(cfg, "quantization_config")
-    return config
 
 
 class DoesNotFitError(UserError):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from surgery.architectures import MoELayout
 from surgery.errors import UserError
 from surgery.io import Checkpoint
-from surgery.model.weights import StreamingError, WeightReader, disk_name, plan_module
+from surgery.model.weights import StreamingError, WeightReader, disk_name, plain_config, plan_module
 
 __all__ = ["HiddenStore", "StreamingError", "stream_forward"]
 
@@ -201,8 +201,6 @@ def stream_forward(model_dir: str, config, layout: MoELayout, batches: list[torc
     Returns where the hidden states were kept ("gpu", "cpu" or "disk").
     """
     from transformers import AutoModelForCausalLM
-
-    from surgery.model.load import plain_config
 
     config = plain_config(config)  # quantized checkpoints: a plain module tree, weights read dequantized
     ckpt = Checkpoint(model_dir)

@@ -400,6 +400,22 @@ class Pending:
             torch.cuda.current_stream(self.device).wait_event(event)
 
 
+def plain_config(config):
+    """`config` without `quantization_config` (a copy; `config` itself when it has none), so that
+    `from_config` builds a plain module tree that dequantized weights are read into."""
+    import copy
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "quantization_config", None) is None and getattr(text, "quantization_config", None) is None:
+        return config
+    config = copy.deepcopy(config)
+    for cfg in {id(c): c for c in (config, config.get_text_config() if hasattr(config, "get_text_config") else config)
+                }.values():
+        if hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+    return config
+
+
 def estimate_bytes(ckpt: Checkpoint, dtype: torch.dtype | None) -> int:
     """Bytes the checkpoint's floating tensors take in `dtype` (None: as stored), from the shard headers.
     A quantized weight counts as its dequantized values in `dtype` (bf16 when None); its scales count nothing."""
