@@ -22,7 +22,8 @@ from tqdm import tqdm
 from surgery.architectures import MoELayout
 from surgery.errors import UserError
 from surgery.io import Checkpoint
-from surgery.model.weights import StreamingError, WeightReader, disk_name, plain_config, plan_module
+from surgery.model.reader import WeightReader
+from surgery.model.weights import StreamingError, disk_name, plain_config, plan_module
 
 __all__ = ["HiddenStore", "StreamingError", "stream_forward"]
 
@@ -248,7 +249,7 @@ def stream_forward(model_dir: str, config, layout: MoELayout, batches: list[torc
 
 
 class LayerPrefetcher:
-    """Loads modules one ahead on a background thread (surgery.model.weights.WeightReader.submit).
+    """Loads modules one ahead on a background thread (surgery.model.reader.WeightReader.submit).
 
     `jobs` are (module on the meta device, its name prefix, checkpoint, layout, decoder layer index),
     in the order they will be used. `ready(k)` returns once job k's weights are usable on the compute

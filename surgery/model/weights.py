@@ -3,16 +3,7 @@
 `plan_module` says, for every parameter and persistent buffer of a materialised module, which
 on-disk tensor (or which slice of which fused tensor) fills it, using the architecture registry's
 facts (in-memory renames, per-expert vs fused on disk, fused orientation): nothing here names a model.
-`WeightReader` then reads those byte ranges with positioned reads (no memory map, so the host's
-resident memory does not grow with the checkpoint):
-
-* on the CPU, straight into the destination tensor's memory when dtypes agree;
-* on a CUDA device, through a small ring of pinned host buffers and asynchronous copies on a side
-  stream (`fill` returns a CUDA event the compute stream waits on). Host memory in use is the ring,
-  never a copy of the model.
-
-`WeightReader.submit` runs `fill` on a background thread, so the next decoder layer is read while
-the current one computes (surgery.model.streaming).
+`surgery.model.reader.WeightReader` then reads those byte ranges onto the device.
 
 Quantized checkpoints (surgery.io.quantization: FP8 block/channel/tensor, NVFP4, MXFP4) are read
 dequantized: a parameter whose on-disk tensor is quantized becomes a piece that `dequantize`s its
@@ -23,9 +14,7 @@ takes is one expert's (or one attention matrix's) float32 values, never the mode
 
 from __future__ import annotations
 
-import os
 import re
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,7 +64,7 @@ class Piece:
     def dequantized(self) -> torch.Tensor:
         """A quantized piece's float32 value on the host, transformed to the target's shape."""
         value = dequantize(self.ckpt, self.quantized, self.index)
-        return _apply(torch.from_numpy(np.ascontiguousarray(value)), self.transform)
+        return apply_transform(torch.from_numpy(np.ascontiguousarray(value)), self.transform)
 
 
 def _stored(ckpt: Checkpoint, name: str) -> bool:
@@ -249,157 +238,6 @@ def plan_module(module: torch.nn.Module, prefix: str, ckpt: Checkpoint, layout: 
     return pieces
 
 
-def _pread_into(file: SafetensorsFile, begin: int, buf: np.ndarray) -> None:
-    view = memoryview(buf).cast("B")
-    pos = 0
-    while pos < len(view):
-        n = os.preadv(file.fileno(), [view[pos:]], begin + pos)
-        if n == 0:
-            raise UserError(f"{file.path}: unexpected end of file at byte {begin + pos}")
-        pos += n
-
-
-def _bytes_of(t: torch.Tensor) -> np.ndarray:
-    """A writable uint8 numpy view of a contiguous CPU tensor's memory."""
-    return t.reshape(-1).view(torch.uint8).numpy()
-
-
-def _apply(value: torch.Tensor, transform: tuple[str, ...]) -> torch.Tensor:
-    for t in transform:
-        if t == "t":
-            value = value.transpose(-1, -2)
-        elif t == "deinterleave":
-            value = torch.cat([value[..., 0::2, :], value[..., 1::2, :]], dim=-2)
-    return value
-
-
-class WeightReader:
-    """Reads pieces onto `device`; one instance per run (it owns the pinned ring and the side stream).
-
-    `slot_bytes` × `slots` is all the pinned host memory it uses on a CUDA device.
-    """
-
-    def __init__(self, device: torch.device | str, slots: int = 8, slot_bytes: int = 16 << 20):
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-        self._pool: ThreadPoolExecutor | None = None
-        if self.cuda:
-            self.stream = torch.cuda.Stream(self.device)
-            self.ring = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
-            self.ring_events: list[torch.cuda.Event | None] = [None] * slots
-            self.slot_bytes = slot_bytes
-            self._readers = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="moe-surgery-pread")
-
-    # -- reading ------------------------------------------------------------------------------
-
-    def fill(self, pieces: list[Piece], after: torch.cuda.Event | None = None) -> torch.cuda.Event | None:
-        """Read every piece into its target. On CUDA the copies are queued on the side stream (after
-        `after`, an event of the compute stream) and the returned event marks their end; on the CPU the
-        targets are filled when this returns."""
-        if not self.cuda:
-            for p in pieces:
-                self._fill_cpu(p)
-            return None
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            if after is not None:
-                self.stream.wait_event(after)
-            staged = []
-            for p in pieces:
-                if p.quantized is not None:
-                    continue
-                dest = p.target if p.direct else torch.empty(p.info.shape, dtype=TORCH_DTYPES[p.info.dtype],
-                                                             device=self.device)
-                staged.append((p, dest))
-            self._to_device([(p, dest) for p, dest in staged])
-            for p, dest in staged:
-                if dest is not p.target:
-                    p.target.copy_(_apply(dest, p.transform))
-            for p in pieces:  # dequantized on the host one tensor (or expert) at a time, converted on the device
-                if p.quantized is not None:
-                    p.target.copy_(p.dequantized().to(self.device))
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        return done
-
-    def _fill_cpu(self, p: Piece) -> None:
-        if p.quantized is not None:
-            p.target.copy_(p.dequantized())
-            return
-        if p.direct:
-            _pread_into(p.file, p.info.begin, _bytes_of(p.target))
-            return
-        staged = torch.empty(p.info.shape, dtype=TORCH_DTYPES[p.info.dtype])
-        _pread_into(p.file, p.info.begin, _bytes_of(staged))
-        p.target.copy_(_apply(staged, p.transform))
-
-    def _to_device(self, work: list[tuple[Piece, torch.Tensor]]) -> None:
-        """Each piece's bytes into its `dest` (contiguous, on the device) through the pinned ring, a wave of
-        `slots` chunks at a time: the wave's reads run in parallel threads (positioned reads release the
-        GIL; one thread cannot keep up with the copy engine), then its copies are queued in order."""
-        chunks = []
-        for p, dest in work:
-            flat = dest.reshape(-1).view(torch.uint8)
-            for pos in range(0, p.info.nbytes, self.slot_bytes):
-                n = min(self.slot_bytes, p.info.nbytes - pos)
-                chunks.append((p.file, p.info.begin + pos, flat[pos:pos + n]))
-        slots = len(self.ring)
-        for first in range(0, len(chunks), slots):
-            wave = chunks[first:first + slots]
-            for slot in range(len(wave)):
-                if self.ring_events[slot] is not None:
-                    self.ring_events[slot].synchronize()  # its previous copy has left the buffer
-            bufs = [self.ring[slot][:len(out)] for slot, (_, _, out) in enumerate(wave)]
-            list(self._readers.map(lambda job: _pread_into(job[0][0], job[0][1], job[1].numpy()), zip(wave, bufs)))
-            for slot, ((_, _, out), buf) in enumerate(zip(wave, bufs)):
-                out.copy_(buf, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(self.stream)
-                self.ring_events[slot] = event
-
-    def load(self, pieces: list[Piece]) -> None:
-        """Read every piece now; on CUDA the compute stream then waits for the copies (no host sync)."""
-        if not self.cuda:
-            self.fill(pieces)
-            return
-        after = torch.cuda.Event()
-        after.record(torch.cuda.current_stream(self.device))
-        torch.cuda.current_stream(self.device).wait_event(self.fill(pieces, after))
-
-    # -- in the background ----------------------------------------------------------------------
-
-    def submit(self, pieces: list[Piece]) -> "Pending":
-        """Start `fill(pieces)` on the reader thread; the compute stream's work queued so far comes first
-        (the targets may reuse memory that work still reads)."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-surgery-weights")
-        after = None
-        if self.cuda:
-            after = torch.cuda.Event()
-            after.record(torch.cuda.current_stream(self.device))
-        return Pending(self._pool.submit(self.fill, pieces, after), self.device)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        if self.cuda:
-            self.stream.synchronize()
-            self._readers.shutdown(wait=True)
-
-
-class Pending:
-    """Weights being read in the background; `wait()` makes the compute stream wait for them."""
-
-    def __init__(self, future: Future, device: torch.device):
-        self.future = future
-        self.device = device
-
-    def wait(self) -> None:
-        event = self.future.result()
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
-
-
 def plain_config(config):
     """`config` without `quantization_config` (a copy; `config` itself when it has none), so that
     `from_config` builds a plain module tree that dequantized weights are read into."""
@@ -437,3 +275,13 @@ def estimate_bytes(ckpt: Checkpoint, dtype: torch.dtype | None) -> int:
         else:
             total += info.nbytes
     return total
+
+
+def apply_transform(value: torch.Tensor, transform: tuple[str, ...]) -> torch.Tensor:
+    for t in transform:
+        if t == "t":
+            value = value.transpose(-1, -2)
+        elif t == "deinterleave":
+            value = torch.cat([value[..., 0::2, :], value[..., 1::2, :]], dim=-2)
+    return value
+
