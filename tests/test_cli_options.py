@@ -197,8 +197,8 @@ def test_prune_and_verify_never_import_torch(tmp_path: Path) -> None:
 
 def test_prune_plan_imports_no_heavy_module(tmp_path: Path) -> None:
     """`prune --plan` on a local folder is a byte copy: start-up imports neither numpy (the rewriter never
-    decodes a tensor) nor huggingface_hub (the Hub client and the model card's YAML), torch or transformers.
-    tqdm stays: it draws the bar while shards are written."""
+    decodes a tensor) nor huggingface_hub (the Hub client and the model card's YAML), torch or transformers,
+    nor tqdm for a write too small to need a bar (surgery.io.derived.BAR_MIN_BYTES)."""
     from tiny_models import build_tiny
 
     src = build_tiny("qwen3_moe", tmp_path / "src")
@@ -208,7 +208,8 @@ def test_prune_plan_imports_no_heavy_module(tmp_path: Path) -> None:
         "from surgery.cli import main\n"
         "main(['prune', sys.argv[1], '--plan', sys.argv[2], '-o', sys.argv[3]], standalone_mode=False)\n"
         "print(sorted(m for m in sys.modules\n"
-        "             if m.split('.')[0] in {'numpy', 'huggingface_hub', 'httpx', 'httpx2', 'torch', 'transformers'}))\n"
+        "             if m.split('.')[0] in {'numpy', 'huggingface_hub', 'httpx', 'httpx2', 'torch', 'transformers',\n"
+        "                                    'tqdm'}))\n"
     )
     run = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "plan.json"), str(tmp_path / "out")],
                          capture_output=True, text=True, cwd=ROOT, check=True)

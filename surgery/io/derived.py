@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tqdm import tqdm
 
 from surgery.errors import CheckpointError
 from surgery.io import provenance
@@ -43,6 +42,7 @@ from surgery.io.writer import OutTensor, rewrite_shard, write_safetensors, write
 
 _SHARD_RE = re.compile(r"^(?P<stem>.*?)(?P<idx>\d+)-of-(?P<total>\d+)\.safetensors$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")
+BAR_MIN_BYTES = 256 * 2**20  # smaller rewrites finish before a bar would say anything
 
 
 class DerivedCheckpoint:
@@ -80,8 +80,7 @@ class DerivedCheckpoint:
         side_files(source)  # a side file linked out of the folder is refused before any shard is written
         nonempty = [s for s in source.shard_names if per_shard[s]]
         names = shard_names(source.shard_names, nonempty, single=source.index is None)
-        bar = tqdm(total=sum(t.nbytes for ts in per_shard.values() for t in ts), unit="B", unit_scale=True,
-                   desc="Writing shards", disable=not progress)
+        bar = _bytes_bar(sum(t.nbytes for ts in per_shard.values() for t in ts), progress)
 
         def write_one(shard: str) -> tuple[int, str | None]:
             tensors = per_shard[shard]
@@ -149,6 +148,21 @@ class DerivedCheckpoint:
 
     def finish_record(self, record: dict) -> None:
         provenance.write(self.tmp, record)
+
+
+class _NoBar(contextlib.nullcontext):
+    def update(self, n: int) -> None:
+        """Nothing to show."""
+
+
+def _bytes_bar(total: int, progress: bool):
+    """A byte progress bar, or none when off or when the write is too small to watch: a copy under
+    BAR_MIN_BYTES ends in well under a second, and tqdm's import alone is a tenth of `prune`'s start-up."""
+    if not progress or total < BAR_MIN_BYTES:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="Writing shards")
 
 
 def as_output(out: str | Path | DerivedCheckpoint, overwrite: bool, inputs: Sequence[str | Path] = (),
