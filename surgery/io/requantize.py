@@ -145,11 +145,13 @@ def quantized(ckpt: Checkpoint, name: str) -> bool:
     return is_quantized(ckpt, stored_name(ckpt, name))
 
 
-def unquantized_config(config: dict, scheme: Scheme, memory_modules: list[str], disk_modules: list[str]) -> dict:
+def unquantized_config(config: dict, scheme: Scheme, memory_modules: list[str], disk_modules: list[str]
+                       ) -> tuple[dict, list[str]]:
     """config.json with modules now stored unquantized left out of quantization: compressed-tensors lists
     the checkpoint's module names in `ignore` (matched by name, as vLLM and compressed-tensors do);
     fp8 and mxfp4 list the model's module names in `modules_to_not_convert` (transformers matches them
-    as prefixes, so `model.layers.1.mlp.experts` covers its experts however they are stored)."""
+    as prefixes, so `model.layers.1.mlp.experts` covers its experts however they are stored).
+    Returns the new config and the names listed."""
     out = copy.deepcopy(config)
     holder = out if "quantization_config" in out else out["text_config"]
     qc = holder["quantization_config"]
@@ -157,7 +159,7 @@ def unquantized_config(config: dict, scheme: Scheme, memory_modules: list[str], 
         ("modules_to_not_convert", memory_modules)
     listed = list(qc.get(key) or [])
     qc[key] = listed + [n for n in dict.fromkeys(names) if n not in listed]
-    return out
+    return out, list(dict.fromkeys(names))
 
 
 def check_encodable(ckpt: Checkpoint, name: str, scheme: Scheme) -> None:

@@ -95,8 +95,8 @@ def write_output(writer: LayerWriter, out: DerivedCheckpoint, pairing: Pairing, 
         out.replace_tensors(ckpt, produce)
     else:
         out.write_shards(ckpt, _planned(ckpt, encoded, spill))
-        config = unquantized_config(ckpt.config, scheme_for(ckpt), writer.memory_modules, writer.disk_modules)
-        record["unquantized_modules"] = writer.memory_modules
+        config, record["unquantized_modules"] = unquantized_config(ckpt.config, scheme_for(ckpt),
+                                                                   writer.memory_modules, writer.disk_modules)
     if writer.output_dtype:
         record["output_dtype"] = writer.output_dtype
     out.finish(ckpt, {**pairing.record, "heal": record}, config=config)
