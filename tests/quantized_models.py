@@ -30,11 +30,11 @@ from safetensors.torch import load_file
 from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
+import surgery.io.quant_formats as qf
 from tiny_models import INDEX_NAME, add_fake_mtp_layer, build_tiny, write_checkpoint
 
 FP8_MAX = 448.0
 FP4_MAX = 6.0
-E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 ROUTER = re.compile(r"\.mlp\.(gate|router)\.weight$")
 
 
@@ -79,65 +79,36 @@ def _bf16_source(model_type: str, path: Path, layout: str, seed: int, mtp: bool 
 
 def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3 rule: per (bm × bn) block (edge blocks ragged) s = amax / 448 stored as
-    `weight_scale_inv`, w / s rounded to e4m3."""
-    rows, cols = w.shape
-    bm, bn = block
-    sr, sc = -(-rows // bm), -(-cols // bn)
-    padded = torch.zeros(sr * bm, sc * bn)
-    padded[:rows, :cols] = w.float()
-    amax = padded.reshape(sr, bm, sc, bn).abs().amax(dim=(1, 3))
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).to(scale_dtype)
-    full = scale.float().repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:rows, :cols]
-    q = (w.float() / full).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale
+    """DeepSeek-V3 rule (surgery.io.quant_formats.quantize_fp8): per (bm × bn) block (edge blocks ragged)
+    s = amax / 448 stored as `weight_scale_inv`, w / s rounded to e4m3."""
+    codes, scale, _ = qf.quantize_fp8(w.float().numpy(), "block", block, "F8_E4M3", _SCALE_DTYPES[scale_dtype])
+    return _fp8(codes), torch.from_numpy(scale).to(scale_dtype)
 
 
 def quantize_fp8_channel(w: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
     """compressed-tensors float-quantized FP8: scale = amax / 448 per output row ([out, 1]) or tensor ([1])."""
-    amax = w.float().abs().amax(dim=1, keepdim=True) if strategy == "channel" else w.float().abs().amax().reshape(1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).float()
-    q = (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale
-
-
-def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest e2m1 value (ties to the even code), saturating at ±6; 4-bit codes, bit 3 = sign."""
-    mag = x.abs().clamp(max=FP4_MAX)
-    diff = (mag.unsqueeze(-1) - E2M1_GRID).abs()
-    best = diff.min(dim=-1, keepdim=True).values
-    tied = diff == best
-    even = tied & (torch.arange(8) % 2 == 0)
-    idx = torch.where(even.any(-1), even.int().argmax(-1), tied.int().argmax(-1))
-    return (idx | (torch.signbit(x).long() << 3)).to(torch.uint8)
-
-
-def _pack(codes: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit codes per byte, the even position in the low nibble."""
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+    codes, scale, _ = qf.quantize_fp8(w.float().numpy(), strategy, None)
+    return _fp8(codes), torch.from_numpy(scale if strategy == "channel" else scale.reshape(1))
 
 
 def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """OCP MX: per 32 values along the last axis, X = 2^(floor(log2 amax) − 2), codes = e2m1(w / X);
-    returns blocks [..., G, 16] and e8m0 scales [..., G]."""
-    *lead, cols = w.shape
-    v = w.float().reshape(*lead, cols // 32, 32)
-    amax = v.abs().amax(-1)
-    exp = torch.where(amax > 0, torch.floor(torch.log2(amax)) - 2, torch.full_like(amax, -127)).clamp(-127, 127)
-    codes = e2m1_codes(v / torch.exp2(exp).unsqueeze(-1))
-    return _pack(codes), (exp + 127).to(torch.uint8)
+    """OCP MX (surgery.io.quant_formats.quantize_mxfp4): blocks [..., G, 16] and e8m0 scales [..., G]."""
+    blocks, scales = qf.quantize_mxfp4(w.float().numpy())
+    return torch.from_numpy(blocks), torch.from_numpy(scales)
 
 
 def quantize_nvfp4(w: torch.Tensor, group: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """NVFP4 as llm-compressor writes it: global = 448·6 / amax (a divisor), per-16 scale
-    e4m3(amax_block / 6 · global), codes = e2m1(w / (scale / global))."""
-    rows, cols = w.shape
-    v = w.float().reshape(rows, cols // group, group)
-    global_scale = (FP8_MAX * FP4_MAX / w.float().abs().amax()).reshape(1)
-    scale = (v.abs().amax(-1) / FP4_MAX * global_scale).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
-    eff = scale.float() / global_scale
-    scaled = torch.where(eff.unsqueeze(-1) > 0, v / eff.unsqueeze(-1), torch.zeros_like(v))
-    return _pack(e2m1_codes(scaled).reshape(rows, cols)), scale, global_scale
+    """NVFP4 as llm-compressor writes it (surgery.io.quant_formats.quantize_nvfp4): packed codes, e4m3
+    scales per `group` values and the global divisor [1]."""
+    packed, scale, global_scale = qf.quantize_nvfp4(w.float().numpy(), group)
+    return torch.from_numpy(packed), _fp8(scale), torch.from_numpy(global_scale.reshape(1))
+
+
+def _fp8(codes) -> torch.Tensor:
+    return torch.from_numpy(codes).view(torch.float8_e4m3fn)
+
+
+_SCALE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from surgery.cli.options import (
-    batch_size_option, data_option, device_option, dtype_option, option_group, output_option, overwrite_option,
-    revision_option, seed_option, seq_len_option,
+    batch_size_option, data_option, device_option, dtype_option, option_group, output_dtype_option, output_option,
+    overwrite_option, revision_option, seed_option, seq_len_option,
 )
 from surgery.refine.heal.run import HealOptions
 
@@ -43,7 +43,8 @@ heal_options = option_group(
                  help="Distillation trains the router rows and routed experts of pruned layers, or every weight."),
     click.option("--lr", default=5e-4, show_default=True,
                  help="Distillation peak learning rate (AdamW, warm-up + cosine)."),
-    seq_len_option(1024), batch_size_option(8), device_option, dtype_option, seed_option, overwrite_option,
+    seq_len_option(1024), batch_size_option(8), device_option, dtype_option, output_dtype_option, seed_option,
+    overwrite_option,
 )
 
 
@@ -62,7 +63,8 @@ def heal(student: str, teacher: str, data: tuple[str, ...], output: Path, option
     Stage 1 streams both models one decoder layer at a time and fits each pruned MoE block's
     router rows and kept experts to the teacher (MSE). Stage 2 trains end to end on
     KL(teacher logits || student logits). Trained tensors are written back in their on-disk
-    dtype, everything else is copied byte for byte; pruning.json gains a `heal` record.
+    dtype (quantized students: re-encoded in their own scheme, or unquantized with --output-dtype),
+    everything else is copied byte for byte; pruning.json gains a `heal` record.
     Sparsified students keep their zeros and add the expert-wise loss of MoE-Pruner.
     OUTPUT gets the student's layout, names, dtypes and shards; DATA is read exactly as `collect` reads it.
     """
@@ -88,4 +90,11 @@ def _report(record: dict, output: Path) -> None:
         else:
             click.echo(f"Distillation: {stage['steps']} steps, {stage['tokens']} tokens, held-out KL "
                        f"{stage['held_out_kl_before']:.4f} → {stage['held_out_kl_after']:.4f}")
+    if "requantization" in record:
+        q = record["requantization"]
+        click.echo(f"Re-encoded {q['tensors']} trained weights in {q['scheme']}: relative error mean "
+                   f"{q['relative_error_mean']:.4f}, max {q['relative_error_max']:.4f}")
+    if "unquantized_modules" in record:
+        click.echo(f"Wrote {len(record['unquantized_modules'])} modules unquantized ({record['output_dtype']}); "
+                   "config.json's quantization_config lists them")
     click.echo(f"Wrote {output} ({record['tokens']} calibration tokens, {record['seconds']:.0f} s).")

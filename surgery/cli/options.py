@@ -164,6 +164,11 @@ dtype_option = click.option(
     "--dtype", type=DTYPE, default="auto", show_default=True,
     help="Dtype the model runs in: auto = bfloat16 on GPU, float32 on CPU (eval: auto keeps the checkpoint's); "
          "statistics are summed in float64, heal keeps trained weights in float32.")
+output_dtype_option = click.option(
+    "--output-dtype", type=click.Choice(["bf16"]), default=None,
+    help="Quantized students (FP8, NVFP4, MXFP4): write the trained weights unquantized in this dtype, their scales "
+         "dropped and the modules listed as unquantized in config.json's quantization_config. Default: re-encode "
+         "them in the student's own scheme with fresh scales (the error is recorded in pruning.json).")
 samples_option = click.option("--samples", type=int, default=256, show_default=True, help="Calibration sequences.")
 holdout_option = click.option(
     "--holdout", type=click.IntRange(min=0), default=None,

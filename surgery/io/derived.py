@@ -87,7 +87,7 @@ class DerivedCheckpoint:
             if not tensors:
                 return 0, file_sha256(source.dir / shard) if hash_shards else None
             target, meta = inside(self.tmp, names[shard]), source.files[shard].metadata or {"format": "pt"}
-            if hash_shards and all(t.data is None for t in tensors):
+            if hash_shards and all(t.data is None and t.stream is None for t in tensors):
                 size, digest = write_safetensors_hashing(target, tensors, meta, source.files[shard])
             else:  # new in-memory tensors (novice values) cannot ride on the single hashing read
                 size = write_safetensors(target, tensors, meta)

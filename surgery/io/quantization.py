@@ -275,14 +275,18 @@ def _fp8_layout(ckpt: Checkpoint, name: str, scale_name: str, scheme: Scheme) ->
     raise _shape_error(ckpt, scale_name, s, name, w, " or ".join(wants))
 
 
-def _dequant_fp8(ckpt: Checkpoint, name: str, index: int | None, scheme: Scheme | None) -> np.ndarray:
-    dtype = ckpt.info(name).dtype
+def fp8_scale(ckpt: Checkpoint, name: str, scheme: Scheme | None) -> tuple[str, str]:
+    """(scale tensor name, its layout "block" | "channel" | "tensor") of FP8 weight `name`, checked."""
     if scheme is None or not scheme.fp8:
-        raise CheckpointError(f"{_where(ckpt, name)}: tensor {name!r} is {dtype}, but the checkpoint's scheme "
-                              f"({_no_scheme(ckpt, scheme)}) has no FP8 weights")
+        raise CheckpointError(f"{_where(ckpt, name)}: tensor {name!r} is {ckpt.info(name).dtype}, but the "
+                              f"checkpoint's scheme ({_no_scheme(ckpt, scheme)}) has no FP8 weights")
     scale_name = (name + scheme.scale_suffix) if name.endswith(".weight") else f"{name}_scale_inv"
     scale_name = _companion(ckpt, name, scale_name, scheme)
-    layout = _fp8_layout(ckpt, name, scale_name, scheme)
+    return scale_name, _fp8_layout(ckpt, name, scale_name, scheme)
+
+
+def _dequant_fp8(ckpt: Checkpoint, name: str, index: int | None, scheme: Scheme | None) -> np.ndarray:
+    scale_name, layout = fp8_scale(ckpt, name, scheme)
     weight = _numbers(ckpt, name, index, tuple(FP8_TABLES), "weight")
     scale = _numbers(ckpt, scale_name, index, SCALE_DTYPES, "scale")
     if layout == "block":

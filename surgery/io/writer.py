@@ -28,13 +28,15 @@ READ_AHEAD = 256 * 1024 * 1024  # bytes of kept ranges announced to the kernel a
 
 @dataclass
 class OutTensor:
-    """A tensor to write: its bytes are the concatenation of `ranges` (file, begin, end) or `data`."""
+    """A tensor to write: its bytes are the concatenation of `ranges` (file, begin, end), `data`, or the
+    pieces `stream()` yields when the tensor is written (so that only one tensor is in memory at a time)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     ranges: list[tuple[SafetensorsFile, int, int]] = field(default_factory=list)
     data: bytes | None = None
+    stream: Callable[[], Iterator[bytes]] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -84,7 +86,7 @@ def _header_bytes(tensors: list[OutTensor], metadata: dict[str, str] | None) -> 
     for t in tensors:
         size = t.nbytes
         have = len(t.data) if t.data is not None else sum(e - b for _, b, e in t.ranges)
-        if have != size:
+        if t.stream is None and have != size:
             raise ValueError(f"{t.name}: {have} bytes supplied for {t.dtype}{list(t.shape)} ({size} needed)")
         header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size
@@ -106,7 +108,9 @@ def write_safetensors(path: Path, tensors: list[OutTensor], metadata: dict[str, 
         _write_all(fd, head)
         done = 0
         for t in tensors:
-            if t.data is not None:
+            if t.stream is not None:
+                _write_stream(fd, t.name, t.stream(), t.nbytes)
+            elif t.data is not None:
                 _write_all(fd, t.data)
                 continue
             for src, b, e in t.ranges:
@@ -154,7 +158,7 @@ def write_safetensors_hashing(path: Path, tensors: list[OutTensor], metadata: di
     """
     head, size = _header_bytes(tensors, metadata)
     ranges = [(b, e) for t in tensors for src, b, e in t.ranges if src is source]
-    if any(t.data is not None or any(src is not source for src, _, _ in t.ranges) for t in tensors) or any(
+    if any(t.data is not None or t.stream is not None or any(src is not source for src, _, _ in t.ranges) for t in tensors) or any(
         e0 > b1 for (_, e0), (b1, _) in zip(ranges, ranges[1:])
     ):
         raise ValueError("write_safetensors_hashing needs ascending byte ranges of one source file")
@@ -205,6 +209,15 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
+def _write_stream(fd: int, name: str, pieces: Iterator[bytes], size: int) -> None:
+    written = 0
+    for piece in pieces:
+        _write_all(fd, piece)
+        written += len(piece)
+    if written != size:
+        raise RuntimeError(f"{name}: produced {written} bytes for {size}")
+
+
 def rewrite_shard(path: Path, src: SafetensorsFile, produce: Callable[[TensorInfo], Iterator[bytes] | None]) -> None:
     """Rewrite one shard with the same tensors, dtypes, shapes and order, header computed upfront.
 
@@ -226,12 +239,7 @@ def rewrite_shard(path: Path, src: SafetensorsFile, produce: Callable[[TensorInf
             pieces = produce(t)
             if pieces is None:
                 _copy_range(src, t.begin, t.end, fd)
-                continue
-            written = 0
-            for piece in pieces:
-                _write_all(fd, piece)
-                written += len(piece)
-            if written != t.nbytes:
-                raise RuntimeError(f"{t.name}: produced {written} bytes for {t.nbytes}")
+            else:
+                _write_stream(fd, t.name, pieces, t.nbytes)
     finally:
         os.close(fd)

@@ -27,7 +27,8 @@ from surgery.refine.heal.pairing import Pairing
 
 @dataclass
 class DistillResult:
-    params: dict[str, torch.Tensor] = field(default_factory=dict)  # in-memory name -> trained value (CPU, fp32)
+    # in-memory name -> the trained parameter itself (fp32, where the student is): no host copy of the model
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
     record: dict = field(default_factory=dict)
 
 
@@ -174,5 +175,4 @@ def distill_stage(pairing: Pairing, teacher, student, train_batches: list[torch.
               "held_out_kl_after": best_kl, "best_step": best_step,
               "held_out_kl_checks": [[s, k] for s, k in checks],
               "seconds": round(time.perf_counter() - start, 2), "expert_wise_loss": expert_wise is not None}
-    trained = {n: p.detach().to("cpu", torch.float32).clone() for n, p in params.items()}
-    return DistillResult(trained, record)
+    return DistillResult({n: p.detach() for n, p in params.items()}, record)

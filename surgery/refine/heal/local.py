@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +24,14 @@ from surgery.model.streaming import HiddenStore, LayerPrefetcher, decoder_layers
 from surgery.refine.heal.pairing import Pairing
 
 
+# Receives each fitted layer's trained parameters (in-memory name -> CPU float32 value) as soon as it is done.
+LayerSink = Callable[[int, dict[str, torch.Tensor]], None]
+
+
 @dataclass
 class LocalResult:
-    params: dict[str, torch.Tensor] = field(default_factory=dict)  # in-memory name -> trained value (CPU, fp32)
+    # in-memory name -> trained value (CPU, fp32); empty when local_stage hands each layer to `on_layer`
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
     layers: dict[int, dict] = field(default_factory=dict)  # layer -> held-out errors, losses, steps
 
 
@@ -147,7 +153,7 @@ def _meta_model(path, dtype: torch.dtype):
 
 def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int, *, steps: int, lr: float,
                 batch_tokens: int, device: torch.device, dtype: torch.dtype, seed: int, inputs: str = "student",
-                progress: bool = True) -> LocalResult:
+                progress: bool = True, on_layer: LayerSink | None = None, spill_dir: Path | None = None) -> LocalResult:
     """Fit every touched MoE block of the student; `batches` end with the held-out ones (`held_tokens` tokens).
 
     Teacher and student are streamed side by side, one decoder layer at a time. inputs="teacher"
@@ -157,6 +163,9 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
     target = teacher layer output - (student layer output - student block output).
     inputs="both" trains on the student's pairs and the teacher's (x, y) pairs together (twice the data;
     the held-out tokens stay the student's).
+    `on_layer(layer, params)` receives each fitted layer's parameters as soon as it is done (then nothing is
+    kept here); hidden states that do not fit the device or RAM go to files in `spill_dir` (default: the
+    system's temporary folder), unlinked as soon as they are mapped.
     """
     spec = pairing.teacher_layout.spec
     touched = set(pairing.touched_layers)
@@ -171,8 +180,9 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
     s_blocks = {b.layer: (b.name, student.get_submodule(b.name)) for b in find_blocks(student, spec)}
 
     total = sum(b.numel() for b in batches) * text_config.hidden_size * torch.empty((), dtype=dtype).element_size()
-    t_store = HiddenStore("auto", device, total, Path(tempfile.gettempdir()))
-    s_store = HiddenStore(t_store.where, device, total, Path(tempfile.gettempdir()))
+    spill_dir = spill_dir or Path(tempfile.gettempdir())
+    t_store = HiddenStore("auto", device, 2 * total, spill_dir)  # two stores: the teacher's and the student's
+    s_store = HiddenStore(t_store.where, device, total, spill_dir)
     calls = record_calls(t_base, t_layers, batches, t_store, device)
     for b in range(len(t_store.items)):
         s_store.put(b, t_store.get(b))  # pruning leaves the embeddings alone
@@ -186,7 +196,7 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
     try:
         _walk(result, prefetcher, t_layers, s_layers, t_blocks, s_blocks, t_store, s_store, calls, touched, spec,
               pairing, inputs, held_tokens, steps=steps, lr=lr, batch_tokens=batch_tokens, generator=generator,
-              progress=progress)
+              progress=progress, on_layer=on_layer)
     finally:
         prefetcher.close()
     t_store.close()
@@ -196,7 +206,7 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
 
 def _walk(result: LocalResult, prefetcher: LayerPrefetcher, t_layers, s_layers, t_blocks, s_blocks, t_store, s_store,
           calls, touched, spec, pairing: Pairing, inputs: str, held_tokens: int, *, steps: int, lr: float,
-          batch_tokens: int, generator: torch.Generator, progress: bool) -> None:
+          batch_tokens: int, generator: torch.Generator, progress: bool, on_layer: LayerSink | None) -> None:
     """The layer loop of local_stage: teacher layer i, then student layer i (fitted where pruned)."""
     bar = tqdm(total=len(t_layers), desc="Layer-local fit", unit="layer", disable=not progress)
     for i, (t_layer, s_layer) in enumerate(zip(t_layers, s_layers)):
@@ -222,9 +232,15 @@ def _walk(result: LocalResult, prefetcher: LayerPrefetcher, t_layers, s_layers, 
                     n_fit = x.shape[0] - held_tokens
                     x = torch.cat([x[:n_fit], torch.cat(teacher_io.x)[:n_fit], x[n_fit:]])
                     y = torch.cat([y[:n_fit], torch.cat(teacher_io.y)[:n_fit], y[n_fit:]])
+            trained: dict[str, torch.Tensor] = {}
             result.layers[i] = _fit(block, name, spec.router_module, pairing.sparsified, x, y, held_tokens,
                                     steps=steps, lr=lr, batch_tokens=batch_tokens, generator=generator,
-                                    params_out=result.params)
+                                    params_out=trained)
+            if on_layer is not None:
+                on_layer(i, trained)
+            else:
+                result.params.update(trained)
+            del trained
             if inputs != "teacher":  # the student's next layer sees the healed block's output
                 with torch.no_grad():
                     for b, (xb, m) in enumerate(zip(student_io.x, mids)):

@@ -17,6 +17,8 @@ from surgery.architectures.layout import sub_config
 from surgery.errors import UserError
 from surgery.io import Checkpoint, provenance
 from surgery.io.identity import router_mismatch
+from surgery.io.quantization import scheme_for
+from surgery.io.requantize import check_encodable
 from surgery.model.novices import is_novice_checkpoint
 from surgery.refine.heal.export import TORCH_DTYPES
 # Config keys that expert removal and sparsification leave unchanged.
@@ -99,13 +101,19 @@ def _check_same(student: Checkpoint, teacher: Checkpoint, s_layout: MoELayout, t
 
 
 def _check_dtypes(student: Checkpoint, layout: MoELayout) -> None:
+    """Plain float weights, or quantized ones in the scheme config.json declares, whose companions let them be
+    written back (checked on the headers before any training)."""
+    scheme = scheme_for(student)
     for entry in layout.layers.values():
         names = [*entry.router, *entry.fused, *(n for ns in entry.per_expert.values() for n in ns)]
         for name in names:
             dtype = student.info(name).dtype
-            if dtype not in TORCH_DTYPES:
-                raise HealError(f"{student.file_of(name).path}: {name} is {dtype}; quantized students (FP8, MXFP4) "
-                                "cannot be healed yet")
+            if dtype in TORCH_DTYPES:
+                continue
+            if scheme is None:
+                raise HealError(f"{student.file_of(name).path}: {name} is {dtype} (quantized), but "
+                                f"{student.config_path} declares no quantization scheme (quantization_config)")
+            check_encodable(student, name, scheme)
 
 
 def pair(student_dir: str | Path, teacher_dir: str | Path) -> Pairing:

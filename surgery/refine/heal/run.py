@@ -1,7 +1,12 @@
 """`heal`: layer-local fit, then logits distillation, then the student's own layout written back.
 
 The output has the student's tensor names, dtypes and shards: trained tensors are re-encoded in
-their on-disk dtype, every other tensor is copied byte for byte; pruning.json gains a `heal` record.
+their on-disk dtype (quantized students: in their own scheme, or unquantized with --output-dtype bf16),
+every other tensor is copied byte for byte; pruning.json gains a `heal` record.
+
+Host memory does not grow with the model: each layer's trained tensors go to a spill folder inside the
+output's temporary folder as soon as the layer is done (surgery.refine.heal.spill), the distillation
+stage reads them back one layer at a time, and the write streams them one tensor at a time.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from surgery.io.derived import DerivedCheckpoint
 from surgery.io.identity import file_sha256
 from surgery.io.provenance import now
 from surgery.model.data import build_sequences, cap_seq_len
-from surgery.refine.heal.export import disk_tensors, to_bytes
+from surgery.refine.heal.export import OUTPUT_DTYPES
 from surgery.refine.heal.pairing import HealError, Pairing, pair
+from surgery.refine.heal.spill import SPILL_DIR, Spill
+from surgery.refine.heal.write import LayerWriter, write_output
 
 HELD_OUT_SHARE = 16  # one sequence in 16 is kept aside to measure each stage
 SAMPLES_PER_SEQUENCE = 3  # teacher samples per real sequence at most, when the local stage is short of text
@@ -38,6 +45,7 @@ class HealOptions:
     local_inputs: "student", "teacher" or "both" (surgery.refine.heal.local). train: "experts" or "all"."""
 
     tokens: int | None = None
+    output_dtype: str | None = None  # None: the student's own dtypes and scheme; "bf16": quantized weights unquantized
     local_steps: int = 200
     local_tokens: int = 2**18
     local_lr: float = 3e-4
@@ -67,8 +75,14 @@ class _Run:
     train_ids: torch.Tensor
     held_ids: torch.Tensor
     seq_len: int
-    trained: dict[str, torch.Tensor]
     record: dict
+    spill: Spill | None = None
+    writer: LayerWriter | None = None
+
+    @property
+    def kd_steps(self) -> int:
+        o = self.options
+        return o.kd_steps if o.kd_steps is not None else -(-o.kd_tokens // (o.batch_size * self.seq_len))
 
 
 def heal(student_dir: str | Path, teacher_dir: str | Path, data: list[str], out_dir: str | Path,
@@ -78,22 +92,26 @@ def heal(student_dir: str | Path, teacher_dir: str | Path, data: list[str], out_
     The output folder is opened (and refused if it exists) before any training."""
     if options.train not in TRAIN_CHOICES:
         raise HealError(f"--train {options.train!r}: choose experts or all")
+    if options.output_dtype not in (None, *OUTPUT_DTYPES):
+        raise HealError(f"--output-dtype {options.output_dtype!r}: choose {' or '.join(OUTPUT_DTYPES)}")
     with DerivedCheckpoint(out_dir, overwrite=options.overwrite, inputs=[student_dir, teacher_dir],
                            inputs_label="the student and the teacher") as out, pair(student_dir, teacher_dir) as pairing:
         if not pairing.touched_layers:
             raise HealError(f"{pairing.record_path}: no MoE layer was pruned; nothing to heal")
         run = _start(pairing, data, teacher_dir, options)
-        start = time.perf_counter()
-        if options.local_steps > 0:
-            _local(run)
-        _distill(run)
-        if not run.trained:
-            raise HealError("both stages are off (--local-steps 0 and --kd-steps 0): nothing to do")
-        run.record["seconds"] = round(time.perf_counter() - start, 2)
-        _timing(run, time.perf_counter() - start)
-        if run.device.type == "cuda":
-            run.record["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**20)
-        _write(run, out)
+        with Spill(out.tmp / SPILL_DIR) as run.spill:  # removed when heal ends, however it ends
+            run.writer = LayerWriter(pairing.student, pairing.student_layout, run.spill, options.output_dtype)
+            start = time.perf_counter()
+            if options.local_steps > 0:
+                _local(run)
+            _distill(run)
+            if not run.spill.encoded:
+                raise HealError("both stages are off (--local-steps 0 and --kd-steps 0): nothing to do")
+            run.record["seconds"] = round(time.perf_counter() - start, 2)
+            _timing(run, time.perf_counter() - start)
+            if run.device.type == "cuda":
+                run.record["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**20)
+            write_output(run.writer, out, pairing, run.record)
     return run.record
 
 
@@ -131,7 +149,7 @@ def _start(pairing: Pairing, data: list[str], teacher_dir: str | Path, options: 
         "held_out_tokens": int(held_ids.numel()),
         "seq_len": seq_len, "seed": options.seed, "device": str(dev), "stages": [],
     }
-    return _Run(pairing, options, dev, dt, train_ids, held_ids, seq_len, {}, record)
+    return _Run(pairing, options, dev, dt, train_ids, held_ids, seq_len, record)
 
 
 def _sequences(pairing: Pairing, data: list[str], tokens: int | None, seq_len: int, seed: int):
@@ -182,10 +200,17 @@ def _local(run: _Run) -> None:
     o = run.options
     local_ids, sampled = _local_ids(run)
     batches = [*local_ids.split(o.batch_size), *run.held_ids.split(o.batch_size)]
+
+    def hand_off(layer: int, params: dict[str, torch.Tensor]) -> None:
+        """Distillation follows: park the exact float32 values; else the layer's tensors as written."""
+        if run.kd_steps > 0:
+            run.spill.put_values(str(layer), params)
+        else:
+            run.writer.put(str(layer), params)
+
     local = local_stage(run.pairing, batches, run.held_ids.numel(), steps=o.local_steps, lr=o.local_lr,
                         batch_tokens=4096, device=run.device, dtype=run.dtype, seed=o.seed, inputs=o.local_inputs,
-                        progress=o.progress)
-    run.trained.update(local.params)
+                        progress=o.progress, on_layer=hand_off, spill_dir=run.spill.folder)
     run.record["stages"].append({"stage": "local", "inputs": o.local_inputs, "steps_per_layer": o.local_steps,
                                  "lr": o.local_lr, "tokens": int(local_ids.numel()), **sampled,
                                  "layers": {str(k): v for k, v in sorted(local.layers.items())}})
@@ -194,7 +219,7 @@ def _local(run: _Run) -> None:
 def _distill(run: _Run) -> None:
     """Stage 2: logits distillation from the teacher (surgery.refine.heal.distill), from the local stage's weights."""
     o = run.options
-    steps = o.kd_steps if o.kd_steps is not None else -(-o.kd_tokens // (o.batch_size * run.seq_len))
+    steps = run.kd_steps
     if steps <= 0:
         return
     from surgery.model.load import load_model
@@ -202,25 +227,18 @@ def _distill(run: _Run) -> None:
 
     teacher = _loaded(run, load_model(run.pairing.teacher.dir, str(run.device), run.dtype))
     student = _loaded(run, load_model(run.pairing.student.dir, str(run.device), torch.float32))
+    local_names: set[str] = set()
     with torch.no_grad():
-        for name, value in run.trained.items():
-            student.get_parameter(name).copy_(value)
+        for group in run.spill.value_groups():  # one layer of the local stage's values in RAM at a time
+            for name, value in run.spill.values(group).items():
+                student.get_parameter(name).copy_(value)
+                local_names.add(name)
     kd = distill_stage(run.pairing, teacher, student, list(run.train_ids.split(o.batch_size)),
                        list(run.held_ids.split(o.batch_size)), steps=steps, lr=o.lr, train=o.train,
                        device=run.device, seed=o.seed, progress=o.progress)
-    run.trained.update(kd.params)
+    names = sorted(local_names | set(kd.params))
+    for group, members in run.writer.by_layer(names).items():  # the student's values now, a layer at a time
+        run.writer.put(group, {n: student.get_parameter(n).detach() for n in members})
+        if group in run.spill.value_groups():
+            run.spill.drop_values(group)
     run.record["stages"].append({"stage": "distill", **kd.record})
-
-
-def _write(run: _Run, out: DerivedCheckpoint) -> None:
-    """The student with its trained tensors replaced (in their on-disk dtype); pruning.json gains `heal`."""
-    ckpt = run.pairing.student
-    values = disk_tensors(ckpt, run.pairing.student_layout, run.trained)
-
-    def produce(info: TensorInfo):
-        value = values.get(info.name)
-        return None if value is None else iter([to_bytes(value, info.dtype)])
-
-    out.replace_tensors(ckpt, produce)
-    run.record["tensors_written"] = sorted(values)
-    out.finish(ckpt, {**run.pairing.record, "heal": run.record})
