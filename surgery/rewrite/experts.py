@@ -13,6 +13,7 @@ from surgery.architectures import MoELayout, check_shapes, resolve
 from surgery.errors import PlanError, UserError
 from surgery.io import Checkpoint, OutTensor, TensorInfo, nbytes, provenance
 from surgery.io.derived import DerivedCheckpoint, as_output
+from surgery.io.quantization import check_quantized
 from surgery.io.safetensors_file import SafetensorsFile
 from surgery.plan import Plan
 from surgery.rewrite.config import rewrite_config
@@ -104,6 +105,7 @@ def rewrite_checkpoint(
     """
     with Checkpoint(model_dir) as ckpt:
         layout = source_layout(ckpt)
+        check_quantized(ckpt)  # scales cut with their weights must be there, with the shapes the scheme gives
         chosen = plan.validate(layout)
         counts = {layer: len(chosen.keep.get(layer, range(layout.num_experts))) for layer in layout.layers}
         uniform = len(set(counts.values())) == 1
