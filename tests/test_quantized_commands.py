@@ -5,7 +5,6 @@ streamed, checked before any compute), sparsify, eval and prune --plan."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Callable
 
@@ -13,10 +12,10 @@ import pytest
 import torch
 from click.testing import Result
 
-from quantized_models import BUILDERS, dequantized_copy
+from quantized_models import BUILDERS
+from test_collect_quantized import _tokenizer, data_file, models, root  # noqa: F401 (fixtures)
 from test_quantization import BAD, _edit
 from tiny_models import NUM_EXPERTS, masked_logits, moe_layers
-from tiny_tokenizer import save_tiny_tokenizer
 
 import surgery.model.streaming as streaming
 from surgery.model.load import load_model
@@ -25,41 +24,6 @@ SCHEMES = list(BUILDERS)
 PPL_TOL = 1e-4  # relative: the same float32 weights, summed in possibly another order
 LOGIT_TOL = 1e-5
 MIN_EFFECT = 1e-3
-
-
-def _tokenizer(path: Path) -> Path:
-    vocab = json.loads((path / "config.json").read_text()).get("vocab_size") or 128
-    save_tiny_tokenizer(path, vocab_size=min(256, vocab))
-    return path
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("quantized-commands")
-
-
-@pytest.fixture(scope="module")
-def data_file(root: Path) -> Path:
-    rng = random.Random(17)
-    words = "expert router token layer model prune gate weight sparse dense 42 7 , . ! the a of".split()
-    path = root / "text.jsonl"
-    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(8, 30)))})
-                            + "\n" for _ in range(40)))
-    return path
-
-
-@pytest.fixture(scope="module")
-def models(root: Path) -> Callable[[str], tuple[Path, Path]]:
-    """`models(scheme)`: (the quantized checkpoint, its dequantized float32 copy), with a tokenizer, built once."""
-    cache: dict[str, tuple[Path, Path]] = {}
-
-    def get(scheme: str) -> tuple[Path, Path]:
-        if scheme not in cache:
-            q = _tokenizer(BUILDERS[scheme](root / scheme))
-            cache[scheme] = q, _tokenizer(dequantized_copy(q, root / f"{scheme}-dequantized"))
-        return cache[scheme]
-
-    return get
 
 
 def _eval(cli: Callable[..., Result], model: Path, data: Path, *extra: str | Path) -> dict:

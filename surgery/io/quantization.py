@@ -289,13 +289,12 @@ def is_quantized(ckpt: Checkpoint, name: str) -> bool:
 SCALE_SUFFIXES = ("_scale", "_scale_inv", "_scales", "_zero_point")  # companions, never weights themselves
 
 
-def check_quantized(ckpt: Checkpoint) -> int:
+def check_quantized(ckpt: Checkpoint) -> Scheme | None:
     """Check every quantized weight of the checkpoint from the shard headers alone, before any compute:
     the scheme in config.json is supported, and each weight's companions are present with the shapes and
     dtypes the scheme gives them. Raises the same one-line `CheckpointError` reading the weight would;
-    returns the number of quantized weights checked."""
+    returns the scheme (None: not quantized)."""
     scheme = scheme_for(ckpt)
-    count = 0
     for name in ckpt.weight_map:
         if name.endswith("_blocks"):
             _mxfp4_parts(ckpt, name.removesuffix("_blocks"), scheme)
@@ -303,10 +302,7 @@ def check_quantized(ckpt: Checkpoint) -> int:
             _nvfp4_parts(ckpt, name.removesuffix(".weight_packed"), scheme)
         elif ckpt.info(name).dtype in ("F8_E4M3", "F8_E5M2") and not name.endswith(SCALE_SUFFIXES):
             _fp8_parts(ckpt, name, scheme)
-        else:
-            continue
-        count += 1
-    return count
+    return scheme
 
 
 def stored_form(ckpt: Checkpoint, name: str) -> str | None:
