@@ -13,7 +13,7 @@ import torch
 from click.testing import Result
 
 from quantized_models import BUILDERS
-from test_collect_quantized import _tokenizer, data_file, models, root  # noqa: F401 (fixtures)
+from test_collect_quantized import _tokenizer, data_file, models, root  # noqa: F401,F811 (fixtures)
 from test_quantization import BAD, _edit
 from tiny_models import NUM_EXPERTS, masked_logits, moe_layers
 
