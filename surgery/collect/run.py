@@ -19,7 +19,7 @@ from surgery.model.data import build_sequences, cap_seq_len
 from surgery.errors import UserError
 from surgery.io.identity import config_sha256, router_sha256
 from surgery.io import Checkpoint
-from surgery.io.quantization import scheme_for
+from surgery.io.quantization import check_quantized
 from surgery.model.load import load_model
 from surgery.model.novices import is_novice_checkpoint
 from surgery.collect.options import CollectOptions, default_holdout
@@ -194,7 +194,7 @@ def _setup(model_dir: str, options: CollectOptions) -> _Setup:
                         "language model in a multimodal wrapper (the rewriter supports it, the collector does not)")
     identity = {"config_sha256": config_sha256(ckpt.config), "router_sha256": router_sha256(ckpt, layout)}
     try:
-        scheme = scheme_for(ckpt)  # an unsupported scheme is refused here, before any text is read
+        scheme = check_quantized(ckpt)  # unsupported schemes, missing or mis-shaped scales: before any text is read
     finally:
         ckpt.close()
     quantization = None if scheme is None else {"method": scheme.method, "scheme": scheme.name}

@@ -37,135 +37,18 @@ or mis-shaped companion, or scales whose block size disagrees with the config, n
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass, field
 from typing import Collection
 
 import numpy as np
 
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.paths import show
+from surgery.io.quant_scheme import SUPPORTED, Scheme, scheme_for, scheme_of
 from surgery.io.quant_formats import FLOAT_DTYPES, FP8_TABLES, SCALE_DTYPES, decode_fp8, fp8_block, mxfp4, nvfp4
 from surgery.io.safetensors_file import CheckpointError, decode
 
-# The scheme, from config.json
-
-SUPPORTED = "fp8 (block-scaled or per-tensor), compressed-tensors (float-quantized FP8, nvfp4-pack-quantized), mxfp4"
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """What `quantization_config` says, reduced to what decoding needs."""
-
-    method: str  # "fp8" | "compressed-tensors" | "mxfp4"
-    where: str  # config.json, for messages
-    fp8: frozenset[str] = frozenset()  # FP8 weight scale layouts allowed: "block", "channel", "tensor"
-    block: tuple[int, int] | None = None  # FP8 block size (weight_block_size / block_structure)
-    fp4_group: int | None = None  # NVFP4 group size
-    ignore: tuple[str, ...] = field(default=())  # modules_to_not_convert / ignore, as written
-
-    @property
-    def scale_suffix(self) -> str:
-        """The FP8 weight's scale: `weight_scale_inv` (fp8) or `weight_scale` (compressed-tensors)."""
-        return "_scale_inv" if self.method == "fp8" else "_scale"
-
-    @property
-    def name(self) -> str:
-        """e.g. `fp8 block [128, 128]`, `compressed-tensors FP8 channel`, `compressed-tensors NVFP4 group 16`."""
-        if self.method == "mxfp4":
-            return "mxfp4"
-        if self.method == "fp8":
-            return f"fp8 block {list(self.block)}" if self.block else "fp8 per-tensor"
-        parts = []
-        if self.fp8:
-            parts.append("FP8 " + "/".join(sorted(self.fp8)) + (f" {list(self.block)}" if self.block else ""))
-        if self.fp4_group:
-            parts.append(f"NVFP4 group {self.fp4_group}")
-        return "compressed-tensors " + " + ".join(parts)
-
-
-def _block_size(value: object, key: str, where: str) -> tuple[int, int]:
-    if (not isinstance(value, list) or len(value) != 2
-            or not all(type(v) is int and v > 0 for v in value)):
-        raise CheckpointError(f"{where}: quantization_config.{key} must be two positive integers, not {value!r}")
-    return value[0], value[1]
-
-
-def _compressed_tensors(qc: dict, where: str) -> Scheme:
-    top_format = qc.get("format")
-    groups = qc.get("config_groups")
-    if not isinstance(groups, dict) or not groups:
-        raise CheckpointError(f"{where}: compressed-tensors quantization_config has no config_groups")
-    fp8: set[str] = set()
-    block = None
-    fp4_group = None
-    for gname, group in groups.items():
-        weights = group.get("weights") if isinstance(group, dict) else None
-        if weights is None:
-            continue  # activation-only group
-        if not isinstance(weights, dict):
-            raise CheckpointError(f"{where}: compressed-tensors config group {gname!r}: weights is not an object")
-        fmt = group.get("format") or top_format
-        bits, number, strategy = weights.get("num_bits"), weights.get("type"), weights.get("strategy")
-        desc = f"{bits}-bit {number} {strategy} (format {fmt!r})"
-        if bits == 8 and number == "float" and fmt in ("float-quantized", "naive-quantized") \
-                and strategy in ("channel", "tensor", "block"):
-            fp8.add(strategy)
-            if strategy == "block":
-                block = _block_size(weights.get("block_structure"), f"config_groups.{gname}.weights.block_structure",
-                                    where)
-        elif bits == 4 and number == "float" and fmt == "nvfp4-pack-quantized":
-            g = weights.get("group_size", 16)
-            if type(g) is not int or g <= 0:
-                raise CheckpointError(f"{where}: compressed-tensors config group {gname!r}: group_size {g!r}")
-            fp4_group = g
-        else:
-            raise CheckpointError(f"{where}: compressed-tensors scheme {desc} in config group {gname!r} is not "
-                                  f"supported (supported: {SUPPORTED})")
-    if not fp8 and fp4_group is None:
-        raise CheckpointError(f"{where}: compressed-tensors quantization_config quantizes no weights")
-    ignore = qc.get("ignore") or []
-    return Scheme("compressed-tensors", where, frozenset(fp8), block, fp4_group,
-                  tuple(str(x) for x in ignore) if isinstance(ignore, list) else ())
-
-
-def scheme_of(config: dict, where: str = "config.json") -> Scheme | None:
-    """The checkpoint's quantization scheme (None when config.json has no `quantization_config`)."""
-    qc = config.get("quantization_config")
-    if qc is None and isinstance(config.get("text_config"), dict):
-        qc = config["text_config"].get("quantization_config")
-    if qc is None:
-        return None
-    if not isinstance(qc, dict):
-        raise CheckpointError(f"{where}: quantization_config is not an object")
-    method = qc.get("quant_method")
-    ignore = qc.get("modules_to_not_convert") or []
-    ignore = tuple(str(x) for x in ignore) if isinstance(ignore, list) else ()
-    if method == "fp8":
-        fmt = qc.get("fmt", "e4m3")
-        if fmt not in ("e4m3", "e5m2"):
-            raise CheckpointError(f"{where}: fp8 quantization with fmt {fmt!r} is not supported (e4m3, e5m2)")
-        if qc.get("weight_block_size") is None:
-            return Scheme("fp8", where, frozenset({"tensor"}), None, ignore=ignore)
-        return Scheme("fp8", where, frozenset({"block"}), _block_size(qc["weight_block_size"], "weight_block_size",
-                                                                         where), ignore=ignore)
-    if method == "compressed-tensors":
-        return _compressed_tensors(qc, where)
-    if method == "mxfp4":
-        return Scheme("mxfp4", where, ignore=ignore)
-    raise CheckpointError(f"{where}: quantization scheme quant_method={method!r} is not supported "
-                          f"(supported: {SUPPORTED})")
-
-
-_SCHEMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def scheme_for(ckpt: Checkpoint) -> Scheme | None:
-    """`scheme_of` the checkpoint's config.json, parsed once per open Checkpoint."""
-    if ckpt not in _SCHEMES:
-        _SCHEMES[ckpt] = (scheme_of(ckpt.config, show(ckpt.config_path)),)
-    return _SCHEMES[ckpt][0]
-
+__all__ = ["SUPPORTED", "Scheme", "check_quantized", "companions", "dequantize", "is_quantized", "scheme_for",
+           "scheme_of", "stored_form", "values_shape"]
 
 # ---------------------------------------------------------------------------------------------
 # Names
@@ -215,11 +98,16 @@ def _raw(ckpt: Checkpoint, name: str, index: int | None) -> tuple[bytes, str, tu
     return f.read_range(begin, begin + step), info.dtype, info.shape[1:]
 
 
-def _numbers(ckpt: Checkpoint, name: str, index: int | None, allowed: tuple[str, ...], role: str) -> np.ndarray:
-    """A float or FP8 tensor (or slab) decoded to float32; its dtype must be one of `allowed`."""
-    raw, dtype, shape = _raw(ckpt, name, index)
+def _check_dtype(ckpt: Checkpoint, name: str, allowed: tuple[str, ...], role: str) -> None:
+    dtype = ckpt.info(name).dtype
     if dtype not in allowed:
         raise CheckpointError(f"{_where(ckpt, name)}: {role} {name!r} is {dtype}; expected {' or '.join(allowed)}")
+
+
+def _numbers(ckpt: Checkpoint, name: str, index: int | None, allowed: tuple[str, ...], role: str) -> np.ndarray:
+    """A float or FP8 tensor (or slab) decoded to float32; its dtype must be one of `allowed`."""
+    _check_dtype(ckpt, name, allowed, role)
+    raw, dtype, shape = _raw(ckpt, name, index)
     if dtype in FP8_TABLES:
         return decode_fp8(raw, dtype).reshape(shape)
     where = f"{_where(ckpt, name)}: tensor {name!r}"
@@ -228,9 +116,8 @@ def _numbers(ckpt: Checkpoint, name: str, index: int | None, allowed: tuple[str,
 
 def _codes(ckpt: Checkpoint, name: str, index: int | None, role: str,
            allowed: tuple[str, ...] = ("U8",)) -> np.ndarray:
-    raw, dtype, shape = _raw(ckpt, name, index)
-    if dtype not in allowed:
-        raise CheckpointError(f"{_where(ckpt, name)}: {role} {name!r} is {dtype}; expected {' or '.join(allowed)}")
+    _check_dtype(ckpt, name, allowed, role)
+    raw, _, shape = _raw(ckpt, name, index)
     return np.frombuffer(raw, np.uint8).reshape(shape)
 
 
@@ -276,13 +163,17 @@ def _fp8_layout(ckpt: Checkpoint, name: str, scale_name: str, scheme: Scheme) ->
 
 
 def fp8_scale(ckpt: Checkpoint, name: str, scheme: Scheme | None) -> tuple[str, str]:
-    """(scale tensor name, its layout "block" | "channel" | "tensor") of FP8 weight `name`, checked."""
+    """(scale tensor name, its layout "block" | "channel" | "tensor") of FP8 weight `name`, checked from the
+    headers alone (names, shapes, dtypes)."""
+    dtype = ckpt.info(name).dtype
     if scheme is None or not scheme.fp8:
-        raise CheckpointError(f"{_where(ckpt, name)}: tensor {name!r} is {ckpt.info(name).dtype}, but the "
+        raise CheckpointError(f"{_where(ckpt, name)}: tensor {name!r} is {dtype}, but the "
                               f"checkpoint's scheme ({_no_scheme(ckpt, scheme)}) has no FP8 weights")
     scale_name = (name + scheme.scale_suffix) if name.endswith(".weight") else f"{name}_scale_inv"
     scale_name = _companion(ckpt, name, scale_name, scheme)
-    return scale_name, _fp8_layout(ckpt, name, scale_name, scheme)
+    layout = _fp8_layout(ckpt, name, scale_name, scheme)
+    _check_dtype(ckpt, scale_name, SCALE_DTYPES, "scale")
+    return scale_name, layout
 
 
 def _dequant_fp8(ckpt: Checkpoint, name: str, index: int | None, scheme: Scheme | None) -> np.ndarray:
@@ -296,7 +187,8 @@ def _dequant_fp8(ckpt: Checkpoint, name: str, index: int | None, scheme: Scheme 
     return (weight * scale.reshape(*weight.shape[:-2], 1, 1)).astype(np.float32, copy=False)
 
 
-def _dequant_nvfp4(ckpt: Checkpoint, module: str, index: int | None, scheme: Scheme | None) -> np.ndarray:
+def _nvfp4_parts(ckpt: Checkpoint, module: str, scheme: Scheme | None) -> tuple[str, str, str, int]:
+    """An NVFP4 weight's packed codes, scales, global scale and group size, checked from the headers alone."""
     packed_name = f"{module}.weight_packed"
     if scheme is None or scheme.fp4_group is None:
         raise CheckpointError(f"{_where(ckpt, packed_name)}: tensor {packed_name!r} is NVFP4-packed, but the "
@@ -315,14 +207,24 @@ def _dequant_nvfp4(ckpt: Checkpoint, module: str, index: int | None, scheme: Sch
     lead = int(np.prod(p[:-2], dtype=np.int64)) if len(p) > 2 else 1
     if int(np.prod(g, dtype=np.int64)) != lead:
         raise _shape_error(ckpt, gs_name, g, packed_name, p, "one global scale per matrix ([1])")
+    _check_dtype(ckpt, packed_name, ("U8",), "packed weight")
+    _check_dtype(ckpt, scale_name, ("F8_E4M3",), "scale")
+    _check_dtype(ckpt, gs_name, ("F32", "BF16", "F16"), "global scale")
+    return packed_name, scale_name, gs_name, group
+
+
+def _dequant_nvfp4(ckpt: Checkpoint, module: str, index: int | None, scheme: Scheme | None) -> np.ndarray:
+    packed_name, scale_name, gs_name, group = _nvfp4_parts(ckpt, module, scheme)
     packed = _codes(ckpt, packed_name, index, "packed weight")
     scale = _numbers(ckpt, scale_name, index, ("F8_E4M3",), "scale")
-    global_scale = _numbers(ckpt, gs_name, index if len(p) > 2 else None, ("F32", "BF16", "F16"), "global scale")
+    fused = len(ckpt.info(packed_name).shape) > 2
+    global_scale = _numbers(ckpt, gs_name, index if fused else None, ("F32", "BF16", "F16"), "global scale")
     divisor = global_scale.reshape(*packed.shape[:-2]) if packed.ndim > 2 else global_scale.ravel()[0]
     return nvfp4(packed, scale, divisor, group)
 
 
-def _dequant_mxfp4(ckpt: Checkpoint, base: str, index: int | None, scheme: Scheme | None) -> np.ndarray:
+def _mxfp4_parts(ckpt: Checkpoint, base: str, scheme: Scheme | None) -> tuple[str, str]:
+    """An MXFP4 parameter's blocks and scales, checked from the headers alone."""
     blocks_name = f"{base}_blocks"
     if scheme is None or scheme.method != "mxfp4":
         raise CheckpointError(f"{_where(ckpt, blocks_name)}: tensor {blocks_name!r} holds MXFP4 blocks, but the "
@@ -334,6 +236,13 @@ def _dequant_mxfp4(ckpt: Checkpoint, base: str, index: int | None, scheme: Schem
                               f"{2 * b[-1] if b else 0} values, MXFP4 uses 32 (16 bytes on the last axis)")
     if s != b[:-1]:
         raise _shape_error(ckpt, scales_name, s, blocks_name, b, f"{list(b[:-1])} (one e8m0 scale per 32-value block)")
+    _check_dtype(ckpt, blocks_name, ("U8",), "MXFP4 blocks")
+    _check_dtype(ckpt, scales_name, ("U8", "F8_E8M0"), "MXFP4 scales")
+    return blocks_name, scales_name
+
+
+def _dequant_mxfp4(ckpt: Checkpoint, base: str, index: int | None, scheme: Scheme | None) -> np.ndarray:
+    blocks_name, scales_name = _mxfp4_parts(ckpt, base, scheme)
     blocks = _codes(ckpt, blocks_name, index, "MXFP4 blocks")
     scales = _codes(ckpt, scales_name, index, "MXFP4 scales", ("U8", "F8_E8M0"))
     return mxfp4(blocks, scales)
@@ -376,3 +285,42 @@ def is_quantized(ckpt: Checkpoint, name: str) -> bool:
     if name.endswith(".weight") and name not in names and f"{name}_packed" in names:
         return True
     return name in names and ckpt.info(name).dtype.startswith("F8_")
+
+
+SCALE_SUFFIXES = ("_scale", "_scale_inv", "_scales", "_zero_point")  # companions, never weights themselves
+
+
+def check_quantized(ckpt: Checkpoint) -> Scheme | None:
+    """Check every quantized weight of the checkpoint from the shard headers alone, before any compute:
+    the scheme in config.json is supported, and each weight's companions are present with the shapes and
+    dtypes the scheme gives them. Raises the same one-line `CheckpointError` reading the weight would;
+    returns the scheme (None: not quantized)."""
+    scheme = scheme_for(ckpt)
+    for name in ckpt.weight_map:
+        if name.endswith("_blocks"):
+            _mxfp4_parts(ckpt, name.removesuffix("_blocks"), scheme)
+        elif name.endswith(".weight_packed"):
+            _nvfp4_parts(ckpt, name.removesuffix(".weight_packed"), scheme)
+        elif ckpt.info(name).dtype in ("F8_E4M3", "F8_E5M2") and not name.endswith(SCALE_SUFFIXES):
+            fp8_scale(ckpt, name, scheme)
+    return scheme
+
+
+def stored_form(ckpt: Checkpoint, name: str) -> str | None:
+    """How stored tensor `name` holds its values: "fp8" (one FP8 code per value), "fp4" (two e2m1 codes per
+    byte, low nibble first: NVFP4 `weight_packed`, MXFP4 `_blocks`), or None (plain floats or anything else)."""
+    if name.endswith("_blocks") or name.endswith(".weight_packed"):
+        return "fp4" if ckpt.info(name).dtype == "U8" else None
+    return "fp8" if ckpt.info(name).dtype in ("F8_E4M3", "F8_E5M2") else None
+
+
+def values_shape(ckpt: Checkpoint, name: str) -> tuple[int, ...]:
+    """Shape of the values stored tensor `name` stands for, as `dequantize` returns them: MXFP4 blocks
+    [..., G, 16] hold [..., 32·G], NVFP4 packed [..., C/2] holds [..., C], anything else its own shape."""
+    shape = ckpt.info(name).shape
+    if name.endswith("_blocks") and len(shape) >= 2:
+        return (*shape[:-2], shape[-2] * 2 * shape[-1])
+    if name.endswith(".weight_packed") and shape:
+        return (*shape[:-1], 2 * shape[-1])
+    return shape
+

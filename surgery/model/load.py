@@ -176,15 +176,18 @@ def fill_model(model, config, ckpt, layout, device: torch.device) -> None:
 
 
 def check_loadable(path: str | os.PathLike) -> None:
-    """Our own checks before transformers reads the files: every header, the index and the expert
-    shapes against config.json, so a damaged checkpoint gets one line naming the file, not a traceback."""
+    """Our own checks before transformers reads the files: every header, the index, the expert shapes
+    against config.json and every quantized weight's companions, so a damaged checkpoint gets one line
+    naming the file, not a traceback (nor an error halfway through loading)."""
     from surgery.architectures import check_shapes, resolve
     from surgery.io import Checkpoint
+    from surgery.io.quantization import check_quantized
 
     ckpt = Checkpoint(path)
     try:
         layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
         problems = check_shapes(layout, {n: ckpt.info(n).shape for n in ckpt.names()})
+        check_quantized(ckpt)
     finally:
         ckpt.close()
     if problems:

@@ -4,13 +4,16 @@ Positioned reads, no memory map, so the host's resident memory does not grow wit
 on the CPU straight into the destination tensor's memory when dtypes agree; on a CUDA device through a
 small ring of pinned host buffers and asynchronous copies on a side stream (`fill` returns a CUDA event
 the compute stream waits on). `WeightReader.submit` runs `fill` on a background thread, so the next
-decoder layer is read while the current one computes (surgery.model.streaming).
+decoder layer is read while the current one computes (surgery.model.streaming). Quantized pieces are
+dequantized on the host by a pool of threads (numpy releases the GIL), one tensor or expert each, in order.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,6 +33,9 @@ def _pread_into(file: SafetensorsFile, begin: int, buf: np.ndarray) -> None:
         pos += n
 
 
+DEQUANT_WORKERS = max(1, min(16, os.cpu_count() or 1))
+
+
 def _bytes_of(t: torch.Tensor) -> np.ndarray:
     """A writable uint8 numpy view of a contiguous CPU tensor's memory."""
     return t.reshape(-1).view(torch.uint8).numpy()
@@ -45,6 +51,7 @@ class WeightReader:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self._pool: ThreadPoolExecutor | None = None
+        self._dequant: ThreadPoolExecutor | None = None
         if self.cuda:
             self.stream = torch.cuda.Stream(self.device)
             self.ring = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
@@ -60,7 +67,10 @@ class WeightReader:
         targets are filled when this returns."""
         if not self.cuda:
             for p in pieces:
-                self._fill_cpu(p)
+                if p.quantized is None:
+                    self._fill_cpu(p)
+            for p, value in self._dequantized(pieces):
+                p.target.copy_(value)
             return None
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             if after is not None:
@@ -76,17 +86,31 @@ class WeightReader:
             for p, dest in staged:
                 if dest is not p.target:
                     p.target.copy_(apply_transform(dest, p.transform))
-            for p in pieces:  # dequantized on the host one tensor (or expert) at a time, converted on the device
-                if p.quantized is not None:
-                    p.target.copy_(p.dequantized().to(self.device))
+            for p, value in self._dequantized(pieces):  # converted to the target's dtype on the device
+                p.target.copy_(value.to(self.device))
             done = torch.cuda.Event()
             done.record(self.stream)
         return done
 
-    def _fill_cpu(self, p: Piece) -> None:
-        if p.quantized is not None:
-            p.target.copy_(p.dequantized())
+    def _dequantized(self, pieces: list[Piece]) -> Iterator[tuple[Piece, torch.Tensor]]:
+        """(piece, float32 host value) of each quantized piece in order, computed on worker threads with at
+        most two per worker in flight (each one tensor or one expert), so host memory stays bounded."""
+        todo = [p for p in pieces if p.quantized is not None]
+        if not todo:
             return
+        if self._dequant is None:
+            self._dequant = ThreadPoolExecutor(max_workers=DEQUANT_WORKERS, thread_name_prefix="moe-surgery-dequant")
+        ahead: deque[tuple[Piece, Future]] = deque()
+        for p in todo:
+            ahead.append((p, self._dequant.submit(p.dequantized)))
+            if len(ahead) >= 2 * DEQUANT_WORKERS:
+                q, future = ahead.popleft()
+                yield q, future.result()
+        while ahead:
+            q, future = ahead.popleft()
+            yield q, future.result()
+
+    def _fill_cpu(self, p: Piece) -> None:
         if p.direct:
             _pread_into(p.file, p.info.begin, _bytes_of(p.target))
             return
@@ -144,6 +168,9 @@ class WeightReader:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._dequant is not None:
+            self._dequant.shutdown(wait=True)
+            self._dequant = None
         if self.cuda:
             self.stream.synchronize()
             self._readers.shutdown(wait=True)

@@ -88,6 +88,19 @@ def source_layout(ckpt: Checkpoint, error: type[UserError] = PlanError) -> MoELa
     return layout
 
 
+def _check_quantized(ckpt: Checkpoint) -> None:
+    """surgery.io.quantization.check_quantized on quantized checkpoints only: it needs numpy, which a byte
+    copy of an unquantized checkpoint never imports."""
+    text = ckpt.config.get("text_config")
+    declared = "quantization_config" in ckpt.config or (isinstance(text, dict) and "quantization_config" in text)
+    if not declared and not any(n.endswith(("_blocks", ".weight_packed")) or ckpt.info(n).dtype.startswith("F8_")
+                                for n in ckpt.names()):
+        return
+    from surgery.io.quantization import check_quantized
+
+    check_quantized(ckpt)
+
+
 def rewrite_checkpoint(
     model_dir: str | Path,
     plan: Plan,
@@ -104,6 +117,7 @@ def rewrite_checkpoint(
     """
     with Checkpoint(model_dir) as ckpt:
         layout = source_layout(ckpt)
+        _check_quantized(ckpt)  # scales cut with their weights must be there, with the shapes the scheme gives
         chosen = plan.validate(layout)
         counts = {layer: len(chosen.keep.get(layer, range(layout.num_experts))) for layer in layout.layers}
         uniform = len(set(counts.values())) == 1

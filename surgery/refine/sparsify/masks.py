@@ -4,7 +4,8 @@ Scores follow MoE-Pruner (arXiv 2410.12013): S_rc = |W_rc| * sqrt(sum_t r g^2 x_
 channel's norm over the tokens routed to the expert, weighted by the router's gate; Wanda drops
 the gate (sum_t r x_c^2); magnitude uses |W_rc| alone. The comparison group is each output row,
 so every expert matrix gets the same sparsity. N:M keeps the N best of every M consecutive inputs.
-Kept weights keep their exact bits (masking zeroes the stored integers), so bf16 stays bit-exact.
+Kept weights keep their exact bits (masking zeroes the stored integers), so bf16 stays bit-exact; quantized
+weights (FP8, NVFP4, MXFP4) are scored on their dequantized values and pruned by zeroing their codes, scales kept.
 """
 
 from __future__ import annotations
@@ -101,6 +102,31 @@ def mask_matrix(raw: bytes, dtype: str, shape: tuple[int, ...], input_axis: int,
     magnitude_bits = np.iinfo(bits.dtype).max >> 1  # every bit but the sign: ±0 both count as zero
     zeros = int(np.count_nonzero((bits & magnitude_bits) == 0))
     return (bits.T if input_axis == 0 else bits).tobytes(), zeros
+
+
+def mask_codes(raw: bytes, form: str, values: np.ndarray, norm: np.ndarray | None, sparsity: float,
+               pattern: str) -> tuple[bytes, int]:
+    """Masked bytes of one quantized matrix and its number of zero values, scored on `values` [out, in]
+    (its dequantized values): each pruned value's code becomes the format's +0 (FP8 0x00; the e2m1 nibble 0
+    of `form` "fp4", low nibble = even input), so it dequantizes to 0 whatever its scale; kept codes and
+    every scale are untouched, so kept values dequantize exactly as before."""
+    rows, cols = values.shape
+    width = cols if form == "fp8" else cols // 2
+    if len(raw) != rows * width or (form == "fp4" and cols % 2):
+        raise SparsifyError(f"{len(raw)} bytes of {form} codes cannot hold a [{rows}, {cols}] matrix")
+    codes = np.frombuffer(raw, dtype=np.uint8).reshape(rows, width).copy()
+    for r0 in range(0, rows, ROW_BLOCK):
+        keep = row_mask(values[r0: r0 + ROW_BLOCK], norm, sparsity, pattern)
+        part = codes[r0: r0 + ROW_BLOCK]  # a view: masked in place
+        if form == "fp8":
+            part[~keep] = 0
+        else:
+            part &= (np.where(keep[:, 0::2], 0x0F, 0) | np.where(keep[:, 1::2], 0xF0, 0)).astype(np.uint8)
+    if form == "fp8":
+        zeros = int(np.count_nonzero((codes & 0x7F) == 0))  # ±0
+    else:
+        zeros = int(np.count_nonzero((codes & 0x07) == 0) + np.count_nonzero((codes & 0x70) == 0))
+    return codes.tobytes(), zeros
 
 
 def slabs(f: SafetensorsFile, info: TensorInfo, count: int) -> Iterator[bytes]:

@@ -2,6 +2,8 @@
 
 The checkpoint is streamed: other tensors are copied by byte range, and each expert weight (or
 each expert's slab of a fused tensor) is read, masked and written before the next is read.
+Quantized checkpoints keep their format: the same tensors, dtypes, shapes and scales, with the pruned
+values' codes set to zero (surgery.refine.sparsify.masks.mask_codes).
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from tqdm import tqdm
 from stats_formats import StatsFile
 
 from surgery.architectures import MoELayout, resolve
-from surgery.io import Checkpoint, SafetensorsFile, TensorInfo, decode, provenance
+from surgery.io import Checkpoint, TensorInfo, provenance
 from surgery.io.derived import DerivedCheckpoint, as_output
-from surgery.refine.sparsify.masks import METHODS, SparsifyError, check_sparsity, mask_matrix, parse_pattern, slabs
+from surgery.io.quantization import check_quantized, dequantize, values_shape
+from surgery.refine.sparsify.masks import (
+    METHODS, SparsifyError, check_sparsity, mask_codes, mask_matrix, parse_pattern, slabs,
+)
 from surgery.refine.sparsify.targets import ChannelNorms, Target, find_targets, stats_expert_map
 
 
@@ -71,6 +76,7 @@ def sparsify_checkpoint(
     stats = _open_stats(stats_path, method)
     with Checkpoint(model_dir) as ckpt:
         layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
+        check_quantized(ckpt)  # every scale there and well-shaped before the output is opened
         out = as_output(out_dir, overwrite, [ckpt.dir])
         expert_map = stats_expert_map(ckpt, layout, stats) if stats is not None else {}
         layers = _layers(layout, stats)
@@ -82,7 +88,7 @@ def sparsify_checkpoint(
             target = targets.get(info.name)
             if target is None:
                 return None
-            return _masked_pieces(ckpt.file_of(info.name), info, target, norms, sparsity, pattern, zeros)
+            return _masked_pieces(ckpt, info, target, norms, sparsity, pattern, zeros)
 
         bar = tqdm(total=len(targets), unit="tensor", desc="Sparsifying", disable=not progress)
         with bar, out:  # the bar ends its line even on an error, so `Error:` starts a line of its own
@@ -94,26 +100,33 @@ def sparsify_checkpoint(
     return section
 
 
-def _masked_pieces(f: SafetensorsFile, info: TensorInfo, target: Target, norms: ChannelNorms, sparsity: float,
+def _masked_pieces(ckpt: Checkpoint, info: TensorInfo, target: Target, norms: ChannelNorms, sparsity: float,
                    pattern: str, zeros: dict[str, int]) -> Iterator[bytes]:
-    """Masked bytes of one target tensor, one expert at a time; counts its zeros into `zeros`."""
+    """Masked bytes of one target tensor, one expert at a time; counts its zeros into `zeros`.
+    Quantized targets are scored on each slab's dequantized values, [out, in]."""
     count = info.shape[0] if target.fused else 1
-    shape = info.shape[1:] if target.fused else info.shape
+    vshape = values_shape(ckpt, info.name)
+    shape = vshape[1:] if target.fused else vshape
     axis = target.input_axis - 1 if target.fused else target.input_axis
     zeros[info.name] = 0
-    for i, raw in enumerate(slabs(f, info, count)):
-        norm = norms.get(target, i if target.fused else target.expert)
+    for i, raw in enumerate(slabs(ckpt.file_of(info.name), info, count)):
+        index = i if target.fused else target.expert
+        norm = norms.get(target, index)
         if norm is not None and norm.shape[0] != shape[axis]:
             raise SparsifyError(f"{norms.stats.label}: layer {target.layer} statistics have {norm.shape[0]} "
                                 f"channels, {info.name} has {shape[axis]} inputs")
-        piece, n = mask_matrix(raw, info.dtype, shape, axis, norm, sparsity, pattern)
+        if target.form is None:
+            piece, n = mask_matrix(raw, info.dtype, shape, axis, norm, sparsity, pattern)
+        else:
+            values = dequantize(ckpt, info.name, i if target.fused else None)
+            piece, n = mask_codes(raw, target.form, values, norm, sparsity, pattern)
         zeros[info.name] += n
         yield piece
 
 
 def _section(ckpt: Checkpoint, targets: dict[str, Target], norms: ChannelNorms, zeros: dict[str, int],
              stats: StatsFile | None, **options) -> dict:
-    sizes = {name: math.prod(ckpt.info(name).shape) for name in targets}
+    sizes = {name: math.prod(values_shape(ckpt, name)) for name in targets}
     return {
         **options,
         "comparison_group": "output row",
@@ -140,18 +153,19 @@ def check_nm(model_dir: str | Path) -> list[str]:
 
 
 def _nm_problem(ckpt: Checkpoint, name: str, entry: dict, nm: tuple[int, int], section: dict) -> str | None:
+    """Groups breaking N:M in one tensor, read one expert at a time (quantized: the dequantized values)."""
     n, m = nm
     if name not in ckpt.weight_map:
         return f"{name}: listed in {provenance.PRUNING_JSON} but not in the checkpoint"
-    info = ckpt.info(name)
+    vshape = values_shape(ckpt, name)
     bad = groups = 0
-    count = info.shape[0] if len(info.shape) == 3 else 1
-    shape = info.shape[-2:]
-    axis = entry["input_axis"] - (len(info.shape) - 2)
+    fused = len(vshape) == 3
+    shape = vshape[-2:]
+    axis = entry["input_axis"] - (len(vshape) - 2)
     if shape[axis] % m:
         return f"{name}: {shape[axis]} inputs are not a multiple of {m}"
-    for raw in slabs(ckpt.file_of(name), info, count):
-        values = np.moveaxis(decode(raw, info.dtype, shape), axis, -1)
+    for i in range(vshape[0] if fused else 1):
+        values = np.moveaxis(dequantize(ckpt, name, i if fused else None), axis, -1)
         nonzero = np.count_nonzero(values.reshape(-1, m) != 0, axis=-1)
         bad += int(np.count_nonzero(nonzero > n))
         groups += nonzero.size

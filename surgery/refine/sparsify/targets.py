@@ -17,6 +17,7 @@ from surgery.architectures.expert_math import FUSED_DOWN, FUSED_GATE_UP, PROJECT
 from surgery.errors import UserError
 from surgery.io import Checkpoint, provenance
 from surgery.io.identity import check_stats_match, router_mismatch
+from surgery.io.quantization import stored_form
 from surgery.refine.sparsify.masks import BITS_DTYPES, SparsifyError
 
 # Statistics field per method and input side: "in" feeds gate/up (size H), "inter" feeds down (size I).
@@ -28,24 +29,35 @@ NORM_FIELDS = {
 
 @dataclass(frozen=True)
 class Target:
-    """One stored weight to sparsify. Fused tensors hold one [out, in] or [in, out] slab per expert."""
+    """One stored weight to sparsify. Fused tensors hold one [out, in] or [in, out] slab per expert.
+
+    Quantized weights (`form` "fp8": one FP8 code per value; "fp4": NVFP4 `weight_packed` or MXFP4 `_blocks`,
+    two e2m1 codes per byte) are masked on their dequantized values, which are always [out, in] per expert
+    (surgery.io.quantization.dequantize), so `input_axis` is the last axis of those values.
+    """
 
     layer: int
     side: str  # "in": the input is the MoE block input x (gate/up); "inter": the expert's h (down)
-    input_axis: int  # axis of the stored tensor that indexes input channels
+    input_axis: int  # axis of the stored tensor (of its dequantized values when quantized) that indexes inputs
     expert: int | None = None  # per-expert tensors; None for fused (slab i = expert i) and shared ones
     shared: bool = False
+    form: str | None = None  # None (plain floats), "fp8" or "fp4"
 
     @property
     def fused(self) -> bool:
         return self.expert is None and not self.shared
 
 
-def _refuse_dtype(ckpt: Checkpoint, name: str) -> None:
+def _check_dtype(ckpt: Checkpoint, name: str) -> None:
     dtype = ckpt.info(name).dtype
-    if dtype not in BITS_DTYPES:
-        raise SparsifyError(f"{ckpt.file_of(name).path}: {name} is {dtype}; only bf16/fp16/fp32 expert weights can be "
-                            "sparsified (dequantize FP8/MXFP4 checkpoints first)")
+    if dtype not in BITS_DTYPES and stored_form(ckpt, name) is None:
+        raise SparsifyError(f"{ckpt.file_of(name).path}: {name} is {dtype}; only bf16/fp16/fp32, FP8, NVFP4 and "
+                            "MXFP4 expert weights can be sparsified")
+
+
+def _logical(name: str) -> str:
+    """The weight's unquantized name: NVFP4 `W.weight_packed` is `W.weight`, MXFP4 `X_blocks` is `X`."""
+    return name.removesuffix("_packed") if name.endswith(".weight_packed") else name.removesuffix("_blocks")
 
 
 def _layer_targets(ckpt: Checkpoint, layout: MoELayout, layer: int) -> dict[str, Target]:
@@ -53,38 +65,39 @@ def _layer_targets(ckpt: Checkpoint, layout: MoELayout, layer: int) -> dict[str,
     out: dict[str, Target] = {}
     if entry.per_expert:
         for expert, names in entry.per_expert.items():
-            found = {role: n for n in names for role, pat in ROLE_PATTERNS.items() if pat.search(n)}
+            found = {role: n for n in names for role, pat in ROLE_PATTERNS.items() if pat.search(_logical(n))}
             if set(found) != set(ROLE_PATTERNS):
-                raise SparsifyError(f"{ckpt.dir}: layer {layer} expert {expert}: no float gate/up/down weights "
-                                    f"among {names} (quantized experts cannot be sparsified)")
+                raise SparsifyError(f"{ckpt.dir}: layer {layer} expert {expert}: no gate/up/down weights among {names}")
             for role, name in found.items():
-                out[name] = Target(layer, "inter" if role == "down" else "in", 1, expert)
+                out[name] = Target(layer, "inter" if role == "down" else "in", 1, expert, form=stored_form(ckpt, name))
         return out
-    gate_up = [n for n in entry.fused if FUSED_GATE_UP.search(n)]
-    down = [n for n in entry.fused if FUSED_DOWN.search(n)]
+    gate_up = [n for n in entry.fused if FUSED_GATE_UP.search(_logical(n))]
+    down = [n for n in entry.fused if FUSED_DOWN.search(_logical(n))]
     if len(gate_up) != 1 or len(down) != 1:
-        raise SparsifyError(f"{ckpt.dir}: layer {layer}: no float fused expert weights among {entry.fused} "
-                            "(quantized layouts such as MXFP4 cannot be sparsified)")
-    input_axis = 2 if layout.spec.fused_orientation == "out_in" else 1
-    out[gate_up[0]] = Target(layer, "in", input_axis)
-    out[down[0]] = Target(layer, "inter", input_axis)
+        raise SparsifyError(f"{ckpt.dir}: layer {layer}: no fused gate_up/down expert weights among {entry.fused}")
+    for name, side in ((gate_up[0], "in"), (down[0], "inter")):
+        form = stored_form(ckpt, name)
+        quantized_or_out_in = form is not None or layout.spec.fused_orientation == "out_in"
+        out[name] = Target(layer, side, 2 if quantized_or_out_in else 1, form=form)
     return out
 
 
 def find_targets(ckpt: Checkpoint, layout: MoELayout, layers: list[int], include_shared: bool) -> dict[str, Target]:
-    """Routed expert weights of `layers` (and their shared experts' when asked), validated as maskable floats."""
+    """Routed expert weights of `layers` (and their shared experts' when asked), validated as maskable
+    (plain floats, or FP8 / e2m1 codes)."""
     out: dict[str, Target] = {}
     for layer in layers:
         out.update(_layer_targets(ckpt, layout, layer))
     if include_shared:
         by_prefix = {layout.layers[layer].prefix: layer for layer in layers}
         for name in ckpt.names():
-            m = SHARED_RE.search(name)
+            m = SHARED_RE.search(_logical(name))
             layer = by_prefix.get(name[: m.start()]) if m else None
             if layer is not None:
-                out[name] = Target(layer, "inter" if PROJECTION_ROLE[m[1]] == "down" else "in", 1, shared=True)
+                out[name] = Target(layer, "inter" if PROJECTION_ROLE[m[1]] == "down" else "in", 1, shared=True,
+                                   form=stored_form(ckpt, name))
     for name in out:
-        _refuse_dtype(ckpt, name)
+        _check_dtype(ckpt, name)
     return out
 
 
