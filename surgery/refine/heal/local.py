@@ -24,7 +24,8 @@ from surgery.model.streaming import HiddenStore, LayerPrefetcher, decoder_layers
 from surgery.refine.heal.pairing import Pairing
 
 
-# Receives each fitted layer's trained parameters (in-memory name -> CPU float32 value) as soon as it is done.
+# Receives each fitted layer's trained parameters (in-memory name -> float32 value, still on the compute
+# device) as soon as it is done.
 LayerSink = Callable[[int, dict[str, torch.Tensor]], None]
 
 
@@ -239,7 +240,7 @@ def _walk(result: LocalResult, prefetcher: LayerPrefetcher, t_layers, s_layers, 
             if on_layer is not None:
                 on_layer(i, trained)
             else:
-                result.params.update(trained)
+                result.params.update({n: v.to("cpu") for n, v in trained.items()})
             del trained
             if inputs != "teacher":  # the student's next layer sees the healed block's output
                 with torch.no_grad():
@@ -273,7 +274,9 @@ def _fit(block: torch.nn.Module, name: str, router_module: str, sparsified: bool
         losses, after, best_step = fit_block(block, params, masks, x[:n_fit], y[:n_fit], held, steps=steps, lr=lr,
                                              batch_tokens=batch_tokens, generator=generator)
     with torch.no_grad():
-        params_out.update({f"{name}.{n}": p.detach().to("cpu", torch.float32).clone() for n, p in params.items()})
+        # stays on the device: the receiver moves one tensor at a time to the host (a layer's float32 copy is
+        # most of heal's host memory otherwise)
+        params_out.update({f"{name}.{n}": p.detach().clone() for n, p in params.items()})
         for p in block.parameters():
             p.requires_grad_(False)
     block.to(dtype)

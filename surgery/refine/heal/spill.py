@@ -16,8 +16,10 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from surgery.io.requantize import Encoded
@@ -63,8 +65,8 @@ class Spill:
         """Park a group's tensors as written (bytes as uint8; names, dtypes, shapes in the metadata)."""
         path = self._path("encoded", group)
         meta = {t.name: [t.dtype, list(t.shape), list(t.replaces)] for t in tensors}
-        save_file({t.name: _bytes_tensor(t.data) for t in tensors}, path,
-                  metadata={"tensors": json.dumps(meta)})
+        save_numpy({t.name: np.frombuffer(t.data, dtype=np.uint8) for t in tensors}, path,
+                   metadata={"tensors": json.dumps(meta)})  # views of the bytes, not copies
         for t in tensors:
             self._encoded[t.name] = (path, Encoded(t.name, t.dtype, t.shape, b"", t.replaces))
 
@@ -84,6 +86,3 @@ class Spill:
         self._encoded.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
 
-
-def _bytes_tensor(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
