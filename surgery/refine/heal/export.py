@@ -161,10 +161,8 @@ def encode_layer(ckpt: Checkpoint, layout: MoELayout, params: dict[str, torch.Te
     of their codes, companions dropped."""
     out = LayerTensors()
     scheme = scheme_for(ckpt)
-    memory = {}
     for mem_name, value in params.items():
         for disk_name, disk_value in disk_tensors(ckpt, layout, {mem_name: value}).items():
-            memory[disk_name] = mem_name
             if not quantized(ckpt, disk_name):
                 info = ckpt.info(disk_name)
                 out.tensors.append(Encoded(disk_name, info.dtype, info.shape, to_bytes(disk_value, info.dtype)))
