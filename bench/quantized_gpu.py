@@ -2,7 +2,7 @@
 
 (a) gpt-oss-20b geometry in MXFP4 (the published config: 24 layers, 32 experts, top-4, hidden 2880, expert
 width 2880, 64 heads of 64, 8 KV heads, vocab 201088), built shard by shard with random codes (numpy random
-e2m1 nibbles; e8m0 scales 2^-8..2^-7, so weights are finite and O(0.02)), then, each in its own process:
+e2m1 nibbles; e8m0 scales 2^-7..2^-6, so weights are finite, rms 0.02-0.05), then, each in its own process:
 collect in memory, collect --stream-layers, a plain forward of the same model (dequantized on load, the same
 tokens), prune --stats (25%), verify, eval, and heal --kd-tokens (in --steps only when asked: heal of quantized
 students comes with its own change).
