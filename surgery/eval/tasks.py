@@ -104,10 +104,13 @@ def _absolute(files, base: Path):
     return files
 
 
-def resolve_tasks(specs: Iterable[str], cache_dir: Path) -> tuple[list, bool]:
-    """Task configs (local files) and names (lm-eval's tasks), checked before any model is loaded; the flag
-    says whether lm-eval's own task index is needed (any name)."""
+def resolve_tasks(specs: Iterable[str], cache_dir: Path) -> tuple[list, object]:
+    """Task configs (local files) and names (lm-eval's tasks), checked before any model is loaded, and the
+    lm-eval TaskManager that loads them: indexing lm-eval's ~15k task files takes seconds, so it is done
+    only when a name is given, once."""
     import_lm_eval()
+    from lm_eval.tasks import TaskManager
+
     out: list = []
     names: list[str] = []
     for spec in specs:
@@ -118,15 +121,14 @@ def resolve_tasks(specs: Iterable[str], cache_dir: Path) -> tuple[list, bool]:
             out.append(spec)
     if not out:
         raise TaskError("--tasks: no task given")
+    manager = TaskManager(include_defaults=bool(names))
     if names:
-        _check_names(names)
-    return out, bool(names)
+        _check_names(names, manager)
+    return out, manager
 
 
-def _check_names(names: list[str]) -> None:
-    from lm_eval.tasks import TaskManager
-
-    known = set(TaskManager().all_tasks)
+def _check_names(names: list[str], manager) -> None:
+    known = set(manager.all_tasks)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise TaskError(f"unknown task {unknown[0]!r}: neither a YAML file nor one of lm-eval's {len(known)} tasks "
@@ -140,12 +142,10 @@ def task_cache() -> Iterator[Path]:
         yield Path(tmp)
 
 
-def run_tasks(model, tokenizer, tasks: list, options: TaskOptions, *, batch_size: int = 8,
-              with_defaults: bool = True) -> dict:
-    """Run `tasks` (from `resolve_tasks`) on an already loaded model; one entry per task with its metrics
-    and their standard errors, plus the requests run and the seconds they took."""
+def run_tasks(model, tokenizer, tasks: list, manager, options: TaskOptions, *, batch_size: int = 8) -> dict:
+    """Run `tasks` with `manager` (both from `resolve_tasks`) on an already loaded model; one entry per task
+    with its metrics and their standard errors, plus the requests run and the seconds they took."""
     lm_eval, HFLM = import_lm_eval()
-    from lm_eval.tasks import TaskManager
 
     quiet = logging.getLogger("lm_eval")
     level = quiet.level
@@ -156,7 +156,7 @@ def run_tasks(model, tokenizer, tasks: list, options: TaskOptions, *, batch_size
         start = time.perf_counter()
         raw = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, num_fewshot=options.num_fewshot, limit=options.limit, log_samples=False,
-            bootstrap_iters=1000, task_manager=TaskManager(include_defaults=with_defaults))
+            bootstrap_iters=1000, task_manager=manager)
         seconds = time.perf_counter() - start
     except (OSError, ValueError, KeyError, FileNotFoundError) as e:
         raise TaskError(f"lm-eval could not run the tasks: {_first_line(e)}") from None

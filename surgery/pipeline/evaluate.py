@@ -76,7 +76,7 @@ def _evaluate(model: str, data, options: EvalOptions, reference: str | None, rev
     for path in files:
         read_documents(path)  # fail on bad data before spending minutes loading a model
     with task_cache() as cache:
-        task_list, named = resolve_tasks(tasks.specs, cache) if tasks.specs else ([], False)
+        task_list, manager = resolve_tasks(tasks.specs, cache) if tasks.specs else ([], None)
         device = resolve_device(options.device)
         dtype = None if options.dtype == "auto" else options.dtype
         tokenizer = load_tokenizer(model_dir)
@@ -87,11 +87,11 @@ def _evaluate(model: str, data, options: EvalOptions, reference: str | None, rev
                           stride=options.stride) if files else {}
         if task_list:
             runs = {"model": (lm, tokenizer)} | ({"reference": (ref, load_tokenizer(ref_dir))} if ref else {})
-            result["tasks"] = _run_all(runs, task_list, tasks, options.batch_size, named)
+            result["tasks"] = _run_all(runs, task_list, manager, tasks, options.batch_size)
     return result
 
 
-def _run_all(runs: dict, task_list: list, tasks: TaskOptions, batch_size: int, named: bool) -> dict:
+def _run_all(runs: dict, task_list: list, manager, tasks: TaskOptions, batch_size: int) -> dict:
     """The tasks on the model (and the reference): their scores, and how they were run."""
     from importlib.metadata import version
 
@@ -99,5 +99,5 @@ def _run_all(runs: dict, task_list: list, tasks: TaskOptions, batch_size: int, n
 
     out = {"lm_eval_version": version("lm_eval"), "num_fewshot": tasks.num_fewshot, "limit": tasks.limit}
     for name, (model, tokenizer) in runs.items():
-        out[name] = run_tasks(model, tokenizer, task_list, tasks, batch_size=batch_size, with_defaults=named)
+        out[name] = run_tasks(model, tokenizer, task_list, manager, tasks, batch_size=batch_size)
     return out
