@@ -152,7 +152,7 @@ def run_tasks(model, tokenizer, tasks: list, manager, options: TaskOptions, *, b
     quiet.setLevel(logging.ERROR)  # e.g. the "pretrained is not a str" warning: passing the model is the design
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        counts, spent = _count_requests(lm)
+        counts, spent, cpu = _count_requests(lm)
         start = time.perf_counter()
         raw = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, num_fewshot=options.num_fewshot, limit=options.limit, log_samples=False,
@@ -167,32 +167,36 @@ def run_tasks(model, tokenizer, tasks: list, manager, options: TaskOptions, *, b
         "results": summarize(raw),
         "timing": {"requests": requests, "request_types": {k: v for k, v in counts.items() if v},
                    "seconds": round(seconds, 3), "request_seconds": round(in_requests, 3),
+                   "request_cpu_seconds": round(sum(cpu.values()), 3),
                    "seconds_per_1000_requests": round(1000 * in_requests / requests, 3) if requests else None},
     }
 
 
-def _count_requests(lm) -> tuple[dict[str, int], dict[str, float]]:
+def _count_requests(lm) -> tuple[dict[str, int], dict[str, float], dict[str, float]]:
     """Wrap the model's request methods (lm-eval calls them by name) to count the requests they are given
-    and the seconds they take (the model's work, without task building and scoring)."""
+    and the wall and process CPU seconds they take (the model's work, without task building and scoring;
+    CPU seconds tell the work apart from waiting on a shared machine)."""
     counts = {name: 0 for name in _REQUEST_TYPES}
     spent = {name: 0.0 for name in _REQUEST_TYPES}
+    cpu = {name: 0.0 for name in _REQUEST_TYPES}
 
     def counted(name: str):
         method = getattr(lm, name)
 
         def call(requests, *args, **kwargs):
             counts[name] += len(requests)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             try:
                 return method(requests, *args, **kwargs)
             finally:
                 spent[name] += time.perf_counter() - start
+                cpu[name] += time.process_time() - start_cpu
 
         return call
 
     for name in _REQUEST_TYPES:
         setattr(lm, name, counted(name))
-    return counts, spent
+    return counts, spent, cpu
 
 
 def summarize(raw: dict) -> dict:
