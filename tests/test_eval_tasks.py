@@ -265,3 +265,43 @@ def test_eval_results_go_into_the_card(model_dir: Path, tasks_dir: Path, root: P
     line = one_line_error(cli("prune", model_dir, "--criterion", "weight_norm", "--ratio", "0.25", "-o",
                               root / "never", "--eval-results", root / "bad.json"))
     assert "bad.json: malformed" in line and not (root / "never").exists()
+
+
+class RecordingApi:
+    """Stands in for huggingface_hub.HfApi: keeps the bytes of the one commit."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+
+    def create_repo(self, *args, **kwargs) -> None:
+        pass
+
+    def create_commit(self, repo_id: str, operations, **kwargs):
+        from types import SimpleNamespace
+
+        for op in operations:
+            src = op.path_or_fileobj
+            self.files[op.path_in_repo] = src if isinstance(src, bytes) else Path(src).read_bytes()
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{'f' * 40}")
+
+
+def test_push_uploads_the_card_with_results(model_dir: Path, root: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    import surgery.hub.client as hub
+
+    folder = root / "to-push"
+    assert cli("prune", model_dir, "--criterion", "weight_norm", "--ratio", "0.5", "-o", folder).exit_code == 0
+    results = root / "push-results.json"
+    results.write_text(json.dumps({"tasks": {"model": {"results": {"arc_easy": {
+        "metrics": {"acc": 0.625}, "stderr": {"acc": 0.01}, "num_fewshot": 0}}}}}))
+    api = RecordingApi()
+    monkeypatch.setattr(hub, "HfApi", lambda: api)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    before = (folder / "README.md").read_bytes()
+    r = cli("push", folder, "me/pruned", "--eval-results", results)
+    assert r.exit_code == 0, r.output
+    card = api.files["README.md"].decode()
+    assert "| arc_easy | acc | 0.6250 | 0.0100 |" in card and "model-index" in card
+    assert (folder / "README.md").read_bytes() == before  # the local folder is not modified
+    (folder / "README.md").write_text(before.decode() + "\nmy own notes\n")
+    line = one_line_error(cli("push", folder, "me/pruned", "--eval-results", results))
+    assert "not a model card moe-surgery wrote" in line
