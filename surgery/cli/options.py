@@ -155,7 +155,7 @@ def batch_size_option(default: int) -> Callable:
     """--batch-size: sequences per forward pass (or training step); 4 when collecting, whose float64 sums
     and per-expert buffers grow with the batch, 8 for eval and heal."""
     return click.option("--batch-size", type=COUNT, default=default, show_default=True,
-                        help="Sequences per forward pass (heal: per optimizer step).")
+                        help="Sequences per forward pass (eval --tasks: lm-eval requests; heal: per optimizer step).")
 
 
 device_option = click.option("--device", type=DEVICE, default="auto", show_default=True,
