@@ -208,6 +208,8 @@ def test_unknown_tasks_are_one_line(model_dir: Path, tasks_dir: Path, root: Path
     bad = root / "bad.yaml"
     bad.write_text("dataset_path: json\n")
     assert "no `task:` name" in one_line_error(cli("eval", model_dir, "--tasks", bad))
+    (root / "nodata.yaml").write_text(MC_YAML.replace("mc.jsonl", "gone.jsonl"))
+    assert f"data file {root / 'gone.jsonl'} not found" in one_line_error(cli("eval", model_dir, "--tasks", root / "nodata.yaml"))
     line = one_line_error(cli("eval", model_dir, "--tasks", "no_such_task_xyz"))
     assert "unknown task 'no_such_task_xyz'" in line
     assert "nothing to evaluate" in one_line_error(cli("eval", model_dir))

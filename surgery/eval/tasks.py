@@ -88,6 +88,10 @@ def local_task(path: Path, cache_dir: Path) -> dict:
     files = kwargs.get("data_files")
     if files is not None:
         kwargs["data_files"] = _absolute(files, path.parent.resolve())
+        missing = [f for f in _flat(kwargs["data_files"]) if "://" not in f and not any(c in f for c in "*?[")
+                   and not Path(f).is_file()]
+        if missing:
+            raise TaskError(f"{path}: data file {missing[0]} not found")
     kwargs["cache_dir"] = str(cache_dir)
     config["dataset_kwargs"] = kwargs
     return config
@@ -102,6 +106,14 @@ def _absolute(files, base: Path):
     if isinstance(files, dict):
         return {split: _absolute(f, base) for split, f in files.items()}
     return files
+
+
+def _flat(files) -> list[str]:
+    if isinstance(files, str):
+        return [files]
+    if isinstance(files, (list, dict)):
+        return [f for item in (files.values() if isinstance(files, dict) else files) for f in _flat(item)]
+    return []
 
 
 def resolve_tasks(specs: Iterable[str], cache_dir: Path) -> tuple[list, object]:
@@ -158,7 +170,7 @@ def run_tasks(model, tokenizer, tasks: list, manager, options: TaskOptions, *, b
             model=lm, tasks=tasks, num_fewshot=options.num_fewshot, limit=options.limit, log_samples=False,
             bootstrap_iters=1000, task_manager=manager)
         seconds = time.perf_counter() - start
-    except (OSError, ValueError, KeyError, FileNotFoundError) as e:
+    except (OSError, ValueError, KeyError) as e:  # a missing data file, a bad template or field
         raise TaskError(f"lm-eval could not run the tasks: {_first_line(e)}") from None
     finally:
         quiet.setLevel(level)
