@@ -155,7 +155,7 @@ def batch_size_option(default: int) -> Callable:
     """--batch-size: sequences per forward pass (or training step); 4 when collecting, whose float64 sums
     and per-expert buffers grow with the batch, 8 for eval and heal."""
     return click.option("--batch-size", type=COUNT, default=default, show_default=True,
-                        help="Sequences per forward pass (heal: per optimizer step).")
+                        help="Sequences per forward pass (eval --tasks: lm-eval requests; heal: per optimizer step).")
 
 
 device_option = click.option("--device", type=DEVICE, default="auto", show_default=True,
@@ -179,6 +179,27 @@ stream_layers_option = click.option(
     help="Materialise one decoder layer at a time from the shards (the next layer is read while one computes), "
          "or load the whole model. Default: auto, i.e. stream only when the weights do not fit in the device's "
          "free memory (GPU memory, or available RAM on the CPU).")
+
+stride_option = click.option(
+    "--stride", type=COUNT, default=None,
+    help="eval: start a perplexity window every N tokens (default: --seq-len, non-overlapping windows); with "
+         "N < --seq-len windows overlap and each token is scored once, with more context.")
+
+# --- downstream tasks (lm-evaluation-harness) -------------------------------------------------------------
+
+tasks_option = click.option(
+    "--tasks", multiple=True, metavar="TASKS",
+    help="lm-evaluation-harness tasks, comma-separated or repeated: task names (arc_easy, hellaswag, ...; their "
+         "data come from the Hub) or local task files in lm-eval's YAML format (a .yaml file or a folder of them; "
+         "relative data_files are read from the file's folder). Needs `pip install 'moe-surgery[eval]'`.")
+num_fewshot_option = click.option("--num-fewshot", type=click.IntRange(min=0), default=None,
+                                  help="Few-shot examples per task prompt (default: each task's own, usually 0).")
+limit_option = click.option("--limit", type=COUNT, default=None,
+                            help="Evaluate at most N documents per task (default: all).")
+eval_results_option = click.option(
+    "--eval-results", type=FILE,
+    help="JSON written by `moe-surgery eval --json` for this checkpoint: its perplexity and task scores go into the "
+         "model card (a results table, and `model-index` metadata for task scores).")
 
 # --- groups: several options in, one typed object out ------------------------------------------------------
 

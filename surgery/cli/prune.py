@@ -10,7 +10,7 @@ import click
 
 from surgery.architectures import supported
 from surgery.cli.options import (
-    FILE, collect_options, data_option, option_group, output_option, private_option, revision_option,
+    FILE, collect_options, data_option, eval_results_option, option_group, output_option, private_option, revision_option,
     score_options, stats_option, overwrite_option,
 )
 from surgery.pipeline.prune import PushOptions, RoundsOptions, WriteOptions, prune as run_prune
@@ -66,8 +66,9 @@ push_options = option_group(
 @write_options
 @revision_option
 @push_options
+@eval_results_option
 def prune(model: str, output: Path, plan_path: Path | None, stats_path: Path | None, scoring, rounds, collecting, write,
-          revision: str | None, push) -> None:
+          revision: str | None, push, eval_results: Path | None) -> None:
     """Write a checkpoint of MODEL keeping only some experts: from --plan, or from
     --stats + --criterion + --ratio/--keep, or from -d DATA + --criterion (collecting first, in
     --rounds N steps, or --progressive by layer blocks; --seed also shuffles DATA).
@@ -84,7 +85,7 @@ def prune(model: str, output: Path, plan_path: Path | None, stats_path: Path | N
     on a different model is refused. Architectures:
     """
     run_prune(model, output, scoring=scoring, plan_path=plan_path, stats_path=stats_path, rounds=rounds,
-              collect=collecting, write=write, push=push, revision=revision,
+              collect=collecting, write=write, push=push, revision=revision, eval_results=eval_results,
               command=shlex.join(["moe-surgery", *sys.argv[1:]]), echo=click.echo)
 
 

@@ -39,12 +39,15 @@ def evaluate(
     reference=None,
     device: str = "cpu",
     progress: bool = True,
+    stride: int | None = None,
 ) -> dict:
     """Perplexity per data file and their geometric mean; KL(reference || model) and top-1
     agreement per file and averaged over files when a reference model is given.
 
     Every file gets the same weight in the overall numbers, so a large domain does not drown
-    out a small one. seq_len is capped at the model's max_position_embeddings.
+    out a small one. seq_len is capped at the model's max_position_embeddings. Windows start every
+    `stride` tokens (None: seq_len, non-overlapping); with overlap, each token is scored once, in the
+    first window that predicts it, so later windows give it up to seq_len - stride tokens of context.
     """
     if reference is not None and reference.config.vocab_size != model.config.vocab_size:
         raise UserError(f"{reference.name_or_path}: the reference has a vocabulary of {reference.config.vocab_size} tokens, the model "
@@ -52,7 +55,8 @@ def evaluate(
     seq_len = cap_seq_len(model.config.to_dict(), seq_len)
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 to predict anything (got {seq_len})")
-    windows = [(str(p), eval_windows(p, tokenizer, seq_len, max_tokens)) for p in data_paths]
+    stride = seq_len if stride is None else min(stride, seq_len)
+    windows = [(str(p), eval_windows(p, tokenizer, seq_len, max_tokens, stride)) for p in data_paths]
     files = []
     start = time.perf_counter()
     with torch.no_grad(), tqdm(
@@ -60,13 +64,15 @@ def evaluate(
     ) as bar:
         for path, w in windows:
             totals = _Totals()
-            for batch in w.split(batch_size):
-                _score_batch(model, reference, batch.to(device), totals)
+            skips = _skips(len(w), seq_len, stride)
+            for batch, skip in zip(w.split(batch_size), skips.split(batch_size)):
+                _score_batch(model, reference, batch.to(device), totals, skip.tolist())
                 bar.update(len(batch))
-            files.append(_file_result(path, w, totals, reference is not None))
+            files.append(_file_result(path, seq_len + (len(w) - 1) * stride, len(w), totals, reference is not None))
     if str(device).startswith("cuda"):
         torch.cuda.synchronize(device)
     result = _summary(files, seq_len, reference is not None)
+    result["stride"] = stride
     result["timing"] = _timing(model, reference, sum(w.numel() for _, w in windows), time.perf_counter() - start)
     return result
 
@@ -80,8 +86,16 @@ def _timing(model, reference, tokens: int, seconds: float) -> dict:
             "tokens_per_second": round(tokens / seconds, 1) if seconds else 0.0}
 
 
-def _score_batch(model, reference, input_ids: torch.Tensor, totals: _Totals) -> None:
-    """Add one batch's next-token NLL (and KL, agreement) to totals.
+def _skips(windows: int, seq_len: int, stride: int) -> torch.Tensor:
+    """Per window, the predictions left out because an earlier window scored their tokens: none in the
+    first window, and with overlapping windows all but the last `stride` in the others."""
+    skips = torch.full((windows,), max(0, seq_len - stride - 1), dtype=torch.long)
+    skips[:1] = 0
+    return skips
+
+
+def _score_batch(model, reference, input_ids: torch.Tensor, totals: _Totals, skips: list[int]) -> None:
+    """Add one batch's next-token NLL (and KL, agreement) to totals, from prediction skips[i] on in row i.
 
     Logits go to float32 one row at a time: a whole batch at a 150k vocabulary would
     need gigabytes.
@@ -95,12 +109,12 @@ def _score_batch(model, reference, input_ids: torch.Tensor, totals: _Totals) -> 
                 f"reference vocabulary ({ref_logits.shape[-1]}) differs from the model's ({logits.shape[-1]})"
             )
     targets = input_ids[:, 1:]
-    for i in range(len(input_ids)):
-        row = logits[i].float()
-        totals.positions += len(targets[i])
-        totals.nll += F.cross_entropy(row, targets[i], reduction="sum").item()
+    for i, skip in enumerate(skips):
+        row, target = logits[i, skip:].float(), targets[i, skip:]
+        totals.positions += len(target)
+        totals.nll += F.cross_entropy(row, target, reduction="sum").item()
         if ref_logits is not None:
-            ref_row = ref_logits[i].float()
+            ref_row = ref_logits[i, skip:].float()
             totals.kl += F.kl_div(
                 F.log_softmax(row, -1), F.log_softmax(ref_row, -1), reduction="sum", log_target=True
             ).item()
@@ -112,13 +126,13 @@ def _ppl(nll: float) -> float:
     return math.exp(nll) if nll < 709.0 else math.inf
 
 
-def _file_result(path: str, windows: torch.Tensor, totals: _Totals, with_reference: bool) -> dict:
+def _file_result(path: str, tokens: int, windows: int, totals: _Totals, with_reference: bool) -> dict:
     nll = totals.nll / totals.positions
     result = {
         "file": path,
         "domain": Path(path).stem,
-        "windows": len(windows),
-        "tokens": windows.numel(),
+        "windows": windows,
+        "tokens": tokens,
         "nll": nll,
         "ppl": _ppl(nll),
     }

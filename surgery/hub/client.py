@@ -144,6 +144,7 @@ def push_folder(
     revision: str | None = None,
     commit_message: str | None = None,
     include_stats: str | Path | None = None,
+    card: str | None = None,
     api: HfApi | None = None,
 ) -> str:
     """Upload a verified checkpoint folder to `repo_id` in one commit; returns the commit URL.
@@ -152,12 +153,16 @@ def push_folder(
     failed push leaves the repository as it was (Xet deduplication makes a re-run skip what was
     already sent). This is the large-folder path too: huggingface_hub 2.x has no
     `upload_large_folder`, and its `upload_folder` splits big folders into several commits.
-    One commit takes up to 25k LFS files, far more than any checkpoint's shards.
+    One commit takes up to 25k LFS files, far more than any checkpoint's shards. `card` replaces the
+    content of the README.md uploaded (`surgery.hub.model_card.card_for_push`); the local one is left as it is.
     """
     folder = Path(folder)
     check_can_push(repo_id)
     _check_pushable(folder)
     operations = _operations(folder, Path(include_stats) if include_stats else None)
+    if card is not None:
+        operations = [op for op in operations if op.path_in_repo != "README.md"] + [
+            CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8"))]
     api = api or HfApi()
     message = commit_message or f"Upload pruned checkpoint (moe-surgery {__version__})"
     with _hub_errors(repo_id, revision):

@@ -22,6 +22,7 @@ from typing import Iterator
 import yaml
 
 from surgery.architectures import resolve
+from surgery.hub.card_eval import model_index, tasks_section
 from surgery.hub.client import is_repo_id, parse_repo_id
 from surgery.io import Checkpoint
 from surgery.io.provenance import PRUNING_JSON
@@ -83,7 +84,8 @@ def write_model_card(
     writes nothing) when the README there was written or edited by a person.
 
     `source` is MODEL as the user gave it, `provenance` the content of pruning.json (`surgery.io.provenance.read`),
-    `command` the prune command line, `calibration` the statistics file's calibration record.
+    `command` the prune command line, `calibration` the statistics file's calibration record, `eval_result`
+    what `moe-surgery eval --json` gives (perplexity and/or task scores; see surgery.hub.card_eval).
     """
     out_dir = Path(out_dir)
     raw_plan = provenance.get("plan")
@@ -94,7 +96,8 @@ def write_model_card(
         return False
     before, after = checkpoint_numbers(source_dir), checkpoint_numbers(out_dir)
     repo_id, commit = hub_origin(source, source_dir)
-    meta = _metadata_yaml(repo_id, _source_metadata(source_dir / README), provenance["model_type"])
+    index = model_index(out_dir.name, eval_result["tasks"]) if eval_result and "tasks" in eval_result else []
+    meta = _metadata_yaml(repo_id, _source_metadata(source_dir / README), provenance["model_type"], index)
     body = "\n".join([
         _intro(out_dir.name, source, repo_id, commit, provenance, after),
         _pruning_section(plan, before, after),
@@ -109,12 +112,43 @@ def write_model_card(
 def update_card_eval(out_dir: str | Path, eval_result: dict) -> bool:
     """Put `moe-surgery eval` results into a card we wrote and nobody edited; False if there is none."""
     readme = Path(out_dir) / README
-    content = _unstamp(readme.read_text(encoding="utf-8")) if readme.is_file() else None
+    content = card_with_eval(readme.read_text(encoding="utf-8"), eval_result, Path(out_dir).name) \
+        if readme.is_file() else None
     if content is None:
         return False
-    block = f"{EVAL_BEGIN}\n{_eval_section(eval_result)}{EVAL_END}"
-    _save(readme, _EVAL_RE.sub(lambda _: block, content, count=1))
+    readme.write_text(content, encoding="utf-8")
     return True
+
+
+def card_with_eval(card: str, eval_result: dict, model_name: str) -> str | None:
+    """`card` (a README we wrote, unedited) with its evaluation section and `model-index` metadata replaced
+    by `eval_result`'s; None for any other text (a card a person wrote or edited is not rewritten)."""
+    content = _unstamp(card)
+    match = _YAML_BLOCK_RE.search(content) if content is not None else None
+    if match is None:
+        return None
+    meta = yaml.safe_load(match.group(2)) or {}
+    meta.pop("model-index", None)
+    if "tasks" in eval_result:
+        meta["model-index"] = model_index(model_name, eval_result["tasks"]) or None
+    meta = {k: v for k, v in meta.items() if v is not None}
+    head = f"---\n{yaml.dump(meta, stream=None, allow_unicode=True, sort_keys=False).strip()}\n---\n"
+    block = f"{EVAL_BEGIN}\n{_eval_section(eval_result)}{EVAL_END}"
+    return _stamp(_EVAL_RE.sub(lambda _: block, head + content[match.end():], count=1))
+
+
+def card_for_push(folder: str | Path, eval_result: dict) -> str:
+    """The README.md to upload: the folder's card with `eval_result` in it. Refused for a card moe-surgery did not
+    write or that was edited since (a person's text is never rewritten)."""
+    from surgery.hub.client import HubError
+
+    readme = Path(folder) / README
+    card = card_with_eval(readme.read_text(encoding="utf-8"), eval_result, Path(folder).name) \
+        if readme.is_file() else None
+    if card is None:
+        raise HubError(f"{readme}: not a model card moe-surgery wrote (or edited since): --eval-results cannot add "
+                       "the scores; add them to the card by hand, or push without --eval-results")
+    return card
 
 
 @contextmanager
@@ -180,10 +214,10 @@ def _source_metadata(readme: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _metadata_yaml(repo_id: str | None, source_meta: dict, model_type: str) -> str:
+def _metadata_yaml(repo_id: str | None, source_meta: dict, model_type: str, index: list[dict]) -> str:
     """The card's YAML block, byte for byte what huggingface_hub's `ModelCardData(...).to_yaml()` gives
-    (keys in its field order, None values left out, tags deduplicated, `yaml.dump` with allow_unicode),
-    without importing huggingface_hub (0.2 s of a small prune)."""
+    (keys in its field order, None values left out, tags deduplicated, `model-index` from eval results last,
+    `yaml.dump` with allow_unicode), without importing huggingface_hub (0.2 s of a small prune)."""
     inherited = {k: source_meta[k] for k in INHERITED_KEYS if source_meta.get(k) is not None}
     fields = {
         "base_model": repo_id,
@@ -194,6 +228,7 @@ def _metadata_yaml(repo_id: str | None, source_meta: dict, model_type: str) -> s
         "license_link": inherited.get("license_link"),
         "pipeline_tag": "text-generation",
         "tags": list(dict.fromkeys([*TAGS, model_type])),
+        "model-index": index or None,
     }
     data = copy.deepcopy({k: v for k, v in fields.items() if v is not None})
     return yaml.dump(data, stream=None, allow_unicode=True, sort_keys=False).strip()
@@ -281,16 +316,23 @@ def _calibration_section(calibration: dict | None, plan: Plan) -> str:
 
 
 def _eval_section(result: dict) -> str:
-    """The `evaluate()` result as a table; KL and top-1 columns only when a reference was compared."""
+    """The `eval` result as tables: perplexity (KL and top-1 columns only when a reference was compared)
+    and task scores, each when present."""
+    parts = (["## Evaluation", ""] + ([_perplexity_table(result)] if "files" in result else [])
+             + ([tasks_section(result["tasks"])] if "tasks" in result else []))
+    return "\n".join(parts)
+
+
+def _perplexity_table(result: dict) -> str:
     ref = "kl" in result
     head = "| Data | Tokens | Perplexity |" + (" KL(reference ‖ model) | Top-1 agreement |" if ref else "")
     rule = "|---|---:|---:|" + ("---:|---:|" if ref else "")
     rows = [_eval_row(f["domain"], f"{f['tokens']:,}", f, ref) for f in result["files"]]
     mean = _eval_row("**Geometric mean**", "", {"ppl": result["geomean_ppl"], **result}, ref)
+    stride = result.get("stride") or result["seq_len"]
+    windows = f"windows of {result['seq_len']} tokens" + (f" every {stride}" if stride != result["seq_len"] else "")
     return "\n".join([
-        "## Evaluation",
-        "",
-        f"`moe-surgery eval`, windows of {result['seq_len']} tokens:",
+        f"`moe-surgery eval`, {windows}:",
         "",
         head, rule, *rows, mean,
         "",

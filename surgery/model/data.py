@@ -223,19 +223,24 @@ def cap_seq_len(config: dict, seq_len: int) -> int:
     return min(seq_len, limit) if limit else seq_len
 
 
-def eval_windows(path: str | os.PathLike, tokenizer, seq_len: int, max_tokens: int) -> torch.Tensor:
-    """Non-overlapping windows over one file's documents in file order, at most max_tokens in all.
+def eval_windows(path: str | os.PathLike, tokenizer, seq_len: int, max_tokens: int,
+                 stride: int | None = None) -> torch.Tensor:
+    """Windows of seq_len tokens over one file's documents in file order, at most max_tokens in all,
+    starting every `stride` tokens (None: seq_len, non-overlapping windows).
 
-    File order (no shuffle) keeps evaluation comparable between models and runs; the last
-    partial window is dropped so every window has the same length.
+    File order (no shuffle) keeps evaluation comparable between models and runs; a last window that
+    would run past the tokens is dropped so every window has the same length.
     """
+    stride = seq_len if stride is None else stride
+    if not 1 <= stride <= seq_len:
+        raise DataError(f"--stride {stride} must be between 1 and --seq-len {seq_len} (tokens would be skipped)")
     if max_tokens < seq_len:
         raise DataError(f"--max-tokens {max_tokens} is less than one window of --seq-len {seq_len}")
     tokens = _concatenate(read_documents(path), tokenizer, max_tokens)
-    n = min(len(tokens), max_tokens) // seq_len
-    if n == 0:
+    total = min(len(tokens), max_tokens)
+    if total < seq_len:
         raise DataError(
             f"{path}: only {len(tokens)} tokens, not enough for one window of {seq_len}; "
             "use a smaller --seq-len"
         )
-    return torch.tensor(tokens[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return torch.tensor(tokens[:total], dtype=torch.long).unfold(0, seq_len, stride).contiguous()

@@ -68,17 +68,22 @@ def prune(model: str, out_dir: Path, *, scoring: ScoreOptions, plan_path: Path |
           stats_path: Path | None = None, rounds: RoundsOptions = RoundsOptions(),
           collect: CollectOptions = CollectOptions(), write: WriteOptions = WriteOptions(),
           push: PushOptions = PushOptions(), revision: str | None = None, command: str = "moe-surgery prune",
-          echo: Echo = _print) -> dict:
+          eval_results: Path | None = None, echo: Echo = _print) -> dict:
     """Write OUT_DIR from MODEL (a folder or a Hub repo id) keeping the experts of a plan: `plan_path`, or
     scores of `scoring.criterion` (from `stats_path` or the weights), or rounds of collecting on
-    `rounds.data`. Writes the model card (`command` is recorded in it) and pushes when `push.repo`.
-    Returns the content of the output's pruning.json."""
+    `rounds.data`. Writes the model card (`command` is recorded in it, and the `eval --json` file
+    `eval_results` when given) and pushes when `push.repo`. Returns the content of the output's pruning.json."""
     from surgery.hub.client import check_can_push, push_folder, resolve_model
     from surgery.hub.model_card import keep_user_card, write_model_card
 
     if push.repo:
         check_can_push(push.repo)  # no token / offline: fail before the rewrite
     _check_request(scoring, plan_path)
+    results = None
+    if eval_results is not None:
+        from surgery.hub.card_eval import read_eval_results
+
+        results = read_eval_results(eval_results)  # a bad file fails before the rewrite
     model_dir = resolve_model(model, revision=revision, purpose="prune")
     _check_sources(scoring, plan_path, stats_path, rounds, write)
     calibration = None
@@ -94,7 +99,7 @@ def prune(model: str, out_dir: Path, *, scoring: ScoreOptions, plan_path: Path |
         from stats_formats import StatsFile
 
         calibration = StatsFile(stats_path).calibration
-    if not write_model_card(out_dir, model, record, calibration=calibration, command=command):
+    if not write_model_card(out_dir, model, record, calibration=calibration, command=command, eval_result=results):
         echo(f"Kept the edited {out_dir / 'README.md'}; its numbers may describe an earlier prune.", err=True)
     echo(f"Wrote {out_dir}: {record['num_experts_before']} → {record['num_experts_after']} experts per MoE "
          f"layer ({record['model_type']}, {len(record['experts_per_layer'])} MoE layers).")

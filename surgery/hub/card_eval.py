@@ -1,0 +1,111 @@
+"""Evaluation results in a model card: the file `moe-surgery eval --json` writes, checked as untrusted
+input, its task scores as a Markdown table, and as the `model-index` metadata the Hub reads.
+
+`model-index` is written as huggingface_hub's `ModelCardData(eval_results=[EvalResult(...)])` writes it
+(task type, dataset name/type/args, metric type/value/name), one result per task.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from surgery.errors import UserError
+
+
+class EvalResultsError(UserError):
+    """An --eval-results file that is not what `eval --json` writes."""
+
+
+def read_eval_results(path: str | Path) -> dict:
+    """The content of an `eval --json` file, refused (one line naming the file) unless its perplexity
+    and task parts have the shape the card needs."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EvalResultsError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(data, dict) or not ("files" in data or "tasks" in data):
+        raise EvalResultsError(f"{path}: not a `moe-surgery eval --json` result (no `files` or `tasks`)")
+    try:
+        if "files" in data:
+            _check_perplexity(data)
+        if "tasks" in data:
+            _check_tasks(data["tasks"])
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise EvalResultsError(f"{path}: malformed `eval --json` result ({type(e).__name__}: {e})") from None
+    return data
+
+
+def _number(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{value!r} is not a number")
+    return float(value)
+
+
+def _check_perplexity(data: dict) -> None:
+    _number(data["geomean_ppl"])
+    int(data["seq_len"])
+    for f in data["files"]:
+        str(f["domain"]), int(f["tokens"]), _number(f["ppl"])
+        if "kl" in data:
+            _number(f["kl"]), _number(f["top1"])
+    if "kl" in data:
+        _number(data["kl"]), _number(data["top1"])
+
+
+def _check_tasks(tasks: dict) -> None:
+    for run in ("model", "reference"):
+        if run not in tasks and run == "reference":
+            continue
+        for name, entry in tasks[run]["results"].items():
+            if not isinstance(name, str):
+                raise TypeError(f"task name {name!r}")
+            for metric, value in entry["metrics"].items():
+                _number(value)
+                stderr = entry["stderr"].get(metric)
+                if stderr is not None:
+                    _number(stderr)
+
+
+def _cell(value: float | None, signed: bool = False) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+def tasks_section(tasks: dict) -> str:
+    """The task scores as a Markdown table (with the reference's and the difference when it was run)."""
+    from surgery.eval.task_report import task_rows
+
+    with_ref = "reference" in tasks
+    head = "| Task | Metric | Score | ± stderr |" + (" Reference | ± stderr | Δ |" if with_ref else "")
+    rule = "|---|---|---:|---:|" + ("---:|---:|---:|" if with_ref else "")
+    rows = []
+    for r in task_rows(tasks):
+        cells = [r["task"], r["metric"], _cell(r["value"]), _cell(r["stderr"])]
+        if with_ref:
+            cells += [_cell(r["reference"]), _cell(r["reference_stderr"]), _cell(r["delta"], signed=True)]
+        rows.append("| " + " | ".join(cells) + " |")
+    shots = tasks.get("num_fewshot")
+    how = [f"lm-evaluation-harness {tasks.get('lm_eval_version', '')}".rstrip(),
+           "each task's own few-shot setting" if shots is None else f"{shots}-shot"]
+    if tasks.get("limit"):
+        how.append(f"at most {tasks['limit']} documents per task")
+    return "\n".join([f"`moe-surgery eval --tasks` ({', '.join(how)}):", "", head, rule, *rows, ""]) + "\n"
+
+
+def model_index(model_name: str, tasks: dict) -> list[dict]:
+    """The `model-index` metadata of the model's task scores (not the reference's)."""
+    results = []
+    for task, entry in tasks["model"]["results"].items():
+        dataset = {"name": task, "type": task}
+        shots = entry.get("num_fewshot")
+        if isinstance(shots, int):
+            dataset["args"] = {"num_few_shot": shots}
+        metrics = [{"type": m.split(" ", 1)[0], "value": v, "name": m} for m, v in entry["metrics"].items()
+                   if math.isfinite(v)]
+        if metrics:
+            results.append({"task": {"type": "text-generation"}, "dataset": dataset, "metrics": metrics})
+    return [{"name": model_name, "results": results}] if results else []
