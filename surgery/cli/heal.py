@@ -41,8 +41,21 @@ heal_options = option_group(
                       "GPU: on a CPU, which distils a few hundred tokens/s, use --kd-steps 0 or far fewer tokens."),
     click.option("--train", type=click.Choice(["experts", "all"]), default="experts", show_default=True,
                  help="Distillation trains the router rows and routed experts of pruned layers, or every weight."),
-    click.option("--lr", default=5e-4, show_default=True,
-                 help="Distillation peak learning rate (AdamW, warm-up + cosine)."),
+    click.option("--lr", type=float, default=None,
+                 help="Distillation peak learning rate (AdamW, warm-up + cosine); default 5e-4, 2e-5 with "
+                      "--recipe moe-pruner."),
+    click.option("--lora", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="Low-rank healing: train rank-R adapters on the pruned layers' experts (and their router rows) "
+                      "instead of the expert weights, in both stages, then merge them into the weights: the output is "
+                      "a plain checkpoint. Needs about the two models in the compute dtype plus small adapter states "
+                      "(see README). 0 trains the weights themselves."),
+    click.option("--recipe", type=click.Choice(["default", "moe-pruner"]), default="default", show_default=True,
+                 help="default: layer-local fit, then KL distillation of the pruned layers' experts. moe-pruner: "
+                      "MoE-Pruner's expert-wise distillation (Eq. 10: next-token CE + lambda * sum of expert-output "
+                      "MSEs, lambda equalising the two at the start), full-parameter, lr 2e-5, no layer-local stage."),
+    click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True), default=None,
+                 help="GiB the run may use on its device; heal refuses up front, with its estimate, when the run "
+                      "needs more. Default: the device's free memory (the host's available memory on a CPU)."),
     seq_len_option(1024), batch_size_option(8), device_option, dtype_option, seed_option, overwrite_option,
 )
 

@@ -147,7 +147,7 @@ def _meta_model(path, dtype: torch.dtype):
 
 def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int, *, steps: int, lr: float,
                 batch_tokens: int, device: torch.device, dtype: torch.dtype, seed: int, inputs: str = "student",
-                progress: bool = True) -> LocalResult:
+                progress: bool = True, fit=None) -> LocalResult:
     """Fit every touched MoE block of the student; `batches` end with the held-out ones (`held_tokens` tokens).
 
     Teacher and student are streamed side by side, one decoder layer at a time. inputs="teacher"
@@ -157,6 +157,7 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
     target = teacher layer output - (student layer output - student block output).
     inputs="both" trains on the student's pairs and the teacher's (x, y) pairs together (twice the data;
     the held-out tokens stay the student's).
+    fit: the block fit (default `_fit`, the whole block; surgery.refine.heal.lora and .expertwise give others).
     """
     spec = pairing.teacher_layout.spec
     touched = set(pairing.touched_layers)
@@ -186,7 +187,7 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
     try:
         _walk(result, prefetcher, t_layers, s_layers, t_blocks, s_blocks, t_store, s_store, calls, touched, spec,
               pairing, inputs, held_tokens, steps=steps, lr=lr, batch_tokens=batch_tokens, generator=generator,
-              progress=progress)
+              progress=progress, fit=fit or _fit)
     finally:
         prefetcher.close()
     t_store.close()
@@ -196,7 +197,7 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
 
 def _walk(result: LocalResult, prefetcher: LayerPrefetcher, t_layers, s_layers, t_blocks, s_blocks, t_store, s_store,
           calls, touched, spec, pairing: Pairing, inputs: str, held_tokens: int, *, steps: int, lr: float,
-          batch_tokens: int, generator: torch.Generator, progress: bool) -> None:
+          batch_tokens: int, generator: torch.Generator, progress: bool, fit) -> None:
     """The layer loop of local_stage: teacher layer i, then student layer i (fitted where pruned)."""
     bar = tqdm(total=len(t_layers), desc="Layer-local fit", unit="layer", disable=not progress)
     for i, (t_layer, s_layer) in enumerate(zip(t_layers, s_layers)):
@@ -222,9 +223,9 @@ def _walk(result: LocalResult, prefetcher: LayerPrefetcher, t_layers, s_layers, 
                     n_fit = x.shape[0] - held_tokens
                     x = torch.cat([x[:n_fit], torch.cat(teacher_io.x)[:n_fit], x[n_fit:]])
                     y = torch.cat([y[:n_fit], torch.cat(teacher_io.y)[:n_fit], y[n_fit:]])
-            result.layers[i] = _fit(block, name, spec.router_module, pairing.sparsified, x, y, held_tokens,
-                                    steps=steps, lr=lr, batch_tokens=batch_tokens, generator=generator,
-                                    params_out=result.params)
+            result.layers[i] = fit(block, name, spec.router_module, pairing.sparsified, x, y, held_tokens,
+                                   steps=steps, lr=lr, batch_tokens=batch_tokens, generator=generator,
+                                   params_out=result.params)
             if inputs != "teacher":  # the student's next layer sees the healed block's output
                 with torch.no_grad():
                     for b, (xb, m) in enumerate(zip(student_io.x, mids)):

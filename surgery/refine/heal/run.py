@@ -20,6 +20,9 @@ from surgery.io.identity import file_sha256
 from surgery.io.provenance import now
 from surgery.model.data import build_sequences, cap_seq_len
 from surgery.refine.heal.export import disk_tensors, to_bytes
+from surgery.refine.heal.lora import check_lora, lora_fit, lora_student
+from surgery.refine.heal.memory import check_memory
+from surgery.refine.heal.recipes import RECIPE_LR, RECIPES, MoEPrunerObjective
 from surgery.refine.heal.pairing import HealError, Pairing, pair
 
 HELD_OUT_SHARE = 16  # one sequence in 16 is kept aside to measure each stage
@@ -35,7 +38,10 @@ class HealOptions:
     the training sequences when the text is shorter), 0 turns the stage off. synthesize: when the text gives
     the local stage fewer than `local_tokens` tokens, the teacher's sampled continuations of prefixes of the
     text make up the difference, up to SAMPLES_PER_SEQUENCE per real sequence (surgery.refine.heal.synthetic).
-    local_inputs: "student", "teacher" or "both" (surgery.refine.heal.local). train: "experts" or "all"."""
+    local_inputs: "student", "teacher" or "both" (surgery.refine.heal.local). train: "experts" or "all".
+    lora: adapter rank on the pruned layers' experts, 0 = train the weights themselves (surgery.refine.heal.lora).
+    recipe: "default" or "moe-pruner" (surgery.refine.heal.recipes); lr None = the recipe's.
+    memory_budget: GiB the run may use on its device (None = the device's free memory; surgery.refine.heal.memory)."""
 
     tokens: int | None = None
     local_steps: int = 200
@@ -45,8 +51,11 @@ class HealOptions:
     synthesize: bool = True
     kd_steps: int | None = None
     kd_tokens: int = DEFAULT_TOKENS
-    lr: float = 5e-4
+    lr: float | None = None
     train: str = "experts"
+    lora: int = 0
+    recipe: str = "default"
+    memory_budget: float | None = None
     batch_size: int = 8
     seq_len: int = 1024
     device: str | None = None
@@ -78,13 +87,17 @@ def heal(student_dir: str | Path, teacher_dir: str | Path, data: list[str], out_
     The output folder is opened (and refused if it exists) before any training."""
     if options.train not in TRAIN_CHOICES:
         raise HealError(f"--train {options.train!r}: choose experts or all")
+    if options.recipe not in RECIPES:
+        raise HealError(f"--recipe {options.recipe!r}: choose {' or '.join(RECIPES)}")
     with DerivedCheckpoint(out_dir, overwrite=options.overwrite, inputs=[student_dir, teacher_dir],
                            inputs_label="the student and the teacher") as out, pair(student_dir, teacher_dir) as pairing:
         if not pairing.touched_layers:
             raise HealError(f"{pairing.record_path}: no MoE layer was pruned; nothing to heal")
+        check_lora(pairing, options.lora, options.train)
         run = _start(pairing, data, teacher_dir, options)
+        check_memory(pairing, run.device, run.dtype, options)
         start = time.perf_counter()
-        if options.local_steps > 0:
+        if options.local_steps > 0 and options.recipe == "default":
             _local(run)
         _distill(run)
         if not run.trained:
@@ -184,7 +197,7 @@ def _local(run: _Run) -> None:
     batches = [*local_ids.split(o.batch_size), *run.held_ids.split(o.batch_size)]
     local = local_stage(run.pairing, batches, run.held_ids.numel(), steps=o.local_steps, lr=o.local_lr,
                         batch_tokens=4096, device=run.device, dtype=run.dtype, seed=o.seed, inputs=o.local_inputs,
-                        progress=o.progress)
+                        progress=o.progress, fit=lora_fit(o.lora) if o.lora else None)
     run.trained.update(local.params)
     run.record["stages"].append({"stage": "local", "inputs": o.local_inputs, "steps_per_layer": o.local_steps,
                                  "lr": o.local_lr, "tokens": int(local_ids.numel()), **sampled,
@@ -201,14 +214,22 @@ def _distill(run: _Run) -> None:
     from surgery.refine.heal.distill import distill_stage
 
     teacher = _loaded(run, load_model(run.pairing.teacher.dir, str(run.device), run.dtype))
-    student = _loaded(run, load_model(run.pairing.student.dir, str(run.device), torch.float32))
+    # LoRA: the frozen student in the compute dtype (autocast on a GPU), else float32 master weights
+    frozen_dtype = run.dtype if o.lora and run.device.type == "cuda" else torch.float32
+    student = _loaded(run, load_model(run.pairing.student.dir, str(run.device), frozen_dtype))
     with torch.no_grad():
         for name, value in run.trained.items():
             student.get_parameter(name).copy_(value)
+    lora = lora_student(student, run.pairing, o.lora, o.seed) if o.lora else None
+    recipe = MoEPrunerObjective(run.pairing, teacher, student) if o.recipe == "moe-pruner" else None
+    train = "all" if recipe is not None and not o.lora else o.train  # MoE-Pruner fine-tunes every parameter
     kd = distill_stage(run.pairing, teacher, student, list(run.train_ids.split(o.batch_size)),
-                       list(run.held_ids.split(o.batch_size)), steps=steps, lr=o.lr, train=o.train,
-                       device=run.device, seed=o.seed, progress=o.progress)
-    run.trained.update(kd.params)
+                       list(run.held_ids.split(o.batch_size)), steps=steps, lr=o.lr or RECIPE_LR[o.recipe],
+                       train=train, device=run.device, seed=o.seed, progress=o.progress,
+                       params=lora.params if lora else None, objective=recipe)
+    run.trained.update(lora.merged() if lora else kd.params)
+    if lora:
+        kd.record["lora_rank"] = o.lora
     run.record["stages"].append({"stage": "distill", **kd.record})
 
 
