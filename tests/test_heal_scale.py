@@ -117,7 +117,7 @@ def test_lora_refuses_what_it_cannot_do(root: Path, pair, data: Path) -> None:
 
 
 SIZES = ModelSizes(student=1000, teacher=1500, trainable=600, router=10, adapters_per_rank=20, largest_layer=300,
-                   largest_block=310, layer=400, hidden=8, layers=2, vocab=50, routed_width=16)
+                   largest_block=310, largest_expert=70, layer=400, hidden=8, layers=2, vocab=50, routed_width=16)
 
 
 def test_memory_formula_term_by_term() -> None:
@@ -134,6 +134,9 @@ def test_memory_formula_term_by_term() -> None:
     assert sharded["weights"] == full["weights"] // 4 and sharded["optimizer"] == full["optimizer"] // 4
     local = needed_bytes(SIZES, dtype_bytes=2, lora=0, train_all=False, **{**common, "local": True, "distill": False})
     assert local["total"] == 2 * 2 * 400 + 16 * 310 + 4 * 100 * 8 * 2
+    by_expert = needed_bytes(SIZES, dtype_bytes=2, lora=0, train_all=False, local_fit="experts",
+                             **{**common, "local": True, "distill": False})
+    assert by_expert["local_block"] == 2 * 310 + 16 * 70 < local["local_block"]
 
 
 @pytest.mark.parametrize("extra", [[], ["--lora", "4"]])
@@ -168,3 +171,46 @@ def test_moe_pruner_recipe_balances_its_terms_and_lowers_held_out_loss(root: Pat
     nll = [evaluate(load_model(m), tok, [str(eval_file)], seq_len=24, max_tokens=480, progress=False)["geomean_ppl"]
            for m in (student, out)]
     assert nll[1] < nll[0], nll
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert-by-expert layer-local fit
+
+
+def test_expert_by_expert_local_fit_lowers_every_block_error(root: Path, pair, data: Path) -> None:
+    from test_heal import _block_error
+
+    teacher, student = pair
+    out = root / "healed-expertwise"
+    record = heal(student, teacher, [str(data)], out,
+                  HealOptions(local_steps=40, kd_steps=0, local_inputs="teacher", local_fit="experts", **FAST))
+    assert record["local_fit"] == "experts"
+    layers = record["stages"][0]["layers"]
+    assert layers and all(v["fit"] == "experts" and v["experts"] for v in layers.values())
+    assert all(v["held_out_error_after"] < v["held_out_error_before"] for v in layers.values()), layers
+    ids = torch.tensor([load_tokenizer(teacher)(" ".join(_docs(5, 10)))["input_ids"][:96]])
+    before, after = _block_error(student, teacher, ids), _block_error(out, teacher, ids)
+    assert set(before) == {int(k) for k in layers}
+    assert all(after[layer] < before[layer] for layer in before), (before, after)
+
+
+def test_auto_local_fit_goes_expert_by_expert_when_the_block_does_not_fit(root: Path, pair, data: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A budget between the two local estimates: the joint fit is refused, the expert-by-expert one runs."""
+    from surgery.refine.heal import memory
+
+    teacher, student = pair
+    fast = {**FAST, "local_tokens": 24 * 16}
+    from surgery.refine.heal.pairing import pair as open_pair
+
+    with open_pair(student, teacher) as p:
+        sizes = memory.model_sizes(p)
+    common = dict(dtype_bytes=4, lora=0, train_all=False, batch_tokens=4 * 24, local_tokens=fast["local_tokens"],
+                  local=True, distill=False)
+    joint = memory.needed_bytes(sizes, local_fit="joint", **common)["total"]
+    experts = memory.needed_bytes(sizes, local_fit="experts", **common)["total"]
+    assert experts < joint
+    budget = (joint + experts) / 2 / memory.GIB
+    record = heal(student, teacher, [str(data)], root / "healed-auto",
+                  HealOptions(local_steps=5, kd_steps=0, local_inputs="teacher", memory_budget=budget, **fast))
+    assert record["local_fit"] == "experts"

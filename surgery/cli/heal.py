@@ -53,6 +53,11 @@ heal_options = option_group(
                  help="default: layer-local fit, then KL distillation of the pruned layers' experts. moe-pruner: "
                       "MoE-Pruner's expert-wise distillation (Eq. 10: next-token CE + lambda * sum of expert-output "
                       "MSEs, lambda equalising the two at the start), full-parameter, lr 2e-5, no layer-local stage."),
+    click.option("--local-fit", type=click.Choice(["auto", "joint", "experts"]), default="auto", show_default=True,
+                 help="Layer-local stage: fit each pruned block whole (router rows and experts together, float32), "
+                      "expert by expert (each expert toward its share of the teacher block's output on its tokens, "
+                      "then the router rows; the block stays in its dtype), or auto: expert by expert only when the "
+                      "whole block's fit does not fit in the memory budget."),
     click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True), default=None,
                  help="GiB the run may use on its device; heal refuses up front, with its estimate, when the run "
                       "needs more. Default: the device's free memory (the host's available memory on a CPU)."),

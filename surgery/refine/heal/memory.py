@@ -42,6 +42,7 @@ class ModelSizes:
     adapters_per_rank: int  # A / r
     largest_layer: int  # X
     largest_block: int  # B
+    largest_expert: int  # one expert's weights, for the expert-by-expert local fit
     layer: int  # W: the largest decoder layer of the teacher
     hidden: int
     layers: int
@@ -63,7 +64,7 @@ def _adapter_size(shape: tuple[int, ...]) -> int:
 
 def model_sizes(pairing: Pairing) -> ModelSizes:
     s, layout = pairing.student, pairing.student_layout
-    trainable = router = adapters = largest = block = 0
+    trainable = router = adapters = largest = block = expert = 0
     for layer in pairing.touched_layers:
         entry = layout.layers[layer]
         experts = [*entry.fused, *(n for names in entry.per_expert.values() for n in names)]
@@ -74,6 +75,7 @@ def model_sizes(pairing: Pairing) -> ModelSizes:
         adapters += sum(_adapter_size(tuple(s.info(n).shape)) for n in experts)
         largest = max(largest, sum(sizes))
         block = max(block, sum(sizes) + routers)
+        expert = max(expert, sum(sizes) // max(len(pairing.expert_map.get(layer, [])), 1))
     t = pairing.teacher
     per_layer: dict[str, int] = {}
     for name in t.names():
@@ -83,7 +85,7 @@ def model_sizes(pairing: Pairing) -> ModelSizes:
     config = layout.config
     routed = int(config.get("num_experts_per_tok") or layout.top_k or 1) * int(
         config.get("moe_intermediate_size") or config.get("intermediate_size") or 0)
-    return ModelSizes(_count(s), _count(t), trainable, router, adapters, largest, block,
+    return ModelSizes(_count(s), _count(t), trainable, router, adapters, largest, block, expert,
                       max(per_layer.values(), default=0), int(config.get("hidden_size") or 0),
                       int(config.get("num_hidden_layers") or layout.num_hidden_layers),
                       int(config.get("vocab_size") or pairing.teacher.config.get("vocab_size") or 0), routed)
@@ -94,7 +96,7 @@ def _count(ckpt: Checkpoint) -> int:
 
 
 def needed_bytes(sizes: ModelSizes, *, dtype_bytes: int, lora: int, train_all: bool, batch_tokens: int,
-                 local_tokens: int, local: bool, distill: bool, world: int = 1) -> dict[str, int]:
+                 local_tokens: int, local: bool, distill: bool, world: int = 1, local_fit: str = "joint") -> dict[str, int]:
     """The formula of the module docstring, term by term (bytes); "total" is the larger stage's sum."""
     b = dtype_bytes
     act = batch_tokens * (sizes.layers * (16 * sizes.hidden + 3 * sizes.routed_width) * b + 16 * sizes.vocab)
@@ -106,7 +108,10 @@ def needed_bytes(sizes: ModelSizes, *, dtype_bytes: int, lora: int, train_all: b
         trained = 12 * t
         weights = 4 * sizes.student + b * sizes.teacher
     kd = {"weights": weights // world, "optimizer": trained // world, "activations": act}
-    block = 16 * (lora * sizes.adapters_per_rank + sizes.router if lora else sizes.largest_block)
+    if local_fit == "experts":  # the block in its dtype, one expert and the router rows trained at a time
+        block = b * sizes.largest_block + 16 * max(sizes.largest_expert, sizes.router)
+    else:
+        block = 16 * (lora * sizes.adapters_per_rank + sizes.router if lora else sizes.largest_block)
     local_terms = {"layers": 2 * b * sizes.layer, "block": block, "cache": 4 * local_tokens * sizes.hidden * b}
     totals = [sum(kd.values())] if distill else []
     totals += [sum(local_terms.values())] if local else []
@@ -127,21 +132,25 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(pairing: Pairing, device: torch.device, dtype: torch.dtype, options) -> dict[str, int]:
-    """Refuse (HealError, exit 2) when the run's estimate exceeds the budget; returns the estimate."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def check_memory(pairing: Pairing, device: torch.device, dtype: torch.dtype, options) -> str:
+    """The layer-local fit to use ("joint", or "experts" when only the expert-by-expert fit fits, with
+    options.local_fit "auto"); refuses (HealError, exit 2) when the run's estimate exceeds the budget."""
     steps = options.kd_steps if options.kd_steps is not None else options.kd_tokens
-    need = needed_bytes(model_sizes(pairing), dtype_bytes=torch.empty((), dtype=dtype).element_size(),
-                        lora=options.lora, train_all=options.train == "all" or options.recipe == "moe-pruner",
-                        batch_tokens=options.batch_size * options.seq_len, local_tokens=options.local_tokens,
-                        local=options.local_steps > 0 and options.recipe == "default", distill=steps > 0,
-                        world=world)
+    sizes = model_sizes(pairing)
+    common = dict(dtype_bytes=torch.empty((), dtype=dtype).element_size(), lora=options.lora,
+                  train_all=options.train == "all" or options.recipe == "moe-pruner",
+                  batch_tokens=options.batch_size * options.seq_len, local_tokens=options.local_tokens,
+                  local=options.local_steps > 0 and options.recipe == "default", distill=steps > 0,
+                  world=int(os.environ.get("WORLD_SIZE", "1")))
     budget = options.memory_budget * GIB if options.memory_budget is not None else available_bytes(device)
-    if budget is not None and need["total"] > budget:
-        mode = f"--lora {options.lora}" if options.lora else "full-parameter"
-        where = "--memory-budget" if options.memory_budget is not None else f"free on {device}"
-        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in need.items() if k != "total" and v)
-        raise HealError(f"{pairing.student.dir}: heal ({mode}) needs about {need['total'] / GIB:.2f} GiB "
-                        f"({parts} GiB), more than the {budget / GIB:.2f} GiB {where}; try --lora, a smaller "
-                        "--batch-size, or torchrun over more devices")
-    return need
+    fits = ["joint", "experts"] if options.local_fit == "auto" else [options.local_fit]
+    for fit in fits:
+        need = needed_bytes(sizes, local_fit=fit, **common)
+        if budget is None or need["total"] <= budget:
+            return fit
+    mode = f"--lora {options.lora}" if options.lora else "full-parameter"
+    where = "--memory-budget" if options.memory_budget is not None else f"free on {device}"
+    parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in need.items() if k != "total" and v)
+    raise HealError(f"{pairing.student.dir}: heal ({mode}) needs about {need['total'] / GIB:.2f} GiB "
+                    f"({parts} GiB), more than the {budget / GIB:.2f} GiB {where}; try --lora, a smaller "
+                    "--batch-size, or torchrun over more devices")

@@ -41,7 +41,8 @@ class HealOptions:
     local_inputs: "student", "teacher" or "both" (surgery.refine.heal.local). train: "experts" or "all".
     lora: adapter rank on the pruned layers' experts, 0 = train the weights themselves (surgery.refine.heal.lora).
     recipe: "default" or "moe-pruner" (surgery.refine.heal.recipes); lr None = the recipe's.
-    memory_budget: GiB the run may use on its device (None = the device's free memory; surgery.refine.heal.memory)."""
+    memory_budget: GiB the run may use on its device (None = the device's free memory; surgery.refine.heal.memory).
+    local_fit: "joint", "experts" (surgery.refine.heal.expertwise) or "auto" (experts when the joint fit does not fit)."""
 
     tokens: int | None = None
     local_steps: int = 200
@@ -56,6 +57,7 @@ class HealOptions:
     lora: int = 0
     recipe: str = "default"
     memory_budget: float | None = None
+    local_fit: str = "auto"
     batch_size: int = 8
     seq_len: int = 1024
     device: str | None = None
@@ -95,7 +97,7 @@ def heal(student_dir: str | Path, teacher_dir: str | Path, data: list[str], out_
             raise HealError(f"{pairing.record_path}: no MoE layer was pruned; nothing to heal")
         check_lora(pairing, options.lora, options.train)
         run = _start(pairing, data, teacher_dir, options)
-        check_memory(pairing, run.device, run.dtype, options)
+        run.record["local_fit"] = check_memory(pairing, run.device, run.dtype, options)
         start = time.perf_counter()
         if options.local_steps > 0 and options.recipe == "default":
             _local(run)
@@ -197,11 +199,21 @@ def _local(run: _Run) -> None:
     batches = [*local_ids.split(o.batch_size), *run.held_ids.split(o.batch_size)]
     local = local_stage(run.pairing, batches, run.held_ids.numel(), steps=o.local_steps, lr=o.local_lr,
                         batch_tokens=4096, device=run.device, dtype=run.dtype, seed=o.seed, inputs=o.local_inputs,
-                        progress=o.progress, fit=lora_fit(o.lora) if o.lora else None)
+                        progress=o.progress, fit=_local_fit(run))
     run.trained.update(local.params)
     run.record["stages"].append({"stage": "local", "inputs": o.local_inputs, "steps_per_layer": o.local_steps,
                                  "lr": o.local_lr, "tokens": int(local_ids.numel()), **sampled,
                                  "layers": {str(k): v for k, v in sorted(local.layers.items())}})
+
+
+def _local_fit(run: _Run):
+    """The block fit: expert by expert when chosen (or when only it fits), adapters with --lora, else the joint fit."""
+    from surgery.refine.heal.expertwise import expert_fit, supports
+
+    if run.record["local_fit"] == "experts" and supports(run.pairing.teacher_layout.spec.expert_math):
+        return expert_fit
+    run.record["local_fit"] = "joint"
+    return lora_fit(run.options.lora) if run.options.lora else None
 
 
 def _distill(run: _Run) -> None:
