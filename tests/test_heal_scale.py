@@ -214,3 +214,55 @@ def test_auto_local_fit_goes_expert_by_expert_when_the_block_does_not_fit(root: 
     record = heal(student, teacher, [str(data)], root / "healed-auto",
                   HealOptions(local_steps=5, kd_steps=0, local_inputs="teacher", memory_budget=budget, **fast))
     assert record["local_fit"] == "experts"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded distillation (torchrun, FSDP2, gloo on CPU)
+
+
+def test_two_ranks_heal_the_same_weights_as_one_and_write_one_output(root: Path, pair, data: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tiny_models import checkpoint_bytes
+
+    teacher, student = pair
+    # 17 sequences: 16 to train on (4 batches of 4, split 2 + 2), 1 held out
+    args = ["--local-steps", "5", "--kd-steps", "4", "--lr", "3e-3", "--tokens", str(24 * 17), "--seq-len", "24",
+            "--batch-size", "4", "--local-tokens", str(24 * 16), "--local-inputs", "teacher", "--device", "cpu"]
+    one = root / "sharded-1"
+    heal(student, teacher, [str(data)], one, HealOptions(local_steps=5, kd_steps=4, lr=3e-3, local_inputs="teacher",
+                                                         **{**FAST, "tokens": 24 * 17}))
+    parent = root / "sharded"
+    parent.mkdir()
+    two = parent / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "surgery.cli", "heal", str(student), "--teacher", str(teacher), "-d", str(data),
+                             "-o", str(two), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in parent.iterdir()] == ["out"]  # one output, no leftovers
+    assert result.stdout.count("Wrote ") == 1  # only rank 0 writes (and reports)
+    import json
+
+    record = json.loads((two / "pruning.json").read_text())["heal"]
+    assert record["ranks"] == 2 and [s["stage"] for s in record["stages"]] == ["local", "distill"]
+    assert record["stages"][1]["tokens"] == 4 * 4 * 24  # both ranks' tokens
+    a, b = load_model(one).state_dict(), load_model(two).state_dict()
+    changed = 0
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        changed += int(not torch.equal(value, load_model(student).state_dict()[name])) if "experts" in name else 0
+    assert changed
+    assert checkpoint_bytes(two).keys() == checkpoint_bytes(one).keys()
+
+
+def test_sharded_heal_refuses_what_runs_on_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    from surgery.refine.heal.distributed import World, check_sharded
+
+    with pytest.raises(HealError, match="one process"):
+        check_sharded(World(0, 2), HealOptions(lora=4), sparsified=False)
+    with pytest.raises(HealError, match="multiple of the 2 ranks"):
+        check_sharded(World(0, 2), HealOptions(batch_size=3), sparsified=False)
+    check_sharded(World(0, 2), HealOptions(batch_size=4), sparsified=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -88,7 +89,9 @@ def heal(student: str, teacher: str, data: tuple[str, ...], output: Path, option
     from surgery.refine.heal.run import heal as run_heal
 
     teacher_dir = resolve_model(teacher, revision=revision, purpose="collect")
-    _report(run_heal(student, teacher_dir, list(data), output, options), output)
+    record = run_heal(student, teacher_dir, list(data), output, options)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 wrote and reports
+        _report(record, output)
 
 
 def _report(record: dict, output: Path) -> None:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from surgery.model.expert_math import expert_forward
 from surgery.model.blocks import find_blocks
+from surgery.refine.heal.distributed import full
 from surgery.refine.heal.local import lr_at, masks_of, optimizer_step, trainable
 from surgery.refine.heal.pairing import Pairing
 
@@ -187,5 +188,5 @@ def distill_stage(pairing: Pairing, teacher, student, train_batches: list[torch.
               "held_out_kl_checks": [[s, k] for s, k in checks],
               "seconds": round(time.perf_counter() - start, 2), "expert_wise_loss": expert_wise is not None,
               **(objective.record() if objective is not None else {})}
-    trained = {n: p.detach().to("cpu", torch.float32).clone() for n, p in params.items()}
+    trained = {n: full(p).detach().to("cpu", torch.float32).clone() for n, p in params.items()}
     return DistillResult(trained, record)

@@ -6,9 +6,10 @@ their on-disk dtype, every other tensor is copied byte for byte; pruning.json ga
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from surgery.io.derived import DerivedCheckpoint
 from surgery.io.identity import file_sha256
 from surgery.io.provenance import now
 from surgery.model.data import build_sequences, cap_seq_len
+from surgery.refine.heal.distributed import World, barrier, broadcast, check_sharded, rank_device, shard, split, total
+from surgery.refine.heal.distributed import start as join_ranks
 from surgery.refine.heal.export import disk_tensors, to_bytes
 from surgery.refine.heal.lora import check_lora, lora_fit, lora_student
 from surgery.refine.heal.memory import check_memory
@@ -80,6 +83,7 @@ class _Run:
     seq_len: int
     trained: dict[str, torch.Tensor]
     record: dict
+    world: World = field(default_factory=World)
 
 
 def heal(student_dir: str | Path, teacher_dir: str | Path, data: list[str], out_dir: str | Path,
@@ -91,12 +95,15 @@ def heal(student_dir: str | Path, teacher_dir: str | Path, data: list[str], out_
         raise HealError(f"--train {options.train!r}: choose experts or all")
     if options.recipe not in RECIPES:
         raise HealError(f"--recipe {options.recipe!r}: choose {' or '.join(RECIPES)}")
-    with DerivedCheckpoint(out_dir, overwrite=options.overwrite, inputs=[student_dir, teacher_dir],
-                           inputs_label="the student and the teacher") as out, pair(student_dir, teacher_dir) as pairing:
+    world = join_ranks(pick_device(options.device))  # torchrun: rank 0 writes (surgery.refine.heal.distributed)
+    output = DerivedCheckpoint(out_dir, overwrite=options.overwrite, inputs=[student_dir, teacher_dir],
+                               inputs_label="the student and the teacher") if world.rank == 0 else contextlib.nullcontext()
+    with output as out, pair(student_dir, teacher_dir) as pairing:
         if not pairing.touched_layers:
             raise HealError(f"{pairing.record_path}: no MoE layer was pruned; nothing to heal")
         check_lora(pairing, options.lora, options.train)
-        run = _start(pairing, data, teacher_dir, options)
+        check_sharded(world, options, pairing.sparsified)
+        run = _start(pairing, data, teacher_dir, options, world)
         run.record["local_fit"] = check_memory(pairing, run.device, run.dtype, options)
         start = time.perf_counter()
         if options.local_steps > 0 and options.recipe == "default":
@@ -108,7 +115,9 @@ def heal(student_dir: str | Path, teacher_dir: str | Path, data: list[str], out_
         _timing(run, time.perf_counter() - start)
         if run.device.type == "cuda":
             run.record["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**20)
-        _write(run, out)
+        if world.rank == 0:
+            _write(run, out)
+    barrier(world)  # the others wait until rank 0's output is complete
     return run.record
 
 
@@ -134,8 +143,8 @@ def _loaded(run: _Run, model):
     return model
 
 
-def _start(pairing: Pairing, data: list[str], teacher_dir: str | Path, options: HealOptions) -> _Run:
-    dev = pick_device(options.device)
+def _start(pairing: Pairing, data: list[str], teacher_dir: str | Path, options: HealOptions, world: World) -> _Run:
+    dev = rank_device(pick_device(options.device), world)
     dt = pick_dtype(options.dtype, dev)
     train_ids, held_ids, seq_len = _sequences(pairing, data, options.tokens, options.seq_len, options.seed)
     record: dict = {
@@ -145,8 +154,9 @@ def _start(pairing: Pairing, data: list[str], teacher_dir: str | Path, options: 
         "tokens": int(train_ids.numel() + held_ids.numel()),
         "held_out_tokens": int(held_ids.numel()),
         "seq_len": seq_len, "seed": options.seed, "device": str(dev), "stages": [],
+        **({"ranks": world.size} if world.sharded else {}),
     }
-    return _Run(pairing, options, dev, dt, train_ids, held_ids, seq_len, {}, record)
+    return _Run(pairing, options, dev, dt, train_ids, held_ids, seq_len, {}, record, world)
 
 
 def _sequences(pairing: Pairing, data: list[str], tokens: int | None, seq_len: int, seed: int):
@@ -194,13 +204,16 @@ def _local(run: _Run) -> None:
     """Stage 1: fit each pruned block to the teacher's, layer by layer (surgery.refine.heal.local)."""
     from surgery.refine.heal.local import local_stage
 
+    if run.world.rank != 0:  # rank 0 fits, the others receive its result
+        run.trained.update(broadcast({}, run.world))
+        return
     o = run.options
     local_ids, sampled = _local_ids(run)
     batches = [*local_ids.split(o.batch_size), *run.held_ids.split(o.batch_size)]
     local = local_stage(run.pairing, batches, run.held_ids.numel(), steps=o.local_steps, lr=o.local_lr,
                         batch_tokens=4096, device=run.device, dtype=run.dtype, seed=o.seed, inputs=o.local_inputs,
                         progress=o.progress, fit=_local_fit(run))
-    run.trained.update(local.params)
+    run.trained.update(broadcast(local.params, run.world))
     run.record["stages"].append({"stage": "local", "inputs": o.local_inputs, "steps_per_layer": o.local_steps,
                                  "lr": o.local_lr, "tokens": int(local_ids.numel()), **sampled,
                                  "layers": {str(k): v for k, v in sorted(local.layers.items())}})
@@ -233,13 +246,17 @@ def _distill(run: _Run) -> None:
         for name, value in run.trained.items():
             student.get_parameter(name).copy_(value)
     lora = lora_student(student, run.pairing, o.lora, o.seed) if o.lora else None
+    if run.world.sharded:
+        student, teacher = shard(student, run.device, run.world), shard(teacher, run.device, run.world)
     recipe = MoEPrunerObjective(run.pairing, teacher, student) if o.recipe == "moe-pruner" else None
     train = "all" if recipe is not None and not o.lora else o.train  # MoE-Pruner fine-tunes every parameter
-    kd = distill_stage(run.pairing, teacher, student, list(run.train_ids.split(o.batch_size)),
-                       list(run.held_ids.split(o.batch_size)), steps=steps, lr=o.lr or RECIPE_LR[o.recipe],
-                       train=train, device=run.device, seed=o.seed, progress=o.progress,
+    kd = distill_stage(run.pairing, teacher, student, split(list(run.train_ids.split(o.batch_size)), run.world),
+                       list(run.held_ids.split(o.batch_size)), steps=steps,
+                       lr=o.lr or RECIPE_LR[o.recipe], train=train, device=run.device, seed=o.seed,
+                       progress=o.progress and run.world.rank == 0,
                        params=lora.params if lora else None, objective=recipe)
     run.trained.update(lora.merged() if lora else kd.params)
+    kd.record["tokens"] = total(kd.record["tokens"], run.world)
     if lora:
         kd.record["lora_rank"] = o.lora
     run.record["stages"].append({"stage": "distill", **kd.record})
