@@ -132,6 +132,7 @@ def test_memory_formula_term_by_term() -> None:
     assert lora["total"] < full["total"]
     sharded = needed_bytes(SIZES, dtype_bytes=2, lora=0, train_all=False, world=4, **common)
     assert sharded["weights"] == full["weights"] // 4 and sharded["optimizer"] == full["optimizer"] // 4
+    assert sharded["activations"] == act // 4
     local = needed_bytes(SIZES, dtype_bytes=2, lora=0, train_all=False, **{**common, "local": True, "distill": False})
     assert local["total"] == 2 * 2 * 400 + 16 * 310 + 4 * 100 * 8 * 2
     by_expert = needed_bytes(SIZES, dtype_bytes=2, lora=0, train_all=False, local_fit="experts",

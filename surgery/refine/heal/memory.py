@@ -13,7 +13,8 @@ layers; every parameter with --train all or --recipe moe-pruner), A the adapter 
     local stage: 2 b W + 16 B + 4 N H b              (a teacher and a student layer W, the trained block B,
                                                       the cached block inputs and outputs of N tokens)
 
-A run sharded over G ranks (torchrun) divides the model, gradient and optimizer terms by G. The
+A run sharded over G ranks (torchrun) divides the model, gradient and optimizer terms by G, and
+each rank's activations are those of its share (1/G) of the batch. The
 estimate is compared with `--memory-budget` or the device's free memory (the host's available
 memory on a CPU) and the run is refused up front, with the figure, when it does not fit.
 """
@@ -107,7 +108,7 @@ def needed_bytes(sizes: ModelSizes, *, dtype_bytes: int, lora: int, train_all: b
         t = sizes.student if train_all else sizes.trainable
         trained = 12 * t
         weights = 4 * sizes.student + b * sizes.teacher
-    kd = {"weights": weights // world, "optimizer": trained // world, "activations": act}
+    kd = {"weights": weights // world, "optimizer": trained // world, "activations": act // world}
     if local_fit == "experts":  # the block in its dtype, one expert and the router rows trained at a time
         block = b * sizes.largest_block + 16 * max(sizes.largest_expert, sizes.router)
     else:
