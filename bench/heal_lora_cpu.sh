@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Issue 21 on this CPU: `heal --lora R` against full-weight healing on one fixture at 25% removed (REAP),
-# layer-local stage only (the CPU target of issue 11; --no-synthesize to fit the time), evaluated with `eval`.
+# layer-local stage only (the CPU target of issue 11; --no-synthesize to fit the time), evaluated with `eval` (4,096 tokens per eval file: this CPU is shared).
 #   bench/heal_lora_cpu.sh FIXTURE STATS DATA_DIR OUT_DIR [RATIO]
 # DATA_DIR holds calib/ and eval/. Print the table with bench/heal_table.py.
 set -euo pipefail
 fix=$1; stats=$2; data=$3; out=$4; ratio=${5:-0.25}
 ms() { python -c "from surgery.cli import main; main()" "$@"; }
-ev() { ms eval "$1" -d "$data/eval" --dtype float32 --json > "$2"; }
+ev() { ms eval "$1" -d "$data/eval" --dtype float32 --max-tokens 4096 --json > "$2"; }
 mkdir -p "$out"
 [ -f "$out/eval-unpruned.json" ] || ev "$fix" "$out/eval-unpruned.json"
 [ -d "$out/reap-$ratio" ] || ms prune "$fix" --stats "$stats" --criterion reap --ratio "$ratio" -o "$out/reap-$ratio"
