@@ -84,6 +84,9 @@ def heal(student: str, teacher: str, data: tuple[str, ...], output: Path, option
     dtype, everything else is copied byte for byte; pruning.json gains a `heal` record.
     Sparsified students keep their zeros and add the expert-wise loss of MoE-Pruner.
     OUTPUT gets the student's layout, names, dtypes and shards; DATA is read exactly as `collect` reads it.
+    --lora R trains low-rank adapters instead and merges them at the end. The memory the run needs is
+    worked out first and the run refused when it does not fit (README: "Healing large models").
+    Under `torchrun --nproc-per-node N -m surgery.cli heal ...` the distillation is sharded (FSDP2).
     """
     from surgery.hub.client import resolve_model
     from surgery.refine.heal.run import heal as run_heal

@@ -32,6 +32,7 @@ HELD_OUT_SHARE = 16  # one sequence in 16 is kept aside to measure each stage
 SAMPLES_PER_SEQUENCE = 3  # teacher samples per real sequence at most, when the local stage is short of text
 DEFAULT_TOKENS = 8 * 2**20  # read at most this much text when --tokens is not given, and distil on this many
 TRAIN_CHOICES = ("experts", "all")
+LOCAL_FITS = ("auto", "joint", "experts")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ def heal(student_dir: str | Path, teacher_dir: str | Path, data: list[str], out_
     The output folder is opened (and refused if it exists) before any training."""
     if options.train not in TRAIN_CHOICES:
         raise HealError(f"--train {options.train!r}: choose experts or all")
+    if options.local_fit not in LOCAL_FITS:
+        raise HealError(f"--local-fit {options.local_fit!r}: choose {', '.join(LOCAL_FITS)}")
     if options.recipe not in RECIPES:
         raise HealError(f"--recipe {options.recipe!r}: choose {' or '.join(RECIPES)}")
     world = join_ranks(pick_device(options.device))  # torchrun: rank 0 writes (surgery.refine.heal.distributed)
