@@ -4,7 +4,7 @@ Builds bench/memory_gpu.py's random Qwen3-MoE (default: hidden 2048, 24 layers, 
 moe_intermediate 768, bf16: 7.5B parameters), removes 25% of every layer's experts with a hand-made
 plan (the first 75% kept: what is measured is healing's cost, not the criterion), writes
 character-level calibration text, then runs, each step in its own process and with its own time
-limit:
+limit (build, prune and two heals of at most 180 s: under 9 minutes):
 
   heal --lora 16 --kd-tokens N        heal --kd-tokens N  (full-parameter; may not fit: then the
                                       refusal line or the out-of-memory error is the result)
@@ -98,9 +98,10 @@ def main() -> None:
     ap.add_argument("--kd-tokens", type=int, default=1_000_000)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--local-steps", type=int, default=20, help="heal --local-steps (0: distillation only).")
+    ap.add_argument("--local-steps", type=int, default=0,
+                    help="heal --local-steps (default 0: distillation only, to stay within 9 minutes in all).")
     ap.add_argument("--rank", type=int, default=16, help="heal --lora rank.")
-    ap.add_argument("--step-timeout", type=float, default=200, help="Seconds each heal may run.")
+    ap.add_argument("--step-timeout", type=float, default=180, help="Seconds each heal may run.")
     ap.add_argument("--steps", default="lora,full")
     args = ap.parse_args()
     if args.tiny:
