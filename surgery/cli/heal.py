@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -41,8 +42,26 @@ heal_options = option_group(
                       "GPU: on a CPU, which distils a few hundred tokens/s, use --kd-steps 0 or far fewer tokens."),
     click.option("--train", type=click.Choice(["experts", "all"]), default="experts", show_default=True,
                  help="Distillation trains the router rows and routed experts of pruned layers, or every weight."),
-    click.option("--lr", default=5e-4, show_default=True,
-                 help="Distillation peak learning rate (AdamW, warm-up + cosine)."),
+    click.option("--lr", type=float, default=None,
+                 help="Distillation peak learning rate (AdamW, warm-up + cosine); default 5e-4, 2e-5 with "
+                      "--recipe moe-pruner."),
+    click.option("--lora", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="Low-rank healing: train rank-R adapters on the pruned layers' experts (and their router rows) "
+                      "instead of the expert weights, in both stages, then merge them into the weights: the output is "
+                      "a plain checkpoint. Needs about the two models in the compute dtype plus small adapter states "
+                      "(see README). 0 trains the weights themselves."),
+    click.option("--recipe", type=click.Choice(["default", "moe-pruner"]), default="default", show_default=True,
+                 help="default: layer-local fit, then KL distillation of the pruned layers' experts. moe-pruner: "
+                      "MoE-Pruner's expert-wise distillation (Eq. 10: next-token CE + lambda * sum of expert-output "
+                      "MSEs, lambda equalising the two at the start), full-parameter, lr 2e-5, no layer-local stage."),
+    click.option("--local-fit", type=click.Choice(["auto", "joint", "experts"]), default="auto", show_default=True,
+                 help="Layer-local stage: fit each pruned block whole (router rows and experts together, float32), "
+                      "expert by expert (each expert toward its share of the teacher block's output on its tokens, "
+                      "then the router rows; the block stays in its dtype), or auto: expert by expert only when the "
+                      "whole block's fit does not fit in the memory budget."),
+    click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True), default=None,
+                 help="GiB the run may use on its device; heal refuses up front, with its estimate, when the run "
+                      "needs more. Default: the device's free memory (the host's available memory on a CPU)."),
     seq_len_option(1024), batch_size_option(8), device_option, dtype_option, output_dtype_option, seed_option,
     overwrite_option,
 )
@@ -67,12 +86,17 @@ def heal(student: str, teacher: str, data: tuple[str, ...], output: Path, option
     everything else is copied byte for byte; pruning.json gains a `heal` record.
     Sparsified students keep their zeros and add the expert-wise loss of MoE-Pruner.
     OUTPUT gets the student's layout, names, dtypes and shards; DATA is read exactly as `collect` reads it.
+    --lora R trains low-rank adapters instead and merges them at the end. The memory the run needs is
+    worked out first and the run refused when it does not fit (README: "Healing large models").
+    Under `torchrun --nproc-per-node N -m surgery.cli heal ...` the distillation is sharded (FSDP2).
     """
     from surgery.hub.client import resolve_model
     from surgery.refine.heal.run import heal as run_heal
 
     teacher_dir = resolve_model(teacher, revision=revision, purpose="collect")
-    _report(run_heal(student, teacher_dir, list(data), output, options), output)
+    record = run_heal(student, teacher_dir, list(data), output, options)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 wrote and reports
+        _report(record, output)
 
 
 def _report(record: dict, output: Path) -> None:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from surgery.model.expert_math import expert_forward
 from surgery.model.blocks import find_blocks
+from surgery.refine.heal.distributed import full
 from surgery.refine.heal.local import lr_at, masks_of, optimizer_step, trainable
 from surgery.refine.heal.pairing import Pairing
 
@@ -84,10 +85,15 @@ class ExpertWiseLoss:
                 with torch.no_grad():
                     target = expert_forward(teacher_experts, self.kind, t_id, xe)[1].float()
                 ours = expert_forward(student_experts, self.kind, j, xe.to(student_experts.down_proj.dtype))[1].float()
-                term = F.mse_loss(ours, target, reduction="sum") / max(float((target**2).sum()), 1e-12)
+                term = self.term(ours, target)
                 total = term if total is None else total + term
         self.seen.clear()
         return total if total is not None else torch.zeros(())
+
+    @staticmethod
+    def term(ours: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """One expert's error on its tokens: relative squared error (scale-free across layers)."""
+        return F.mse_loss(ours, target, reduction="sum") / max(float((target**2).sum()), 1e-12)
 
     def restore(self) -> None:
         for layer, b in self.teacher_blocks.items():
@@ -111,16 +117,21 @@ CHECKS = 10  # held-out measurements per run
 
 def distill_stage(pairing: Pairing, teacher, student, train_batches: list[torch.Tensor],
                   held_batches: list[torch.Tensor], *, steps: int, lr: float, train: str,
-                  device: torch.device, seed: int, progress: bool = True) -> DistillResult:
+                  device: torch.device, seed: int, progress: bool = True, params: dict | None = None,
+                  objective=None) -> DistillResult:
     """Train `student` in place for `steps` batches (cycling through `train_batches`), ending in the
-    state with the lowest held-out KL (the starting state if none is lower)."""
+    state with the lowest held-out KL (the starting state if none is lower).
+
+    params: what trains (default: per `train`; surgery.refine.heal.lora passes adapters). objective:
+    the training loss `objective(student_logits, teacher_logits, ids)` in place of the KL (a recipe of
+    surgery.refine.heal.recipes; its `record()` joins the stage's record and `restore()` ends it)."""
     for p in student.parameters():
         p.requires_grad_(False)
-    params = _trainable(student, pairing, train)
+    params = params if params is not None else _trainable(student, pairing, train)
     for p in params.values():
         p.requires_grad_(True)
     masks = masks_of(params, pairing.sparsified)
-    expert_wise = ExpertWiseLoss(pairing, teacher, student) if pairing.sparsified else None
+    expert_wise = ExpertWiseLoss(pairing, teacher, student) if pairing.sparsified and objective is None else None
     use_bf16 = device.type == "cuda"
 
     def autocast():
@@ -147,7 +158,8 @@ def distill_stage(pairing: Pairing, teacher, student, train_batches: list[torch.
         with autocast():
             with torch.no_grad():
                 target = teacher(input_ids=ids).logits
-            loss = kl_loss(student(input_ids=ids).logits, target)
+            logits = student(input_ids=ids).logits
+            loss = kl_loss(logits, target) if objective is None else objective(logits, target, ids)
             if expert_wise is not None:
                 loss = loss + expert_wise()
         losses.append(optimizer_step(opt, loss, params, masks))
@@ -165,8 +177,9 @@ def distill_stage(pairing: Pairing, teacher, student, train_batches: list[torch.
                         tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
     bar.close()
     student.eval()
-    if expert_wise is not None:
-        expert_wise.restore()
+    for ending in (expert_wise, objective):
+        if ending is not None:
+            ending.restore()
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(best[n])
@@ -174,5 +187,7 @@ def distill_stage(pairing: Pairing, teacher, student, train_batches: list[torch.
               "last_loss": losses[-1] if losses else None, "held_out_kl_before": kl_before,
               "held_out_kl_after": best_kl, "best_step": best_step,
               "held_out_kl_checks": [[s, k] for s, k in checks],
-              "seconds": round(time.perf_counter() - start, 2), "expert_wise_loss": expert_wise is not None}
-    return DistillResult({n: p.detach() for n, p in params.items()}, record)
+              "seconds": round(time.perf_counter() - start, 2), "expert_wise_loss": expert_wise is not None,
+              **(objective.record() if objective is not None else {})}
+    # live values (gathered whole when sharded: every rank takes part), not a host copy of every trained weight
+    return DistillResult({n: full(p).detach() for n, p in params.items()}, record)

@@ -154,7 +154,8 @@ def _meta_model(path, dtype: torch.dtype):
 
 def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int, *, steps: int, lr: float,
                 batch_tokens: int, device: torch.device, dtype: torch.dtype, seed: int, inputs: str = "student",
-                progress: bool = True, on_layer: LayerSink | None = None, spill_dir: Path | None = None) -> LocalResult:
+                progress: bool = True, on_layer: LayerSink | None = None, spill_dir: Path | None = None,
+                fit=None) -> LocalResult:
     """Fit every touched MoE block of the student; `batches` end with the held-out ones (`held_tokens` tokens).
 
     Teacher and student are streamed side by side, one decoder layer at a time. inputs="teacher"
@@ -167,6 +168,7 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
     `on_layer(layer, params)` receives each fitted layer's parameters as soon as it is done (then nothing is
     kept here); hidden states that do not fit the device or RAM go to files in `spill_dir` (default: the
     system's temporary folder), unlinked as soon as they are mapped.
+    fit: the block fit (default `_fit`, the whole block; surgery.refine.heal.lora and .expertwise give others).
     """
     spec = pairing.teacher_layout.spec
     touched = set(pairing.touched_layers)
@@ -197,7 +199,7 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
     try:
         _walk(result, prefetcher, t_layers, s_layers, t_blocks, s_blocks, t_store, s_store, calls, touched, spec,
               pairing, inputs, held_tokens, steps=steps, lr=lr, batch_tokens=batch_tokens, generator=generator,
-              progress=progress, on_layer=on_layer)
+              progress=progress, on_layer=on_layer, fit=fit or _fit)
     finally:
         prefetcher.close()
     t_store.close()
@@ -207,7 +209,8 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
 
 def _walk(result: LocalResult, prefetcher: LayerPrefetcher, t_layers, s_layers, t_blocks, s_blocks, t_store, s_store,
           calls, touched, spec, pairing: Pairing, inputs: str, held_tokens: int, *, steps: int, lr: float,
-          batch_tokens: int, generator: torch.Generator, progress: bool, on_layer: LayerSink | None) -> None:
+          batch_tokens: int, generator: torch.Generator, progress: bool, on_layer: LayerSink | None,
+          fit) -> None:
     """The layer loop of local_stage: teacher layer i, then student layer i (fitted where pruned)."""
     bar = tqdm(total=len(t_layers), desc="Layer-local fit", unit="layer", disable=not progress)
     for i, (t_layer, s_layer) in enumerate(zip(t_layers, s_layers)):
@@ -234,9 +237,9 @@ def _walk(result: LocalResult, prefetcher: LayerPrefetcher, t_layers, s_layers, 
                     x = torch.cat([x[:n_fit], torch.cat(teacher_io.x)[:n_fit], x[n_fit:]])
                     y = torch.cat([y[:n_fit], torch.cat(teacher_io.y)[:n_fit], y[n_fit:]])
             trained: dict[str, torch.Tensor] = {}
-            result.layers[i] = _fit(block, name, spec.router_module, pairing.sparsified, x, y, held_tokens,
-                                    steps=steps, lr=lr, batch_tokens=batch_tokens, generator=generator,
-                                    params_out=trained)
+            result.layers[i] = fit(block, name, spec.router_module, pairing.sparsified, x, y, held_tokens,
+                                   steps=steps, lr=lr, batch_tokens=batch_tokens, generator=generator,
+                                   params_out=trained)
             if on_layer is not None:
                 on_layer(i, trained)
             else:

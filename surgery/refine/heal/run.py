@@ -11,20 +11,26 @@ stage reads them back one layer at a time, and the write streams them one tensor
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from surgery.collect.run import pick_device, pick_dtype
-from surgery.io import TensorInfo
 from surgery.io.derived import DerivedCheckpoint
 from surgery.io.identity import file_sha256
 from surgery.io.provenance import now
 from surgery.model.data import build_sequences, cap_seq_len
+from surgery.refine.heal.distributed import World, barrier, broadcast, check_sharded, rank_device, shard, split, total
+from surgery.refine.heal.distributed import start as join_ranks
 from surgery.refine.heal.export import OUTPUT_DTYPES
+from surgery.refine.heal.lora import check_lora, lora_fit, lora_student
+from surgery.refine.heal.memory import check_memory
+from surgery.refine.heal.recipes import RECIPE_LR, RECIPES, MoEPrunerObjective
 from surgery.refine.heal.pairing import HealError, Pairing, pair
 from surgery.refine.heal.spill import SPILL_DIR, Spill
 from surgery.refine.heal.write import LayerWriter, write_output
@@ -33,6 +39,7 @@ HELD_OUT_SHARE = 16  # one sequence in 16 is kept aside to measure each stage
 SAMPLES_PER_SEQUENCE = 3  # teacher samples per real sequence at most, when the local stage is short of text
 DEFAULT_TOKENS = 8 * 2**20  # read at most this much text when --tokens is not given, and distil on this many
 TRAIN_CHOICES = ("experts", "all")
+LOCAL_FITS = ("auto", "joint", "experts")
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,11 @@ class HealOptions:
     the training sequences when the text is shorter), 0 turns the stage off. synthesize: when the text gives
     the local stage fewer than `local_tokens` tokens, the teacher's sampled continuations of prefixes of the
     text make up the difference, up to SAMPLES_PER_SEQUENCE per real sequence (surgery.refine.heal.synthetic).
-    local_inputs: "student", "teacher" or "both" (surgery.refine.heal.local). train: "experts" or "all"."""
+    local_inputs: "student", "teacher" or "both" (surgery.refine.heal.local). train: "experts" or "all".
+    lora: adapter rank on the pruned layers' experts, 0 = train the weights themselves (surgery.refine.heal.lora).
+    recipe: "default" or "moe-pruner" (surgery.refine.heal.recipes); lr None = the recipe's.
+    memory_budget: GiB the run may use on its device (None = the device's free memory; surgery.refine.heal.memory).
+    local_fit: "joint", "experts" (surgery.refine.heal.expertwise) or "auto" (experts when the joint fit does not fit)."""
 
     tokens: int | None = None
     output_dtype: str | None = None  # None: the student's own dtypes and scheme; "bf16": quantized weights unquantized
@@ -53,8 +64,12 @@ class HealOptions:
     synthesize: bool = True
     kd_steps: int | None = None
     kd_tokens: int = DEFAULT_TOKENS
-    lr: float = 5e-4
+    lr: float | None = None
     train: str = "experts"
+    lora: int = 0
+    recipe: str = "default"
+    memory_budget: float | None = None
+    local_fit: str = "auto"
     batch_size: int = 8
     seq_len: int = 1024
     device: str | None = None
@@ -77,7 +92,8 @@ class _Run:
     seq_len: int
     record: dict
     spill: Spill | None = None
-    writer: LayerWriter | None = None
+    writer: LayerWriter | None = None  # rank 0 only
+    world: World = field(default_factory=World)
 
     @property
     def kd_steps(self) -> int:
@@ -94,25 +110,52 @@ def heal(student_dir: str | Path, teacher_dir: str | Path, data: list[str], out_
         raise HealError(f"--train {options.train!r}: choose experts or all")
     if options.output_dtype not in (None, *OUTPUT_DTYPES):
         raise HealError(f"--output-dtype {options.output_dtype!r}: choose {' or '.join(OUTPUT_DTYPES)}")
-    with DerivedCheckpoint(out_dir, overwrite=options.overwrite, inputs=[student_dir, teacher_dir],
-                           inputs_label="the student and the teacher") as out, pair(student_dir, teacher_dir) as pairing:
+    if options.local_fit not in LOCAL_FITS:
+        raise HealError(f"--local-fit {options.local_fit!r}: choose {', '.join(LOCAL_FITS)}")
+    if options.recipe not in RECIPES:
+        raise HealError(f"--recipe {options.recipe!r}: choose {' or '.join(RECIPES)}")
+    world = join_ranks(pick_device(options.device))  # torchrun: rank 0 writes (surgery.refine.heal.distributed)
+    output = DerivedCheckpoint(out_dir, overwrite=options.overwrite, inputs=[student_dir, teacher_dir],
+                               inputs_label="the student and the teacher") if world.rank == 0 else contextlib.nullcontext()
+    with output as out, pair(student_dir, teacher_dir) as pairing:
         if not pairing.touched_layers:
             raise HealError(f"{pairing.record_path}: no MoE layer was pruned; nothing to heal")
-        run = _start(pairing, data, teacher_dir, options)
-        with Spill(out.tmp / SPILL_DIR) as run.spill:  # removed when heal ends, however it ends
-            run.writer = LayerWriter(pairing.student, pairing.student_layout, run.spill, options.output_dtype)
+        check_lora(pairing, options.lora, options.train)
+        check_sharded(world, options, pairing.sparsified)
+        run = _start(pairing, data, teacher_dir, options, world)
+        if not _local_on(run) and run.kd_steps <= 0:
+            raise HealError("both stages are off (--local-steps 0 and --kd-steps 0): nothing to do")
+        run.record["local_fit"] = check_memory(pairing, run.device, run.dtype, options)
+        with _spill_folder(out) as folder, Spill(folder) as run.spill:  # removed when heal ends, however it ends
+            if world.rank == 0:
+                run.writer = LayerWriter(pairing.student, pairing.student_layout, run.spill, options.output_dtype)
             start = time.perf_counter()
-            if options.local_steps > 0:
+            if _local_on(run):
                 _local(run)
             _distill(run)
-            if not run.spill.encoded:
-                raise HealError("both stages are off (--local-steps 0 and --kd-steps 0): nothing to do")
             run.record["seconds"] = round(time.perf_counter() - start, 2)
             _timing(run, time.perf_counter() - start)
             if run.device.type == "cuda":
                 run.record["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**20)
-            write_output(run.writer, out, pairing, run.record)
+            if world.rank == 0:
+                write_output(run.writer, out, pairing, run.record)
+    barrier(world)  # the others wait until rank 0's output is complete
     return run.record
+
+
+def _local_on(run: _Run) -> bool:
+    return run.options.local_steps > 0 and run.options.recipe == "default"
+
+
+@contextlib.contextmanager
+def _spill_folder(out: DerivedCheckpoint | None):
+    """Rank 0 spills inside its output's temporary folder; the other ranks of a sharded run (no output)
+    into a temporary folder of their own."""
+    if out is not None:
+        yield out.tmp / SPILL_DIR
+        return
+    with tempfile.TemporaryDirectory(prefix="moe-surgery-heal-") as tmp:
+        yield Path(tmp) / SPILL_DIR
 
 
 def _timing(run: _Run, seconds: float) -> None:
@@ -137,8 +180,8 @@ def _loaded(run: _Run, model):
     return model
 
 
-def _start(pairing: Pairing, data: list[str], teacher_dir: str | Path, options: HealOptions) -> _Run:
-    dev = pick_device(options.device)
+def _start(pairing: Pairing, data: list[str], teacher_dir: str | Path, options: HealOptions, world: World) -> _Run:
+    dev = rank_device(pick_device(options.device), world)
     dt = pick_dtype(options.dtype, dev)
     train_ids, held_ids, seq_len = _sequences(pairing, data, options.tokens, options.seq_len, options.seed)
     record: dict = {
@@ -148,8 +191,9 @@ def _start(pairing: Pairing, data: list[str], teacher_dir: str | Path, options: 
         "tokens": int(train_ids.numel() + held_ids.numel()),
         "held_out_tokens": int(held_ids.numel()),
         "seq_len": seq_len, "seed": options.seed, "device": str(dev), "stages": [],
+        **({"ranks": world.size} if world.sharded else {}),
     }
-    return _Run(pairing, options, dev, dt, train_ids, held_ids, seq_len, record)
+    return _Run(pairing, options, dev, dt, train_ids, held_ids, seq_len, record, world=world)
 
 
 def _sequences(pairing: Pairing, data: list[str], tokens: int | None, seq_len: int, seed: int):
@@ -194,51 +238,94 @@ def _local_ids(run: _Run) -> tuple[torch.Tensor, dict]:
 
 
 def _local(run: _Run) -> None:
-    """Stage 1: fit each pruned block to the teacher's, layer by layer (surgery.refine.heal.local)."""
+    """Stage 1: fit each pruned block to the teacher's, layer by layer (surgery.refine.heal.local); under
+    torchrun rank 0 fits and the others receive its values for the distillation."""
     from surgery.refine.heal.local import local_stage
 
     o = run.options
-    local_ids, sampled = _local_ids(run)
-    batches = [*local_ids.split(o.batch_size), *run.held_ids.split(o.batch_size)]
+    if run.world.rank == 0:
+        local_ids, sampled = _local_ids(run)
+        batches = [*local_ids.split(o.batch_size), *run.held_ids.split(o.batch_size)]
 
-    def hand_off(layer: int, params: dict[str, torch.Tensor]) -> None:
-        """Distillation follows: park the exact float32 values; else the layer's tensors as written."""
-        if run.kd_steps > 0:
-            run.spill.put_values(str(layer), params)
-        else:
-            run.writer.put(str(layer), params)
+        def hand_off(layer: int, params: dict[str, torch.Tensor]) -> None:
+            """Distillation follows: park the exact float32 values; else the layer's tensors as written."""
+            if run.kd_steps > 0:
+                run.spill.put_values(str(layer), params)
+            else:
+                run.writer.put(str(layer), params)
 
-    local = local_stage(run.pairing, batches, run.held_ids.numel(), steps=o.local_steps, lr=o.local_lr,
-                        batch_tokens=4096, device=run.device, dtype=run.dtype, seed=o.seed, inputs=o.local_inputs,
-                        progress=o.progress, on_layer=hand_off, spill_dir=run.spill.folder)
-    run.record["stages"].append({"stage": "local", "inputs": o.local_inputs, "steps_per_layer": o.local_steps,
-                                 "lr": o.local_lr, "tokens": int(local_ids.numel()), **sampled,
-                                 "layers": {str(k): v for k, v in sorted(local.layers.items())}})
+        local = local_stage(run.pairing, batches, run.held_ids.numel(), steps=o.local_steps, lr=o.local_lr,
+                            batch_tokens=4096, device=run.device, dtype=run.dtype, seed=o.seed, inputs=o.local_inputs,
+                            progress=o.progress, on_layer=hand_off, spill_dir=run.spill.folder, fit=_local_fit(run))
+        run.record["stages"].append({"stage": "local", "inputs": o.local_inputs, "steps_per_layer": o.local_steps,
+                                     "lr": o.local_lr, "tokens": int(local_ids.numel()), **sampled,
+                                     "layers": {str(k): v for k, v in sorted(local.layers.items())}})
+    if run.world.sharded and run.kd_steps > 0:
+        _share_local(run)
+
+
+def _share_local(run: _Run) -> None:
+    """Rank 0's parked local-stage values on every rank, one layer at a time."""
+    groups = broadcast({"groups": run.spill.value_groups()}, run.world)["groups"]
+    for group in groups:
+        values = broadcast(run.spill.values(group) if run.world.rank == 0 else {}, run.world)
+        if run.world.rank != 0:
+            run.spill.put_values(group, values)
+
+
+def _local_fit(run: _Run):
+    """The block fit: expert by expert when chosen (or when only it fits), adapters with --lora, else the joint fit."""
+    from surgery.refine.heal.expertwise import expert_fit, supports
+
+    if run.record["local_fit"] == "experts" and supports(run.pairing.teacher_layout.spec.expert_math):
+        return expert_fit
+    run.record["local_fit"] = "joint"
+    return lora_fit(run.options.lora) if run.options.lora else None
 
 
 def _distill(run: _Run) -> None:
-    """Stage 2: logits distillation from the teacher (surgery.refine.heal.distill), from the local stage's weights."""
+    """Stage 2: logits distillation from the teacher (surgery.refine.heal.distill), from the local stage's weights;
+    rank 0 then encodes the trained values a layer at a time."""
     o = run.options
-    steps = run.kd_steps
-    if steps <= 0:
+    if run.kd_steps <= 0:
         return
     from surgery.model.load import load_model
     from surgery.refine.heal.distill import distill_stage
 
     teacher = _loaded(run, load_model(run.pairing.teacher.dir, str(run.device), run.dtype))
-    student = _loaded(run, load_model(run.pairing.student.dir, str(run.device), torch.float32))
+    # LoRA: the frozen student in the compute dtype (autocast on a GPU), else float32 master weights
+    frozen_dtype = run.dtype if o.lora and run.device.type == "cuda" else torch.float32
+    student = _loaded(run, load_model(run.pairing.student.dir, str(run.device), frozen_dtype))
     local_names: set[str] = set()
     with torch.no_grad():
         for group in run.spill.value_groups():  # one layer of the local stage's values in RAM at a time
             for name, value in run.spill.values(group).items():
                 student.get_parameter(name).copy_(value)
                 local_names.add(name)
-    kd = distill_stage(run.pairing, teacher, student, list(run.train_ids.split(o.batch_size)),
-                       list(run.held_ids.split(o.batch_size)), steps=steps, lr=o.lr, train=o.train,
-                       device=run.device, seed=o.seed, progress=o.progress)
-    names = sorted(local_names | set(kd.params))
-    for group, members in run.writer.by_layer(names).items():  # the student's values now, a layer at a time
-        run.writer.put(group, {n: student.get_parameter(n).detach() for n in members})
-        if group in run.spill.value_groups():
-            run.spill.drop_values(group)
+    lora = lora_student(student, run.pairing, o.lora, o.seed) if o.lora else None
+    if run.world.sharded:
+        student, teacher = shard(student, run.device, run.world), shard(teacher, run.device, run.world)
+    recipe = MoEPrunerObjective(run.pairing, teacher, student) if o.recipe == "moe-pruner" else None
+    train = "all" if recipe is not None and not o.lora else o.train  # MoE-Pruner fine-tunes every parameter
+    kd = distill_stage(run.pairing, teacher, student, split(list(run.train_ids.split(o.batch_size)), run.world),
+                       list(run.held_ids.split(o.batch_size)), steps=run.kd_steps,
+                       lr=o.lr or RECIPE_LR[o.recipe], train=train, device=run.device, seed=o.seed,
+                       progress=o.progress and run.world.rank == 0,
+                       params=lora.params if lora else None, objective=recipe)
+    values = lora.merged() if lora else kd.params
+    kd.record["tokens"] = total(kd.record["tokens"], run.world)
+    if lora:
+        kd.record["lora_rank"] = o.lora
     run.record["stages"].append({"stage": "distill", **kd.record})
+    if run.world.rank == 0:
+        _put_trained(run, values, local_names)
+
+
+def _put_trained(run: _Run, values: dict[str, torch.Tensor], local_names: set[str]) -> None:
+    """The trained values (or, for a local-stage value distillation did not train, the parked one) encoded a
+    layer at a time."""
+    for group, members in run.writer.by_layer(sorted(local_names | set(values))).items():
+        parked = run.spill.values(group) if group in run.spill.value_groups() else {}
+        run.writer.put(group, {n: values[n] if n in values else parked[n] for n in members})
+        if parked:
+            run.spill.drop_values(group)
