@@ -10,9 +10,10 @@ import click
 
 from surgery.architectures import supported
 from surgery.cli.options import (
-    FILE, collect_options, data_option, option_group, output_option, private_option, revision_option,
+    FILE, TEXT, collect_options, data_option, option_group, output_option, private_option, revision_option,
     score_options, stats_option, overwrite_option,
 )
+from surgery.pipeline.merge import METHODS, MergeOptions
 from surgery.pipeline.prune import PushOptions, RoundsOptions, WriteOptions, prune as run_prune
 
 rounds_options = option_group(
@@ -46,6 +47,25 @@ write_options = option_group(
                       "ids, router and config expert count, in the format vLLM serves (approximate_experts)."),
 )
 
+merge_options = option_group(
+    "merging", MergeOptions,
+    click.option("--merge", type=click.Choice(METHODS),
+                 help="Fold the removed experts into the kept ones instead of dropping them (needs --stats): hc-smoe "
+                      "(HC-SMoE clusters; `collect --merge-stats`), mc-smoe (MC-SMoE router-logit groups, aligned "
+                      "neurons; `collect --merge-stats`) or lsq (the plan's kept experts absorb their most similar "
+                      "removed ones, least squares on the routed second moments). Same plain layout, fewer experts; "
+                      "pruning.json records which original experts each new one stands for."),
+    click.option("--refit", is_flag=True,
+                 help="Then fit the pruned MoE blocks (router rows and experts) to the original's outputs, one layer "
+                      "at a time: heal's layer-local stage, without distillation (needs --refit-data)."),
+    click.option("--refit-data", multiple=True, type=TEXT,
+                 help="With --refit: calibration text (file or folder, repeatable)."),
+    click.option("--refit-tokens", type=int, default=65536, show_default=True,
+                 help="With --refit: tokens of --refit-data to fit on (one sequence in 16 held out)."),
+    click.option("--refit-steps", type=int, default=100, show_default=True,
+                 help="With --refit: Adam steps per MoE layer."),
+)
+
 push_options = option_group(
     "push", PushOptions,
     click.option("--push-to-hub", "repo", metavar="REPO_ID", help="Then upload OUTPUT to this Hub repo in one commit."),
@@ -64,10 +84,11 @@ push_options = option_group(
 @rounds_options
 @collect_options
 @write_options
+@merge_options
 @revision_option
 @push_options
 def prune(model: str, output: Path, plan_path: Path | None, stats_path: Path | None, scoring, rounds, collecting, write,
-          revision: str | None, push) -> None:
+          merging, revision: str | None, push) -> None:
     """Write a checkpoint of MODEL keeping only some experts: from --plan, or from
     --stats + --criterion + --ratio/--keep, or from -d DATA + --criterion (collecting first, in
     --rounds N steps, or --progressive by layer blocks; --seed also shuffles DATA).
@@ -85,7 +106,7 @@ def prune(model: str, output: Path, plan_path: Path | None, stats_path: Path | N
     """
     run_prune(model, output, scoring=scoring, plan_path=plan_path, stats_path=stats_path, rounds=rounds,
               collect=collecting, write=write, push=push, revision=revision,
-              command=shlex.join(["moe-surgery", *sys.argv[1:]]), echo=click.echo)
+              command=shlex.join(["moe-surgery", *sys.argv[1:]]), echo=click.echo, merging=merging)
 
 
 prune.help = (prune.help or "") + " " + ", ".join(supported()) + "."

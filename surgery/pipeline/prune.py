@@ -18,6 +18,7 @@ from pathlib import Path
 from surgery.collect.options import CollectOptions
 from surgery.errors import UserError
 from surgery.io import provenance
+from surgery.pipeline.merge import MergeOptions, check_merge_request, write_merge_or_refit
 from surgery.pipeline.score_options import GLOBAL_WARNING, ScoreOptions
 from surgery.plan import Plan
 
@@ -68,10 +69,11 @@ def prune(model: str, out_dir: Path, *, scoring: ScoreOptions, plan_path: Path |
           stats_path: Path | None = None, rounds: RoundsOptions = RoundsOptions(),
           collect: CollectOptions = CollectOptions(), write: WriteOptions = WriteOptions(),
           push: PushOptions = PushOptions(), revision: str | None = None, command: str = "moe-surgery prune",
-          echo: Echo = _print) -> dict:
+          echo: Echo = _print, merging: MergeOptions = MergeOptions()) -> dict:
     """Write OUT_DIR from MODEL (a folder or a Hub repo id) keeping the experts of a plan: `plan_path`, or
     scores of `scoring.criterion` (from `stats_path` or the weights), or rounds of collecting on
-    `rounds.data`. Writes the model card (`command` is recorded in it) and pushes when `push.repo`.
+    `rounds.data`; `merging` merges the removed experts into the kept ones and/or refits (surgery.pipeline.merge).
+    Writes the model card (`command` is recorded in it) and pushes when `push.repo`.
     Returns the content of the output's pruning.json."""
     from surgery.hub.client import check_can_push, push_folder, resolve_model
     from surgery.hub.model_card import keep_user_card, write_model_card
@@ -81,12 +83,17 @@ def prune(model: str, out_dir: Path, *, scoring: ScoreOptions, plan_path: Path |
     _check_request(scoring, plan_path)
     model_dir = resolve_model(model, revision=revision, purpose="prune")
     _check_sources(scoring, plan_path, stats_path, rounds, write)
+    check_merge_request(merging, stats_path, write.novices, rounds.collecting)
     calibration = None
     if not rounds.collecting:
         plan = _plan(model_dir, plan_path, stats_path, scoring, echo)
     with keep_user_card(out_dir, model_dir):
         if rounds.collecting:
             _, calibration = prune_rounds(model_dir, out_dir, scoring, rounds, collect, write, echo=echo)
+        elif merging.active:
+            write_merge_or_refit(model_dir, plan, out_dir, stats_path, merging, overwrite=write.overwrite,
+                                 allow_nonuniform=write.allow_nonuniform, hash_shards=write.hash_shards,
+                                 device=collect.device, seed=scoring.seed)
         else:
             _write(model_dir, plan, out_dir, stats_path, write, echo)
     record = provenance.read(out_dir)
