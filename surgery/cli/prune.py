@@ -57,11 +57,12 @@ merge_options = option_group(
                       "pruning.json records which original experts each new one stands for."),
     click.option("--refit", is_flag=True,
                  help="Then fit the pruned MoE blocks (router rows and experts) to the original's outputs, one layer "
-                      "at a time: heal's layer-local stage, without distillation (needs --refit-data)."),
-    click.option("--refit-data", multiple=True, type=TEXT,
-                 help="With --refit: calibration text (file or folder, repeatable)."),
+                      "at a time: heal's layer-local stage, without distillation (needs --calib-text)."),
+    click.option("--calib-text", "text", multiple=True, type=TEXT,
+                 help="Calibration text (file or folder, repeatable) for --refit, and for --criterion auto, which "
+                      "then ranks every candidate plan (criterion x drop/merge) by its held-out next-token loss."),
     click.option("--refit-tokens", type=int, default=65536, show_default=True,
-                 help="With --refit: tokens of --refit-data to fit on (one sequence in 16 held out)."),
+                 help="With --refit: tokens of --calib-text to fit on (one sequence in 16 held out)."),
     click.option("--refit-steps", type=int, default=100, show_default=True,
                  help="With --refit: Adam steps per MoE layer."),
 )

@@ -19,11 +19,12 @@ METHODS = ("hc-smoe", "mc-smoe", "lsq")  # surgery.rewrite.merge.METHODS (no num
 @dataclass(frozen=True)
 class MergeOptions:
     """`merge`: None (drop), hc-smoe, mc-smoe or lsq (surgery.rewrite.merge). `refit`: run heal's layer-local
-    stage on `refit_data` (`refit_tokens` tokens, `refit_steps` steps per layer) before writing."""
+    stage on `text` (`refit_tokens` tokens, `refit_steps` steps per layer) before writing. `text` also makes
+    `--criterion auto` rank candidate plans by their held-out loss on it (surgery.pipeline.auto_loss)."""
 
     merge: str | None = None
     refit: bool = False
-    refit_data: tuple[str, ...] = ()
+    text: tuple[str, ...] = ()
     refit_tokens: int = 65536
     refit_steps: int = 100
 
@@ -32,18 +33,19 @@ class MergeOptions:
         return self.merge is not None or self.refit
 
 
-def check_merge_request(merging: MergeOptions, stats_path: Path | None, novices: bool, collecting: bool) -> None:
+def check_merge_request(merging: MergeOptions, stats_path: Path | None, novices: bool, collecting: bool,
+                        criterion: str | None = None) -> None:
     """Refuse combinations that cannot work, before anything is written."""
+    if merging.text and not (merging.refit or criterion == "auto"):
+        raise UserError("--calib-text goes with --refit or --criterion auto")
     if not merging.active:
         return
     if collecting or novices:
         raise UserError("--merge / --refit work on one plan from --stats or --plan: drop -d/--rounds and --novices")
     if merging.merge is not None and stats_path is None:
         raise UserError("--merge needs --stats (the merge weights and groups come from the statistics file)")
-    if merging.refit and not merging.refit_data:
-        raise UserError("--refit needs calibration text: give --refit-data PATH")
-    if merging.refit_data and not merging.refit:
-        raise UserError("--refit-data goes with --refit")
+    if merging.refit and not merging.text:
+        raise UserError("--refit needs calibration text: give --calib-text PATH")
 
 
 @contextlib.contextmanager
@@ -82,7 +84,7 @@ def write_merge_or_refit(model_dir: Path, plan: Plan, out_dir: Path, stats_path:
             with DerivedCheckpoint(student) as merged:
                 write_merged(model_dir, plan, merging.merge, StatsFile(stats_path), merged, work,
                              allow_nonuniform=allow_nonuniform, progress=progress, hash_shards=hash_shards)
-        options = RefitOptions(data=merging.refit_data, tokens=merging.refit_tokens, steps=merging.refit_steps,
+        options = RefitOptions(data=merging.text, tokens=merging.refit_tokens, steps=merging.refit_steps,
                                device=device, seed=seed)
         refit(student, model_dir, work / "refit", options, progress=progress)
         from surgery.io import provenance

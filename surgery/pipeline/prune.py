@@ -83,10 +83,10 @@ def prune(model: str, out_dir: Path, *, scoring: ScoreOptions, plan_path: Path |
     _check_request(scoring, plan_path)
     model_dir = resolve_model(model, revision=revision, purpose="prune")
     _check_sources(scoring, plan_path, stats_path, rounds, write)
-    check_merge_request(merging, stats_path, write.novices, rounds.collecting)
+    check_merge_request(merging, stats_path, write.novices, rounds.collecting, scoring.criterion)
     calibration = None
     if not rounds.collecting:
-        plan = _plan(model_dir, plan_path, stats_path, scoring, echo)
+        plan, merging = _plan(model_dir, plan_path, stats_path, scoring, echo, merging)
     with keep_user_card(out_dir, model_dir):
         if rounds.collecting:
             _, calibration = prune_rounds(model_dir, out_dir, scoring, rounds, collect, write, echo=echo)
@@ -132,15 +132,23 @@ def _check_sources(scoring: ScoreOptions, plan_path: Path | None, stats_path: Pa
 
 
 def _plan(model_dir: Path, plan_path: Path | None, stats_path: Path | None, scoring: ScoreOptions,
-          echo: Echo) -> Plan:
-    """The plan of --plan, or of the criterion's scores."""
+          echo: Echo, merging: MergeOptions) -> tuple[Plan, MergeOptions]:
+    """The plan of --plan, or of the criterion's scores; `auto` with --calib-text also picks drop or a merge
+    method (a --merge given keeps its method)."""
     if plan_path is not None:
-        return Plan.read(plan_path)
+        return Plan.read(plan_path), merging
     from surgery.pipeline.score import score_plan
 
     if scoring.global_rank:
         echo(GLOBAL_WARNING, err=True)
-    return score_plan(model_dir, stats_path, scoring)
+    if scoring.criterion == "auto" and merging.text and stats_path is not None:
+        from surgery.pipeline.auto_loss import auto_by_loss
+
+        methods = (merging.merge,) if merging.merge else ("drop", "lsq", "hc-smoe", "mc-smoe")
+        plan, method = auto_by_loss(model_dir, stats_path, scoring, merging.text, methods)
+        echo(f"auto (held-out loss): {plan.extra['auto']['winner']}", err=True)
+        return plan, replace(merging, merge=method)
+    return score_plan(model_dir, stats_path, scoring), merging
 
 
 def _write(model_dir: Path, plan: Plan, out_dir: Path, stats_path: Path | None, write: WriteOptions,

@@ -102,7 +102,7 @@ def refit(student_dir: Path, model_dir: Path, out_dir: Path, options: RefitOptio
     if not options.data:
         from surgery.refine.heal.pairing import HealError
 
-        raise HealError("--refit needs calibration text: give --refit-data PATH")
+        raise HealError("--refit needs calibration text: give --calib-text PATH")
     return heal(student_dir, model_dir, list(options.data), out_dir,
                 HealOptions(tokens=options.tokens, local_tokens=options.tokens, local_steps=options.steps,
                             local_lr=options.lr, synthesize=False, kd_steps=0, seq_len=options.seq_len,
