@@ -149,13 +149,24 @@ def data_file(root: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["fused", "per-expert"])
-def model_and_stats(request, root: Path, data_file: Path) -> tuple[Path, Path]:
-    path = build_tiny("qwen3_moe", root / request.param, layout=request.param)
+def _model_and_stats(root: Path, data_file: Path, layout: str) -> tuple[Path, Path]:
+    path = build_tiny("qwen3_moe", root / layout, layout=layout)
     save_tiny_tokenizer(path, vocab_size=128)
-    stats = root / f"{request.param}.stats.safetensors"
+    stats = root / f"{layout}.stats.safetensors"
     collect(path, [str(data_file)], stats, merge_stats=True, **RUN)
     return path, stats
+
+
+@pytest.fixture(scope="module")
+def model_and_stats(root: Path, data_file: Path) -> tuple[Path, Path]:
+    """A tiny Qwen3-MoE with fused experts on disk and its statistics (merging fields included)."""
+    return _model_and_stats(root, data_file, "fused")
+
+
+@pytest.fixture(scope="module")
+def per_expert(root: Path, data_file: Path) -> tuple[Path, Path]:
+    """The same with one tensor per expert and role on disk."""
+    return _model_and_stats(root, data_file, "per-expert")
 
 
 def test_merging_statistics_match_a_direct_computation(model_and_stats, data_file: Path) -> None:
@@ -196,10 +207,10 @@ def _calibration_ids(path: Path, data_file: Path) -> torch.Tensor:
     return calib.input_ids[:RUN["samples"]]  # the collector's main sequences (the rest is its holdout)
 
 
-@pytest.mark.parametrize("method", rewrite_merge.METHODS)
-def test_merged_checkpoint_loads_runs_and_holds_the_merged_experts(model_and_stats, root: Path, cli,
-                                                                   method: str) -> None:
-    path, stats_path = model_and_stats
+@pytest.mark.parametrize("method, layout", [(m, "fused") for m in rewrite_merge.METHODS] + [("lsq", "per-expert")])
+def test_merged_checkpoint_loads_runs_and_holds_the_merged_experts(request, root: Path, cli, method: str,
+                                                                   layout: str) -> None:
+    path, stats_path = request.getfixturevalue("model_and_stats" if layout == "fused" else "per_expert")
     out = root / f"{path.name}-{method}"
     plan = root / "plan.json"
     plan.write_text(json.dumps({"keep": {str(layer): KEEP for layer in StatsFile(stats_path).layers}}))

@@ -22,6 +22,7 @@ from stats_formats import StatsFile
 from surgery.io import Checkpoint, TensorInfo, provenance
 from surgery.io.derived import DerivedCheckpoint
 from surgery.io.expert_weights import read_expert
+from surgery.io.identity import check_stats_match
 from surgery.plan import Plan
 from surgery.refine.heal.export import disk_tensors, to_bytes
 from surgery.rewrite.experts import rewrite_checkpoint, source_layout
@@ -83,7 +84,9 @@ def replace_into(student_dir: Path, values: dict[str, torch.Tensor], out: Derive
 
 def write_merged(model_dir: Path, plan: Plan, method: str, stats: StatsFile, out: DerivedCheckpoint, work: Path,
                  *, allow_nonuniform: bool = False, progress: bool = False, hash_shards: bool = False) -> dict:
-    """The merged checkpoint into `out` (opened by the caller); returns pruning.json's `merge` record."""
+    """The merged checkpoint into `out` (opened by the caller); returns pruning.json's `merge` record.
+    Statistics of another model are refused."""
+    check_stats_match(model_dir, stats)
     reps, groups = merged_plan(plan, method, stats)
     dropped = rewrite_checkpoint(model_dir, reps, work / "representatives", allow_nonuniform=allow_nonuniform,
                                  progress=progress, hash_shards=hash_shards)
