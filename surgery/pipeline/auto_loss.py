@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from stats_formats import StatsFile
+from surgery.architectures.expert_math import DOWN, GATE_UP
 from surgery.criteria import rank_by_loss
 from surgery.criteria.auto import CANDIDATES, LOSS_FORMULA
 from surgery.plan import Plan
@@ -87,7 +88,7 @@ def candidate_loss(model: torch.nn.Module, spec, plan: Plan, method: str | None,
             experts = blocks[layer].experts
             gate_up, down = merge_layer(method, gs, _reader(experts), lambda name, lay=layer: stats.get(lay, name))
             reps = torch.tensor(keep[layer])
-            for param, value in ((experts.gate_up_proj, gate_up), (experts.down_proj, down)):
+            for param, value in ((getattr(experts, GATE_UP.memory), gate_up), (getattr(experts, DOWN.memory), down)):
                 saved.append((param, param.detach().clone()))
                 with torch.no_grad():
                     param[reps] = torch.from_numpy(value).to(param.dtype)
@@ -104,8 +105,8 @@ def candidate_loss(model: torch.nn.Module, spec, plan: Plan, method: str | None,
 def _reader(experts: torch.nn.Module):
     """Original expert e's {"gate", "up", "down"} from transformers' in-memory fused parameters."""
     def read(e: int) -> dict[str, np.ndarray]:
-        gate, up = experts.gate_up_proj[e].detach().float().chunk(2, dim=0)
-        return {"gate": gate.numpy(), "up": up.numpy(), "down": experts.down_proj[e].detach().float().numpy()}
+        gate, up = getattr(experts, GATE_UP.memory)[e].detach().float().chunk(2, dim=0)
+        return {"gate": gate.numpy(), "up": up.numpy(), "down": getattr(experts, DOWN.memory)[e].detach().float().numpy()}
     return read
 
 

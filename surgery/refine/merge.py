@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from stats_formats import StatsFile
+from surgery.architectures.expert_math import DOWN, GATE_UP
 from surgery.io import Checkpoint, TensorInfo, provenance
 from surgery.io.derived import DerivedCheckpoint
 from surgery.io.expert_weights import read_expert
@@ -64,8 +65,8 @@ def merge_values(model_dir: Path, student: Checkpoint, method: str, groups: dict
             gate_up, down = merge_layer(method, gs, lambda e, lay=layer: read_expert(src, src_layout, lay, e),
                                         lambda name, lay=layer: stats.get(lay, name))
             prefix = layout.layers[layer].prefix
-            params = {f"{prefix}.experts.gate_up_proj": torch.from_numpy(gate_up),
-                      f"{prefix}.experts.down_proj": torch.from_numpy(down)}
+            params = {f"{prefix}.experts.{GATE_UP.memory}": torch.from_numpy(gate_up),
+                      f"{prefix}.experts.{DOWN.memory}": torch.from_numpy(down)}
             values.update(disk_tensors(student, layout, params))
     return values
 
