@@ -106,7 +106,8 @@ def _reader(experts: torch.nn.Module):
     """Original expert e's {"gate", "up", "down"} from transformers' in-memory fused parameters."""
     def read(e: int) -> dict[str, np.ndarray]:
         gate, up = getattr(experts, GATE_UP.memory)[e].detach().float().chunk(2, dim=0)
-        return {"gate": gate.numpy(), "up": up.numpy(), "down": getattr(experts, DOWN.memory)[e].detach().float().numpy()}
+        down = getattr(experts, DOWN.memory)[e].detach().float()
+        return {"gate": gate.numpy(), "up": up.numpy(), "down": down.numpy()}
     return read
 
 
