@@ -308,3 +308,15 @@ def test_auto_by_loss_through_prune_records_every_candidate(model_and_stats, roo
     assert auto["by"] == "held-out loss" and {"hc-smoe", "mc-smoe", "recon/drop", "reap/lsq"} <= set(auto["losses"])
     assert auto["winner"] == min(auto["losses"], key=auto["losses"].get)
     assert load_model(out).config.num_experts == 6
+
+
+def test_a_merge_candidate_is_measured_as_it_is_written(model_and_stats, root: Path, data_file: Path) -> None:
+    """auto's in-memory merge (values over the representatives, others masked) is the written checkpoint."""
+    path, stats_path = model_and_stats
+    stats, ids = StatsFile(stats_path), _calibration_ids(path, data_file)
+    plan = Plan({layer: KEEP for layer in stats.layers})
+    measured = candidate_loss(load_model(path), get_spec("qwen3_moe"), plan, "hc-smoe", stats, ids)
+    out = root / f"{path.name}-measured-hc"
+    pipeline_merge.write_merge_or_refit(path, plan, out, stats_path, pipeline_merge.MergeOptions(merge="hc-smoe"),
+                                        overwrite=True, progress=False)
+    assert model_loss(load_model(out), ids) == pytest.approx(measured, rel=1e-6)
