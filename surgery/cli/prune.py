@@ -100,7 +100,8 @@ def prune(model: str, output: Path, plan_path: Path | None, stats_path: Path | N
 
     Works on the bytes of the safetensors shards: kept experts are renumbered 0..k-1, fused
     expert tensors and router rows are sliced, dtypes are never converted, the model is never
-    loaded. Plans must keep the same number of experts in every MoE layer (one count in
+    loaded (except for --refit and --criterion auto with --calib-text; --merge rewrites the kept
+    experts' tensors with merged values in their on-disk dtype). Plans must keep the same number of experts in every MoE layer (one count in
     config.json) unless --allow-nonuniform, and the same number in every router group for
     group-limited routers (DeepSeek-V3, GLM-4.5 with n_group > 1). A statistics file collected
     on a different model is refused. Architectures:
