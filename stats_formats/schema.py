@@ -85,12 +85,20 @@ MCSUITE_FIELDS: tuple[Field, ...] = (
           "at least once (the input token at the routed position)", merge="or", dtype="U8"),
 )
 
+# Merging statistics, written only by `collect --merge-stats` (all or none): what `prune --merge hc-smoe`
+# (every expert's mean output over every token, routed or not: HC-SMoE clusters on it) and
+# `prune --merge mc-smoe` (router-logit similarity) read. l_i(t) is the router's logit for expert i.
+MERGE_FIELDS: tuple[Field, ...] = (
+    Field("dense_out_sum", "E,H", "sum over all tokens (routed or not) of f_i(x) (every expert run on every token)"),
+    Field("logit_gram", "E,E", "L_ij = sum over all tokens of l_i l_j (router logits)"),
+)
+
 # Optional field groups by the `collect` option that writes them ("" for a plain collect): all of a
 # group's tensors or none.
 OPTIONAL_GROUPS: dict[str, tuple[Field, ...]] = {"--gradients": GRADIENT_FIELDS, "--histogram": MCSUITE_FIELDS[:1],
-                                                  "": MCSUITE_FIELDS[1:]}
+                                                  "": MCSUITE_FIELDS[1:], "--merge-stats": MERGE_FIELDS}
 
-FIELD_BY_NAME = {f.name: f for f in (*FIELDS, *GRADIENT_FIELDS, *MCSUITE_FIELDS)}
+FIELD_BY_NAME = {f.name: f for f in (*FIELDS, *GRADIENT_FIELDS, *MCSUITE_FIELDS, *MERGE_FIELDS)}
 HOLDOUT_FIELDS: tuple[str, ...] = ("tokens", "count", "moment_g", "gram")
 
 

@@ -36,10 +36,15 @@ from surgery.errors import UserError
 @click.option("--histogram", is_flag=True,
               help="Also store a log-grid histogram of every routed expert output value (for mcs-eao); "
                    "it bins each value, so it costs several times the other statistics on a GPU.")
+@click.option("--merge-stats", is_flag=True,
+              help="Also store every expert's output summed over every token (routed or not) and the router-logit "
+                   "Gram, which `prune --merge hc-smoe` / `mc-smoe` read; runs every expert on every token "
+                   "(E / top-k times the experts' compute).")
 @overwrite_option
 @revision_option
 def collect(model: str, data: tuple[str, ...], output: Path, collecting: CollectOptions, seed: int, hidden_states: str,
-            progressive_plan: Path | None, gradients: bool, histogram: bool, overwrite: bool,
+            progressive_plan: Path | None, gradients: bool, histogram: bool, merge_stats: bool,
+            overwrite: bool,
             revision: str | None) -> None:
     """Run calibration text through MODEL (a folder or a Hub repo id) once and write its per-expert statistics file.
 
@@ -60,7 +65,7 @@ def collect(model: str, data: tuple[str, ...], output: Path, collecting: Collect
 
         progressive = read_plan_for(progressive_plan, model_dir)
     options = replace(collecting, seed=seed, hidden_states=hidden_states, progress=True, progressive=progressive,
-                      gradients=gradients, histogram=histogram)
+                      gradients=gradients, histogram=histogram, merge_stats=merge_stats)
     summary = run_collect(model_dir, list(data), output, options)
     if summary.rank == 0:
         for line in summary.lines():

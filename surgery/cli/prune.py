@@ -10,9 +10,11 @@ import click
 
 from surgery.architectures import supported
 from surgery.cli.options import (
-    FILE, collect_options, data_option, eval_results_option, option_group, output_option, private_option, revision_option,
+    FILE, TEXT, collect_options, data_option, eval_results_option, option_group, output_option, private_option,
+    revision_option,
     score_options, stats_option, overwrite_option,
 )
+from surgery.pipeline.merge import METHODS, MergeOptions
 from surgery.pipeline.prune import PushOptions, RoundsOptions, WriteOptions, prune as run_prune
 
 rounds_options = option_group(
@@ -46,6 +48,26 @@ write_options = option_group(
                       "ids, router and config expert count, in the format vLLM serves (approximate_experts)."),
 )
 
+merge_options = option_group(
+    "merging", MergeOptions,
+    click.option("--merge", type=click.Choice(METHODS),
+                 help="Fold the removed experts into the kept ones instead of dropping them (needs --stats): hc-smoe "
+                      "(HC-SMoE clusters; `collect --merge-stats`), mc-smoe (MC-SMoE router-logit groups, aligned "
+                      "neurons; `collect --merge-stats`) or lsq (the plan's kept experts absorb their most similar "
+                      "removed ones, least squares on the routed second moments). Same plain layout, fewer experts; "
+                      "pruning.json records which original experts each new one stands for."),
+    click.option("--refit", is_flag=True,
+                 help="Then fit the pruned MoE blocks (router rows and experts) to the original's outputs, one layer "
+                      "at a time: heal's layer-local stage, without distillation (needs --calib-text)."),
+    click.option("--calib-text", "text", multiple=True, type=TEXT,
+                 help="Calibration text (file or folder, repeatable) for --refit, and for --criterion auto, which "
+                      "then ranks every candidate plan (criterion x drop/merge) by its held-out next-token loss."),
+    click.option("--refit-tokens", type=int, default=65536, show_default=True,
+                 help="With --refit: tokens of --calib-text to fit on (one sequence in 16 held out)."),
+    click.option("--refit-steps", type=int, default=100, show_default=True,
+                 help="With --refit: Adam steps per MoE layer."),
+)
+
 push_options = option_group(
     "push", PushOptions,
     click.option("--push-to-hub", "repo", metavar="REPO_ID", help="Then upload OUTPUT to this Hub repo in one commit."),
@@ -64,11 +86,12 @@ push_options = option_group(
 @rounds_options
 @collect_options
 @write_options
+@merge_options
 @revision_option
 @push_options
 @eval_results_option
 def prune(model: str, output: Path, plan_path: Path | None, stats_path: Path | None, scoring, rounds, collecting, write,
-          revision: str | None, push, eval_results: Path | None) -> None:
+          merging, revision: str | None, push, eval_results: Path | None) -> None:
     """Write a checkpoint of MODEL keeping only some experts: from --plan, or from
     --stats + --criterion + --ratio/--keep, or from -d DATA + --criterion (collecting first, in
     --rounds N steps, or --progressive by layer blocks; --seed also shuffles DATA).
@@ -79,14 +102,15 @@ def prune(model: str, output: Path, plan_path: Path | None, stats_path: Path | N
 
     Works on the bytes of the safetensors shards: kept experts are renumbered 0..k-1, fused
     expert tensors and router rows are sliced, dtypes are never converted, the model is never
-    loaded. Plans must keep the same number of experts in every MoE layer (one count in
+    loaded (except for --refit and --criterion auto with --calib-text; --merge rewrites the kept
+    experts' tensors with merged values in their on-disk dtype). Plans must keep the same number of experts in every MoE layer (one count in
     config.json) unless --allow-nonuniform, and the same number in every router group for
     group-limited routers (DeepSeek-V3, GLM-4.5 with n_group > 1). A statistics file collected
     on a different model is refused. Architectures:
     """
     run_prune(model, output, scoring=scoring, plan_path=plan_path, stats_path=stats_path, rounds=rounds,
               collect=collecting, write=write, push=push, revision=revision, eval_results=eval_results,
-              command=shlex.join(["moe-surgery", *sys.argv[1:]]), echo=click.echo)
+              command=shlex.join(["moe-surgery", *sys.argv[1:]]), echo=click.echo, merging=merging)
 
 
 prune.help = (prune.help or "") + " " + ", ".join(supported()) + "."

@@ -21,6 +21,7 @@ from stats_formats.schema import (
     HIST_STEPS,
     HOLDOUT_FIELDS,
     MCSUITE_FIELDS,
+    MERGE_FIELDS,
     field_shape,
 )
 
@@ -49,16 +50,18 @@ class LayerAccumulator:
     """Sums for one layer: every FIELDS and MC-Suite field, or `fields`.
 
     `token_bits` needs a `vocab_size`; `out_hist` is opt-in (`histogram`): it bins every routed
-    output value, which costs several times the rest of the statistics on a GPU.
+    output value, which costs several times the rest of the statistics on a GPU. `merge_stats` adds
+    the merging fields (every expert on every token, and the router-logit Gram).
     """
 
     def __init__(self, num_experts: int, hidden: int, inter: int, device: torch.device | str, fields=None,
-                 vocab_size: int | None = None, histogram: bool = False):
+                 vocab_size: int | None = None, histogram: bool = False, merge_stats: bool = False):
         self.E, self.H, self.I = num_experts, hidden, inter
         self.device = torch.device(device)
         self.cd = torch.float64 if self.device.type == "cpu" else torch.float32
-        optional = {"token_bits": bool(vocab_size), "out_hist": histogram}
-        names = fields or [f.name for f in (*FIELDS, *MCSUITE_FIELDS) if optional.get(f.name, True)]
+        optional = {"token_bits": bool(vocab_size), "out_hist": histogram,
+                    **{f.name: merge_stats for f in MERGE_FIELDS}}
+        names = fields or [f.name for f in (*FIELDS, *MCSUITE_FIELDS, *MERGE_FIELDS) if optional.get(f.name, True)]
         self.sums: dict[str, torch.Tensor] = {}
         for name in names:
             dtype = torch.uint8 if FIELD_BY_NAME[name].dtype == "U8" else torch.float64
@@ -73,6 +76,11 @@ class LayerAccumulator:
         if probs is not None and self.has("prob_sum"):
             self.sums["prob_sum"] += probs.to(self.cd).sum(0).double()
 
+    def add_dense(self, dense_sum: torch.Tensor, logits: torch.Tensor) -> None:
+        """The merging fields: every expert's outputs summed over all tokens [E, H], and the tokens' router logits [T, E]."""
+        self.sums["dense_out_sum"] += dense_sum.double()
+        lg = logits.to(self.cd)
+        self.sums["logit_gram"] += (lg.T @ lg).double()
 
     def add_assignments(self, a: Assignments) -> None:
         """Every per-expert field, from assignments sorted by expert."""

@@ -21,6 +21,13 @@ from surgery.model.expert_math import SUPPORTED, grouped_forward, router_probs
 
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 CHECK_TOKENS = 1024
+DENSE_ROWS = 65536  # (expert, token) rows per step of the merging fields' every-expert-on-every-token pass
+
+
+def _logits(router: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Router logits [T, E] in float32 (before softmax or sigmoid)."""
+    bias = getattr(router, "bias", None)
+    return torch.nn.functional.linear(x.float(), router.weight.float(), None if bias is None else bias.float())
 
 
 class SelfCheckError(UserError):
@@ -32,11 +39,11 @@ class Instrument:
 
     With a `vocab_size`, the main statistics also record which token ids each expert saw
     (`token_bits`): the caller hands over each batch's input ids with `set_tokens` before its forward.
-    `histogram` adds the output-value histogram (`out_hist`, for mcs-eao).
+    `histogram` adds the output-value histogram (`out_hist`, for mcs-eao); `merge_stats` the merging fields.
     """
 
     def __init__(self, model: torch.nn.Module, spec: ArchSpec, device, self_check_tol: float,
-                 vocab_size: int | None = None, histogram: bool = False):
+                 vocab_size: int | None = None, histogram: bool = False, merge_stats: bool = False):
         if spec.expert_math not in SUPPORTED:
             raise SelfCheckError(f"collect does not support {spec.model_type} yet (expert formula {spec.expert_math!r})")
         self.spec = spec
@@ -48,6 +55,7 @@ class Instrument:
         self.holdout = False  # when True, sums go to the held-out accumulators
         self.vocab_size = vocab_size
         self.histogram = histogram
+        self.merge_stats = merge_stats
         self.token_ids: torch.Tensor | None = None  # the current batch's input ids, flattened
         self._ids_on: dict[torch.device, torch.Tensor] = {}  # ... copied to each device once per batch
         self.check_pending = {b.layer for b in self.blocks}
@@ -76,7 +84,8 @@ class Instrument:
         if self.holdout:
             table, make = self.held, holdout_accumulator
         else:
-            table, make = self.main, partial(LayerAccumulator, vocab_size=self.vocab_size, histogram=self.histogram)
+            table, make = self.main, partial(LayerAccumulator, vocab_size=self.vocab_size, histogram=self.histogram,
+                                       merge_stats=self.merge_stats)
         if b.layer not in table:
             table[b.layer] = make(*self.dims(b), self.device)
         return table[b.layer]
@@ -117,6 +126,8 @@ class Instrument:
         full = acc.has("out_sum")
         probs = router_probs(b.router, self.spec.scoring, x) if full else None
         acc.add_tokens(probs, x.shape[0])
+        if acc.has("dense_out_sum"):
+            acc.add_dense(self._dense_sum(b, x, num_experts), _logits(b.router, x))
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
         if getattr(b.experts, "_is_expert_parallel", False):
@@ -139,6 +150,20 @@ class Instrument:
         # Σ_k g·f per token as a batched (1×k)·(k×H) product: no scattered adds, no [T, k, H] temporary.
         return torch.bmm(gates.to(x.dtype)[:, None, :], outs)[:, 0]
 
+    def _dense_sum(self, b: MoEBlock, x: torch.Tensor, num_experts: int) -> torch.Tensor:
+        """sum over the batch's tokens of every expert's output f_i(x), routed or not: [E, H] (HC-SMoE),
+        a few experts at a time to bound the [experts x tokens, H] temporaries."""
+        per = max(1, DENSE_ROWS // max(1, x.shape[0]))
+        out = []
+        for start in range(0, num_experts, per):
+            ids = torch.arange(start, min(start + per, num_experts), device=x.device)
+            counts = torch.zeros(num_experts, dtype=torch.long, device=x.device)
+            counts[ids] = x.shape[0]
+            _, f = grouped_forward(b.experts, self.spec.expert_math, x.repeat(len(ids), 1),
+                                   ids.repeat_interleave(x.shape[0]), counts)
+            out.append(f.float().view(len(ids), x.shape[0], -1).sum(1))
+        return torch.cat(out)
+
     def _self_check(self, b: MoEBlock, ours: torch.Tensor, theirs: torch.Tensor) -> None:
         self.check_pending.discard(b.layer)
         denom = theirs.float().norm().clamp_min(1e-12)
@@ -149,3 +174,10 @@ class Instrument:
                 f"MoE output by {err:.2e} (relative, tolerance {self.tol:.0e}); the {self.spec.model_type} expert "
                 "layout is being misread, so no statistics were written"
             )
+
+
+def instrument_for(model: torch.nn.Module, spec: ArchSpec, device, tol: float, vocab_size: int | None,
+                   options) -> Instrument:
+    """The Instrument a collect's options (surgery.collect.options.CollectOptions) ask for."""
+    return Instrument(model, spec, device, tol, vocab_size=vocab_size, histogram=options.histogram,
+                      merge_stats=options.merge_stats)

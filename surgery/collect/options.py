@@ -13,7 +13,8 @@ class CollectOptions:
     `progressive` ({layer: kept expert ids}): those layers behave as pruned while collecting
     (see surgery.collect.progressive); their dropped experts get zero statistics.
     `gradients`: also back-propagate each main sequence's loss and write the gradient fields
-    (see surgery.collect.gradients). `histogram`: also write `out_hist` (for mcs-eao).
+    (see surgery.collect.gradients). `histogram`: also write `out_hist` (for mcs-eao). `merge_stats`: also
+    write the merging fields (for prune --merge hc-smoe / mc-smoe).
     `device` / `dtype`: None or "auto" choose (cuda when present; bfloat16 on GPU, float32 on CPU).
     `holdout`: None = default_holdout(samples). `stream_layers`: True streams one decoder layer at a
     time, False loads the whole model, None ("auto") streams only when the model does not fit in the
@@ -34,6 +35,7 @@ class CollectOptions:
     progressive: Mapping[int, list[int]] | None = None
     gradients: bool = False
     histogram: bool = False
+    merge_stats: bool = False
 
 
 MAX_HOLDOUT = 32

@@ -25,7 +25,7 @@ from surgery.model.novices import is_novice_checkpoint
 from surgery.collect.options import CollectOptions, default_holdout
 from surgery.collect.accumulator import LayerAccumulator, all_reduce_field
 from surgery.collect.gradients import GradientSums, gradient_pass, stream_gradients
-from surgery.collect.hooks import Instrument
+from surgery.collect.hooks import Instrument, instrument_for
 from surgery.collect.progressive import RouterMask
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -274,7 +274,7 @@ def _run_streamed(setup: _Setup, calib: _Calibration, options: CollectOptions, t
             stream_forward(setup.model_dir, calib.config, layout, bs, dev, setup.dtype, progress=progress,
                            hidden_states=options.hidden_states, spill_dir=spill_dir,
                            on_model=lambda m, f=flag: holder.setdefault(f, _instrument(
-                               m, layout.spec, dev, tol, f, setup.masked, calib.vocab, options.histogram)),
+                               m, layout.spec, dev, tol, f, setup.masked, calib.vocab, options)),
                            before_batch=lambda j, f=flag, bs=bs: holder[f].set_tokens(bs[j]),
                            prefetch=options.prefetch, on_loaded=lambda: clock.setdefault("loaded", time.perf_counter()))
     main_accs = holder[False].main if False in holder else {}
@@ -294,7 +294,7 @@ def _run_loaded(setup: _Setup, calib: _Calibration, options: CollectOptions, tol
     dev, spec = setup.device, setup.layout.spec
     model = load_model(setup.model_dir, dev, setup.dtype)
     clock["loaded"] = time.perf_counter()
-    inst = Instrument(model, spec, dev, tol, vocab_size=calib.vocab, histogram=options.histogram)
+    inst = instrument_for(model, spec, dev, tol, calib.vocab, options)
     mask = RouterMask(model, spec, setup.masked)
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     batches, held_batches = calib.batches, calib.held_batches
@@ -383,8 +383,8 @@ def _write(setup: _Setup, calib: _Calibration, sums: _Sums, data: list[str], opt
 
 
 def _instrument(model, spec, dev, tol, holdout_flag: bool, masked: dict[int, list[int]], vocab: int,
-                histogram: bool) -> Instrument:
-    inst = Instrument(model, spec, dev, tol, vocab_size=vocab, histogram=histogram)
+                options: CollectOptions) -> Instrument:
+    inst = instrument_for(model, spec, dev, tol, vocab, options)
     inst.holdout = holdout_flag
     RouterMask(model, spec, masked)  # the streamed model is discarded afterwards: nothing to restore
     return inst

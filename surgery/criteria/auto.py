@@ -84,3 +84,22 @@ def run_auto(
     errors = {name: holdout_error(keep, grams) for name, keep in plans.items()}
     winner = min(errors, key=lambda name: errors[name])
     return AutoResult(winner, errors, plans[winner], scores[winner])
+
+
+LOSS_FORMULA = "argmin over candidate plans (criterion x drop/merge) of the held-out next-token loss of the pruned model"
+
+
+@dataclass(frozen=True)
+class LossRanking:
+    winner: str
+    losses: dict[str, float]  # candidate -> measured held-out loss (nats per token), in candidate order
+
+
+def rank_by_loss(candidates: list[str], measure: Callable[[str], float]) -> LossRanking:
+    """auto by the real loss: `measure(name)` is the held-out next-token loss of the model with the candidate's
+    experts removed or merged; every candidate is measured and the first lowest wins (candidate order breaks
+    ties). Unlike the reconstruction proxy, the measurement sees re-routing and every layer's error together."""
+    if not candidates:
+        raise PlanError("auto by loss: no candidate plans")
+    losses = {name: float(measure(name)) for name in candidates}
+    return LossRanking(min(losses, key=lambda name: losses[name]), losses)

@@ -18,6 +18,7 @@ from pathlib import Path
 from surgery.collect.options import CollectOptions
 from surgery.errors import UserError
 from surgery.io import provenance
+from surgery.pipeline.merge import MergeOptions, check_merge_request, write_merge_or_refit
 from surgery.pipeline.score_options import GLOBAL_WARNING, ScoreOptions
 from surgery.plan import Plan
 
@@ -68,11 +69,12 @@ def prune(model: str, out_dir: Path, *, scoring: ScoreOptions, plan_path: Path |
           stats_path: Path | None = None, rounds: RoundsOptions = RoundsOptions(),
           collect: CollectOptions = CollectOptions(), write: WriteOptions = WriteOptions(),
           push: PushOptions = PushOptions(), revision: str | None = None, command: str = "moe-surgery prune",
-          eval_results: Path | None = None, echo: Echo = _print) -> dict:
+          eval_results: Path | None = None, echo: Echo = _print, merging: MergeOptions = MergeOptions()) -> dict:
     """Write OUT_DIR from MODEL (a folder or a Hub repo id) keeping the experts of a plan: `plan_path`, or
     scores of `scoring.criterion` (from `stats_path` or the weights), or rounds of collecting on
-    `rounds.data`. Writes the model card (`command` is recorded in it, and the `eval --json` file
-    `eval_results` when given) and pushes when `push.repo`. Returns the content of the output's pruning.json."""
+    `rounds.data`; `merging` merges the removed experts into the kept ones and/or refits (surgery.pipeline.merge).
+    Writes the model card (`command` is recorded in it, and the `eval --json` file `eval_results` when given)
+    and pushes when `push.repo`. Returns the content of the output's pruning.json."""
     from surgery.hub.client import check_can_push, push_folder, resolve_model
     from surgery.hub.model_card import keep_user_card, write_model_card
 
@@ -86,12 +88,17 @@ def prune(model: str, out_dir: Path, *, scoring: ScoreOptions, plan_path: Path |
         results = read_eval_results(eval_results)  # a bad file fails before the rewrite
     model_dir = resolve_model(model, revision=revision, purpose="prune")
     _check_sources(scoring, plan_path, stats_path, rounds, write)
+    check_merge_request(merging, stats_path, write.novices, rounds.collecting, scoring.criterion)
     calibration = None
     if not rounds.collecting:
-        plan = _plan(model_dir, plan_path, stats_path, scoring, echo)
+        plan, merging = _plan(model_dir, plan_path, stats_path, scoring, echo, merging)
     with keep_user_card(out_dir, model_dir):
         if rounds.collecting:
             _, calibration = prune_rounds(model_dir, out_dir, scoring, rounds, collect, write, echo=echo)
+        elif merging.active:
+            write_merge_or_refit(model_dir, plan, out_dir, stats_path, merging, overwrite=write.overwrite,
+                                 allow_nonuniform=write.allow_nonuniform, hash_shards=write.hash_shards,
+                                 device=collect.device, seed=scoring.seed)
         else:
             _write(model_dir, plan, out_dir, stats_path, write, echo)
     record = provenance.read(out_dir)
@@ -130,15 +137,23 @@ def _check_sources(scoring: ScoreOptions, plan_path: Path | None, stats_path: Pa
 
 
 def _plan(model_dir: Path, plan_path: Path | None, stats_path: Path | None, scoring: ScoreOptions,
-          echo: Echo) -> Plan:
-    """The plan of --plan, or of the criterion's scores."""
+          echo: Echo, merging: MergeOptions) -> tuple[Plan, MergeOptions]:
+    """The plan of --plan, or of the criterion's scores; `auto` with --calib-text also picks drop or a merge
+    method (a --merge given keeps its method)."""
     if plan_path is not None:
-        return Plan.read(plan_path)
+        return Plan.read(plan_path), merging
     from surgery.pipeline.score import score_plan
 
     if scoring.global_rank:
         echo(GLOBAL_WARNING, err=True)
-    return score_plan(model_dir, stats_path, scoring)
+    if scoring.criterion == "auto" and merging.text and stats_path is not None:
+        from surgery.pipeline.auto_loss import auto_by_loss
+
+        methods = (merging.merge,) if merging.merge else ("drop", "lsq", "hc-smoe", "mc-smoe")
+        plan, method = auto_by_loss(model_dir, stats_path, scoring, merging.text, methods)
+        echo(f"auto (held-out loss): {plan.extra['auto']['winner']}", err=True)
+        return plan, replace(merging, merge=method)
+    return score_plan(model_dir, stats_path, scoring), merging
 
 
 def _write(model_dir: Path, plan: Plan, out_dir: Path, stats_path: Path | None, write: WriteOptions,

@@ -1,0 +1,95 @@
+"""`prune --merge METHOD` and `prune --refit`: merge the experts a plan removes into the kept ones, and/or
+refit the pruned blocks to the original's with heal's layer-local stage (surgery.refine.merge)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from surgery.errors import UserError
+from surgery.plan import Plan
+
+METHODS = ("hc-smoe", "mc-smoe", "lsq")  # surgery.rewrite.merge.METHODS (no numpy import for the CLI)
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """`merge`: None (drop), hc-smoe, mc-smoe or lsq (surgery.rewrite.merge). `refit`: run heal's layer-local
+    stage on `text` (`refit_tokens` tokens, `refit_steps` steps per layer) before writing. `text` also makes
+    `--criterion auto` rank candidate plans by their held-out loss on it (surgery.pipeline.auto_loss)."""
+
+    merge: str | None = None
+    refit: bool = False
+    text: tuple[str, ...] = ()
+    refit_tokens: int = 65536
+    refit_steps: int = 100
+
+    @property
+    def active(self) -> bool:
+        return self.merge is not None or self.refit
+
+
+def check_merge_request(merging: MergeOptions, stats_path: Path | None, novices: bool, collecting: bool,
+                        criterion: str | None = None) -> None:
+    """Refuse combinations that cannot work, before anything is written."""
+    if merging.text and not (merging.refit or criterion == "auto"):
+        raise UserError("--calib-text goes with --refit or --criterion auto")
+    if not merging.active:
+        return
+    if collecting or novices:
+        raise UserError("--merge / --refit work on one plan from --stats or --plan: drop -d/--rounds and --novices")
+    if merging.merge is not None and stats_path is None:
+        raise UserError("--merge needs --stats (the merge weights and groups come from the statistics file)")
+    if merging.refit and not merging.text:
+        raise UserError("--refit needs calibration text: give --calib-text PATH")
+
+
+@contextlib.contextmanager
+def _work_folder(out) -> Iterator[Path]:
+    """Intermediate checkpoints inside the output's temporary folder (its cleanup covers them), removed at the end."""
+    tmp = Path(tempfile.mkdtemp(prefix=".merge-", dir=out.tmp.resolve()))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_merge_or_refit(model_dir: Path, plan: Plan, out_dir: Path, stats_path: Path | None, merging: MergeOptions,
+                         *, overwrite: bool = False, allow_nonuniform: bool = False, hash_shards: bool = False,
+                         device: str | None = None, seed: int = 0, progress: bool = True) -> None:
+    """Write OUT_DIR: the plan's experts dropped or merged (`merging.merge`), then refitted (`merging.refit`)."""
+    from surgery.io.derived import DerivedCheckpoint, as_output
+    from surgery.refine.merge import RefitOptions, refit, write_merged
+    from surgery.rewrite.experts import rewrite_checkpoint
+
+    out = as_output(out_dir, overwrite, [model_dir])
+    with out, _work_folder(out) as work:
+        if not merging.refit:
+            from stats_formats import StatsFile
+
+            write_merged(model_dir, plan, merging.merge, StatsFile(stats_path), out, work,
+                         allow_nonuniform=allow_nonuniform, progress=progress, hash_shards=hash_shards)
+            return
+        student = work / "pruned"
+        if merging.merge is None:
+            rewrite_checkpoint(model_dir, plan, student, allow_nonuniform=allow_nonuniform, progress=progress,
+                               hash_shards=hash_shards)
+        else:
+            from stats_formats import StatsFile
+
+            with DerivedCheckpoint(student) as merged:
+                write_merged(model_dir, plan, merging.merge, StatsFile(stats_path), merged, work,
+                             allow_nonuniform=allow_nonuniform, progress=progress, hash_shards=hash_shards)
+        options = RefitOptions(data=merging.text, tokens=merging.refit_tokens, steps=merging.refit_steps,
+                               device=device, seed=seed)
+        refit(student, model_dir, work / "refit", options, progress=progress)
+        from surgery.io import provenance
+
+        record = provenance.read(work / "refit")  # heal's record stays under "heal" (a later heal reads it)
+        record["refit"] = {"tokens": merging.refit_tokens, "steps_per_layer": merging.refit_steps}
+        out.copy_folder(work / "refit")
+        out.finish_record(record)
