@@ -308,7 +308,8 @@ def prune_in_rounds(model_dir: Path, out_dir: Path, *, data: list[str], rounds: 
     target = keep_count(shape.num_experts, shape.top_k, ratio=ratio, keep=keep)
     calibration: dict = {}
     # mcs-eg* read `collect --gradients`, mcs-eao `collect --histogram`
-    options = replace(collect_options, gradients=criterion in GRADIENT_SIGNALS, histogram=criterion == "mcs-eao")
+    gradients = (collect_options.gradients or "per-sequence") if criterion in GRADIENT_SIGNALS else None
+    options = replace(collect_options, gradients=gradients, histogram=criterion == "mcs-eao")
     collector = make_collector(data, options, seed, calibration) if crit.needs == "stats" or novices else None
     if heal is not None and (progressive_mode or novices):
         raise PlanError("--heal-between heals the checkpoints of plain --rounds: not with --progressive or --novices")
