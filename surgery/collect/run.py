@@ -115,13 +115,10 @@ def _finish_dist(owned: bool) -> None:
 
 
 def _reduce(accs: dict[int, LayerAccumulator]) -> None:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return
-    for layer in sorted(accs):
-        for name, t in accs[layer].sums.items():
-            all_reduce_field(name, t)
+    if torch.distributed.is_initialized():
+        for layer in sorted(accs):
+            for name, t in accs[layer].sums.items():
+                all_reduce_field(name, t)
 
 
 @dataclass(frozen=True)
