@@ -217,6 +217,10 @@ def option_group(target: str, build: Callable[..., Any], *options: Callable) -> 
 collect_options = option_group(
     "collecting", CollectOptions, samples_option, seq_len_option(2048), holdout_option, batch_size_option(4), device_option,
     dtype_option, stream_layers_option, sampling_option, gradients_option)
+# the calibration pass of `sparsify -d` (one layer at a time, no statistics file): the text-and-device subset
+calibration_options = option_group(
+    "collecting", CollectOptions, samples_option, seq_len_option(2048), batch_size_option(4), device_option,
+    dtype_option, sampling_option)
 
 
 def score_options(required: bool = False) -> Callable:
