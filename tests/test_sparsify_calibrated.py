@@ -181,3 +181,9 @@ def test_cli_errors(args: list[str], message: str, model: Path, data: Path, root
     out = root / "refused"
     result = cli("sparsify", model, "-o", out, *[str(data) if a == "DATA" else a for a in args], "--device", "cpu")
     assert result.exit_code == 2 and message in result.output and not out.exists(), result.output
+
+
+def test_stats_without_removal_is_refused(model: Path, data: Path, root: Path, cli) -> None:
+    result = cli("sparsify", model, "-o", root / "no-stats", "--sequential", "--sparsity", "0.5", "-d", data,
+                 "--stats", data, "--device", "cpu")
+    assert result.exit_code == 2 and "--stats is read only with --criterion" in result.output

@@ -12,9 +12,9 @@ ranks or data shards, so torchrun and `stats merge` are exact.
 `--gradients accumulated` is the paper's own form (Sec. 2.5): the gradients of all sequences are added
 first, G_i = sum_s G_{s,i} (the gradient of the whole calibration set's summed loss), and the same fields
 are taken of G_i once, as of a single sequence, so every criterion gives the paper's formula. One MoE
-layer's G_i is as large as its experts: it is held only while that layer's gradients are summed (with
---stream-layers, during the layer's step of the backward walk); under torchrun it is all-reduced before
-its statistics are taken, so it stays exact. A file of it cannot be merged with another
+layer's G_i is as large as its experts: with --stream-layers only the layer being walked holds one (during
+its step of the backward walk); with the model in memory every layer's is held beside the model until
+the pass ends. Under torchrun G_i is all-reduced before its statistics are taken, so it stays exact. A file of it cannot be merged with another
 (stats_formats.merge refuses).
 
 Two ways to get G_{s,i}, both plain autograd on one sequence at a time (parameters are never changed):

@@ -47,6 +47,9 @@ def sparsify(model_dir: Path, out_dir: Path, stats_path: Path | None, options: S
     if options.calibrated != bool(data):
         raise UserError("--sequential and --method sparsegpt read calibration text: pass -d DATA" if options.calibrated
                         else "-d DATA goes with --sequential or --method sparsegpt (others read --stats)")
+    if options.calibrated and stats_path is not None and (remove is None or remove.criterion is None):
+        raise UserError("--sequential and --method sparsegpt take their statistics from -d DATA; --stats is read "
+                        "only with --criterion (to remove experts first)")
     write = _writer(options, None if options.method == "magnitude" else stats_path, data, calibration)
     with DerivedCheckpoint(out_dir, overwrite=overwrite, inputs=[model_dir]) as out:
         if remove is None or remove.criterion is None:
