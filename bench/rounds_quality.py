@@ -9,6 +9,7 @@ exactly what `moe-surgery prune -d DATA --rounds N [...]` runs.
   python bench/rounds_quality.py --model ../shared/fixtures/qwen3-moe-tiny --data ../shared/data/calib \
       --eval ../shared/data/eval --criteria recon gated_sq --ratio 0.5 --rounds 4 \
       --samples 64 --seq-len 512 --device cpu --out rounds.jsonl [--modes one-shot rounds rounds-heal]
+      [--heal-between local lottery] [--heal-tokens N] [--heal-lr LR] [--heal-schedule constant|doubling]
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ from surgery.model.load import load_model, load_tokenizer  # noqa: E402
 MODES = ("one-shot", "rounds", "progressive", "rounds-heal")
 
 
-def schedules(names: list[str], rounds: int, heal: str) -> list[tuple[str, int, bool, str | None]]:
-    """(label, rounds, progressive, heal-between) of each compared schedule."""
-    table = {"one-shot": ("one-shot", 1, False, None), "rounds": (f"rounds {rounds}", rounds, False, None),
-             "progressive": (f"progressive {rounds}", rounds, True, None),
-             "rounds-heal": (f"rounds {rounds} + heal {heal}", rounds, False, heal)}
-    return [table[n] for n in names]
+def schedules(names: list[str], rounds: int, heals: list[str]) -> list[tuple[str, int, bool, str | None]]:
+    """(label, rounds, progressive, heal-between) of each compared schedule; rounds-heal once per heal mode."""
+    table = {"one-shot": [("one-shot", 1, False, None)], "rounds": [(f"rounds {rounds}", rounds, False, None)],
+             "progressive": [(f"progressive {rounds}", rounds, True, None)],
+             "rounds-heal": [(f"rounds {rounds} + heal {h}", rounds, False, h) for h in heals]}
+    return [row for n in names for row in table[n]]
 
 
 def prune_one(args: argparse.Namespace, criterion: str, rounds: int, progressive: bool, heal: str | None,
@@ -52,7 +53,8 @@ def prune_one(args: argparse.Namespace, criterion: str, rounds: int, progressive
     collect = CollectOptions(samples=args.samples, seq_len=args.seq_len, holdout=0, batch_size=args.collect_batch_size,
                              device=args.device, dtype="float32", stream_layers=False)
     schedule = RoundsOptions(data=(args.data,), rounds=rounds if rounds > 1 else None, progressive=progressive,
-                             heal_between=heal, heal_tokens=args.heal_tokens, work_dir=Path(args.tmp or out.parent))
+                             heal_between=heal, heal_tokens=args.heal_tokens, heal_lr=args.heal_lr,
+                             heal_schedule=args.heal_schedule, work_dir=Path(args.tmp or out.parent))
     start = time.perf_counter()
     prune_rounds(Path(args.model), out, ScoreOptions(criterion, ratio=args.ratio, seed=args.seed), schedule, collect)
     return time.perf_counter() - start
@@ -103,8 +105,13 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--modes", nargs="+", choices=MODES, default=["one-shot", "rounds", "progressive"])
-    ap.add_argument("--heal-between", default="local", choices=["local", "kd", "both"], help="For rounds-heal.")
-    ap.add_argument("--heal-tokens", type=int, default=65536, help="For rounds-heal: calibration tokens per heal.")
+    ap.add_argument("--heal-between", nargs="+", default=["local"], choices=["local", "kd", "both", "lottery"],
+                    help="For rounds-heal: one row per mode.")
+    ap.add_argument("--heal-tokens", type=int, default=None,
+                    help="For rounds-heal: round 1's calibration tokens (default: the mode's, as prune).")
+    ap.add_argument("--heal-lr", type=float, default=None, help="For rounds-heal (default: the mode's, as prune).")
+    ap.add_argument("--heal-schedule", choices=["constant", "doubling"], default=None,
+                    help="For rounds-heal (default: the mode's, as prune).")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--collect-batch-size", type=int, default=8)

@@ -6,7 +6,8 @@ check is moe-pruner < wanda < magnitude in perplexity. Writes JSON lines (one pe
 prints a Markdown table.
 
   python bench/sparsify_quality.py --model ../shared/fixtures/qwen3-moe-tiny --stats stats.safetensors \
-      --eval ../shared/data/eval [--patterns unstructured 2:4] [--out results.jsonl]
+      --eval ../shared/data/eval [--patterns unstructured 2:4] [--out results.jsonl] \
+      [--methods moe-pruner moe-pruner@sequential sparsegpt@oneshot sparsegpt@sequential --data ../shared/data/calib]
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import torch
 
 from surgery.eval.perplexity import evaluate
 from surgery.model.load import load_model, load_tokenizer
+from surgery.collect.options import CollectOptions
 from surgery.refine.sparsify import METHODS, sparsify_checkpoint
+from surgery.refine.sparsify.sequential import CALIBRATED_METHODS, calibrated_sparsify
 from bench_common import emit, list_eval_files
 
 
@@ -40,9 +43,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             for method in args.methods:
                 t0 = time.perf_counter()
                 out = work / f"{method}-{pattern.replace(':', 'of')}"
-                section = sparsify_checkpoint(args.model, None if method == "magnitude" else args.stats, out,
-                                              sparsity=args.sparsity if pattern == "unstructured" else None,
-                                              pattern=pattern, method=method)
+                section = _sparsify(args, method, pattern, out)
                 model = load_model(out, device=args.device, dtype=torch.float32)
                 r = evaluate(model, tokenizer, eval_files, reference=reference, **kw)
                 rows.append({"pattern": pattern, "method": method, "achieved": section["achieved"],
@@ -53,6 +54,20 @@ def run(args: argparse.Namespace) -> list[dict]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+def _sparsify(args: argparse.Namespace, method: str, pattern: str, out: Path) -> dict:
+    """METHOD from --stats, or METHOD@oneshot / METHOD@sequential from a calibration pass over --data
+    (`sparsify -d DATA [--sequential]`, --samples x --calib-seq-len tokens)."""
+    sparsity = args.sparsity if pattern == "unstructured" else None
+    name, _, mode = method.partition("@")
+    if not mode:
+        return sparsify_checkpoint(args.model, None if name == "magnitude" else args.stats, out, sparsity=sparsity,
+                                   pattern=pattern, method=name)
+    calibration = CollectOptions(samples=args.samples, seq_len=args.calib_seq_len, batch_size=8, device=args.device,
+                                 dtype="float32", progress=False)
+    return calibrated_sparsify(args.model, [args.data], out, calibration=calibration, sequential=mode == "sequential",
+                               sparsity=sparsity, pattern=pattern, method=name)
 
 
 def _flat(r: dict, base: dict) -> dict:
@@ -82,7 +97,12 @@ def main() -> None:
     ap.add_argument("--eval", required=True, help="Folder of eval .jsonl files (or one file).")
     ap.add_argument("--sparsity", type=float, default=0.5, help="Unstructured sparsity (N:M implies its own).")
     ap.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"])
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=["magnitude", "wanda", "moe-pruner"])
+    ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "moe-pruner"],
+                    choices=[*METHODS, *(f"{m}@{mode}" for m in CALIBRATED_METHODS for mode in ("oneshot", "sequential"))],
+                    help="METHOD reads --stats; METHOD@oneshot and METHOD@sequential run -d --data's calibration pass.")
+    ap.add_argument("--data", help="Calibration text for the @oneshot / @sequential methods.")
+    ap.add_argument("--samples", type=int, default=64, help="Calibration sequences for the @ methods.")
+    ap.add_argument("--calib-seq-len", type=int, default=512, help="Their length.")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=8192, help="Tokens per eval file.")
     ap.add_argument("--batch-size", type=int, default=8)

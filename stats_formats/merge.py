@@ -27,10 +27,25 @@ def _check_same_model(first: StatsFile, other: StatsFile) -> None:
             )
 
 
-def _merge_calibration(calibrations: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _check_gradients(stats: Sequence[StatsFile], optional: list[str]) -> None:
+    """Statistics of an accumulated gradient (`collect --gradients accumulated`) are nonlinear in the
+    summed gradient: two files' values cannot be combined into those of the whole data."""
+    if len(stats) > 1 and "grad_gram" in optional:
+        for s in stats:
+            if s.calibration.get("gradients") == "accumulated":
+                raise StatsError(f"{s.label}: holds statistics of an accumulated gradient (collect --gradients "
+                                 "accumulated), which cannot be merged; collect all the data in one run (torchrun "
+                                 "is exact) or use --gradients per-sequence")
+
+
+def _merge_calibration(calibrations: Sequence[dict[str, Any]], gradients: bool) -> dict[str, Any]:
     """Sources are concatenated as given: the same source listed twice was sampled twice."""
     seq_lens = {c["seq_len"] for c in calibrations}
     seeds = {c["seed"] for c in calibrations}
+    samplings = {c.get("sampling", "packed") for c in calibrations}  # files from before the key packed
+    extra = {"sampling": samplings.pop() if len(samplings) == 1 else "mixed"}
+    if gradients:  # one form: _check_gradients refused accumulated ones among several files
+        extra["gradients"] = calibrations[0].get("gradients", "per-sequence")
     return {
         "sources": [s for c in calibrations for s in c["sources"]],
         "num_sequences": sum(c["num_sequences"] for c in calibrations),
@@ -38,6 +53,7 @@ def _merge_calibration(calibrations: Sequence[dict[str, Any]]) -> dict[str, Any]
         "seq_len": max(seq_lens),
         "seed": seeds.pop() if len(seeds) == 1 else None,
         "holdout_sequences": sum(c["holdout_sequences"] for c in calibrations),
+        **extra,
     }
 
 
@@ -64,6 +80,7 @@ def merge(files: Sequence[StatsFile | PathLike], label: str = MERGED_LABEL) -> S
         _check_same_model(stats[0], other)
     holdout = all(s.has_holdout for s in stats)
     optional = [n for n in stats[0].optional_fields if all(n in s.optional_fields for s in stats[1:])]
+    _check_gradients(stats, optional)
     tensors: dict[str, np.ndarray] = {}
     for layer in stats[0].layers:
         for field in (*FIELDS, *(FIELD_BY_NAME[n] for n in optional)):
@@ -71,5 +88,5 @@ def merge(files: Sequence[StatsFile | PathLike], label: str = MERGED_LABEL) -> S
         for name in HOLDOUT_FIELDS if holdout else ():
             how = FIELD_BY_NAME[name].merge
             tensors[tensor_name(layer, name, True)] = _combine(stats, layer, name, how, True)
-    calibration = _merge_calibration([s.calibration for s in stats])
+    calibration = _merge_calibration([s.calibration for s in stats], "grad_gram" in optional)
     return StatsFile.from_arrays(dict(stats[0].model), calibration, tensors, label)

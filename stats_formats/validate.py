@@ -58,6 +58,12 @@ _CALIBRATION_KEYS: dict[str, tuple[type, ...]] = {
     "seed": (int, type(None)),
     "holdout_sequences": (int,),
 }
+# Optional calibration keys and their values: how sequences were cut (`collect --sampling`; "mixed" after
+# merging files that differ) and which gradient statistics the file holds (`collect --gradients`).
+OPTIONAL_CALIBRATION: dict[str, tuple[str, ...]] = {
+    "sampling": ("packed", "documents", "mixed"),
+    "gradients": ("per-sequence", "accumulated"),
+}
 _POSITIVE_MODEL_KEYS = ("num_hidden_layers", "num_experts", "hidden_size", "intermediate_size", "top_k")
 VOCAB_KEY = "vocab_size"  # optional model key: the shape of `token_bits`, which needs it
 NUMPY_DTYPES = {"F64": np.float64, "U8": np.uint8}  # Field.dtype -> array dtype
@@ -116,6 +122,10 @@ def check_calibration(label: str, calibration: object) -> None:
     for key in ("num_sequences", "num_tokens", "seq_len", "holdout_sequences"):
         if calibration[key] < 0:
             raise StatsError(f"{label}: metadata calibration.{key} is {calibration[key]}, expected >= 0")
+    for key, allowed in OPTIONAL_CALIBRATION.items():  # absent in files from before the key
+        if key in calibration and calibration[key] not in allowed:
+            raise StatsError(f"{label}: metadata calibration.{key} is {calibration[key]!r}, expected one of "
+                             f"{', '.join(allowed)}")
 
 
 def _major_version(label: str, version: object) -> int:

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The only options whose default depends on the command (factories in surgery/cli/options.py say why).
 DEFAULTS_BY_COMMAND = {
-    "--seq-len": {"collect": 2048, "prune": 2048, "heal": 1024, "eval": 512},
-    "--batch-size": {"collect": 4, "prune": 4, "heal": 8, "eval": 8},
+    "--seq-len": {"collect": 2048, "prune": 2048, "heal": 1024, "eval": 512, "sparsify": 2048},
+    "--batch-size": {"collect": 4, "prune": 4, "heal": 8, "eval": 8, "sparsify": 4},
     "--ratio": {"demo": 0.5, "prune": None, "score": None, "sparsify": None},
 }
 

@@ -644,3 +644,23 @@ def test_tokenizer_of_another_model_exits_2(model, data_file: Path, tmp_path: Pa
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and str(src / "config.json") in lines[0] and "vocab_size is 8" in lines[0], lines
     assert not out.exists()
+
+
+def test_sampling_is_recorded(model, data_file: Path, tmp_path: Path, cli) -> None:
+    """Each file records its --sampling (the windows themselves: tests/test_data_eval.py), a merge of both says
+    mixed; documents shorter than every window give one error line and no file."""
+    from stats_formats import merge
+
+    files = {}
+    for sampling in ("packed", "documents"):
+        out = files[sampling] = tmp_path / f"{sampling}.safetensors"
+        result = cli("collect", model("qwen3_moe"), "-d", data_file, "-o", out, "--samples", "4", "--seq-len", "8",
+                     "--holdout", "0", "--device", "cpu", "--dtype", "float32", "--sampling", sampling)
+        assert result.exit_code == 0, result.output
+        assert StatsFile(out).calibration["sampling"] == sampling
+        assert "gradients" not in StatsFile(out).calibration
+    assert merge([StatsFile(files["packed"]), StatsFile(files["documents"])]).calibration["sampling"] == "mixed"
+    result = cli("collect", model("qwen3_moe"), "-d", data_file, "-o", tmp_path / "no.safetensors", "--samples", "4",
+                 "--seq-len", "4000", "--holdout", "0", "--device", "cpu", "--sampling", "documents")
+    assert result.exit_code == 2 and "no document has 256 tokens" in result.output  # seq_len capped at 256
+    assert not (tmp_path / "no.safetensors").exists()

@@ -146,7 +146,7 @@ def test_pack_deterministic_per_seed(corpus, tokenizer):
     assert not torch.equal(a.input_ids, c.input_ids)
     assert a.description() == {
         "sources": corpus, "num_sequences": 8, "num_requested": 8, "num_tokens": 256,
-        "seq_len": 32, "seed": 0, "mode": "pack",
+        "seq_len": 32, "seed": 0, "mode": "packed",
     }
 
 
@@ -172,14 +172,24 @@ def test_pack_too_short_is_clear(tmp_path, tokenizer):
         build_sequences([p], tokenizer, num_samples=4, seq_len=64, seed=0)
 
 
-def test_truncate_mode(tmp_path, tokenizer):
+def test_documents_sampling_takes_one_window_per_long_document(tmp_path, tokenizer):
     p = write_jsonl(tmp_path / "t.jsonl", ["short", "a long document one", "another long one"])
     with pytest.warns(UserWarning, match="ran out after 2 of 5"):
-        cal = build_sequences([p], tokenizer, num_samples=5, seq_len=8, seed=0, mode="truncate")
-    rows = sorted(tokenizer.decode(r) for r in cal.input_ids.tolist())
-    assert rows == ["a long d", "another "] and cal.num_requested == 5
-    with pytest.raises(DataError, match=r"no document has 64 tokens \(longest: 19\)"):
-        build_sequences([p], tokenizer, num_samples=5, seq_len=64, seed=0, mode="truncate")
+        cal = build_sequences([p], tokenizer, num_samples=5, seq_len=8, seed=0, mode="documents")
+    rows = [tokenizer.decode(r) for r in cal.input_ids.tolist()]
+    assert cal.num_requested == 5 and cal.mode == "documents" and len(rows) == 2
+    # each row is a window of exactly one long document (no EOS, no packing across documents)
+    assert sorted(next(d for d in ("a long document one", "another long one") if r in d) for r in rows) == \
+        ["a long document one", "another long one"]
+    starts = set()
+    for seed in range(8):  # the window's offset is drawn from the seed, not always the document's start
+        cal = build_sequences([p], tokenizer, num_samples=2, seq_len=8, seed=seed, mode="documents")
+        starts |= {"a long document one".find(tokenizer.decode(r)) for r in cal.input_ids.tolist()}
+    assert len(starts - {-1}) > 1
+    with pytest.raises(DataError, match=r"no document has 64 tokens \(longest: 19\).*--sampling packed"):
+        build_sequences([p], tokenizer, num_samples=5, seq_len=64, seed=0, mode="documents")
+    with pytest.raises(ValueError, match="unknown sampling 'truncate'"):
+        build_sequences([p], tokenizer, num_samples=5, seq_len=8, seed=0, mode="truncate")
 
 
 def test_cap_seq_len():

@@ -1,8 +1,11 @@
 """Gradient statistics (`collect --gradients`) and the MC-Suite gradient criteria (mcs-egs/ege/ego/egn).
 
 The collector's fields against a plain `loss.backward()` per sequence on tiny models (also with
---stream-layers); torchrun with 2 ranks and `stats merge` of two data shards against one run; each
-criterion on hand-made statistics with a known answer; a file without gradients gives a clear error."""
+--stream-layers); `--gradients accumulated` and each criterion of both forms against the paper's
+formulas computed directly from `loss.backward()` gradients; torchrun with 2 ranks and `stats merge`
+of two data shards against one run (an accumulated file is refused by merge, and exact under
+torchrun); each criterion on hand-made statistics with a known answer; a file without gradients gives
+a clear error."""
 
 from __future__ import annotations
 
@@ -90,8 +93,8 @@ def data(root: Path, rows: list[str]) -> Path:
 
 
 def run(src: Path, data: Path, out: Path, **kw) -> StatsFile:
-    args = {**RUN, **kw}
-    collect(src, [str(data)], out, device="cpu", dtype="float32", progress=False, gradients=True, **args)
+    args = {**RUN, "gradients": "per-sequence", **kw}
+    collect(src, [str(data)], out, device="cpu", dtype="float32", progress=False, **args)
     return StatsFile(out)
 
 
@@ -185,6 +188,69 @@ def test_matches_plain_backward(model_type: str, stream: bool, model, data: Path
         assert stats.get(layer, "grad_hidden_count")[0] == RUN["samples"] * 3 * 32  # holdout sequences excluded
 
 
+def _gradients(src: Path, ids: torch.Tensor, accumulated: bool) -> dict[int, list[np.ndarray]]:
+    """{layer: [G_(s,)i as [3I, H] stacked over experts]} per sequence, or one entry of the summed loss's gradient."""
+    model = load_model(src)
+    blocks = find_moe_blocks(model)
+    out: dict[int, list[np.ndarray]] = {layer: [] for layer in blocks}
+    groups = [ids] if accumulated else [row[None] for row in ids]
+    for rows in groups:
+        model.zero_grad(set_to_none=True)
+        sum((model(input_ids=r[None], labels=r[None]).loss * (r.numel() - 1)) for r in rows).backward()
+        for layer, block in blocks.items():
+            e_count = block.experts.gate_up_proj.shape[0]
+            mats = [_expert_matrices(block.experts, e, model.config.model_type) for e in range(e_count)]
+            out[layer].append(np.stack([np.concatenate(ms, axis=0) for ms in mats]))  # [E, 3I, H]
+    return out
+
+
+def paper_signals(grads: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """MC-Suite Eqs. 14-16 and Sec. 2.5 written out: one gradient per expert when `grads` has one entry (the
+    paper's accumulated form); with several (per sequence), sums of the per-sequence quantities as documented."""
+    flats = [g.reshape(g.shape[0], -1) for g in grads]
+    gram = sum(f @ f.T for f in flats)
+    norms = np.sqrt(np.diag(gram))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = gram / np.outer(norms, norms)
+    e = len(norms)
+    pooled = np.concatenate(grads, axis=1)  # [E, S*3I, H]: hidden dimension j's entries over sequences
+    return {
+        "mcs-egn": norms,
+        "mcs-egs": np.where(norms > 0, -(np.nansum(cos, axis=1) - 1.0) / (e - 1), -np.inf),  # no gradient: -inf
+        "mcs-ege": 0.5 * np.log(pooled.var(axis=1, ddof=1)).sum(axis=1),
+        "mcs-ego": sum((np.abs(f - f.mean(1, keepdims=True)) > 3 * f.std(1, keepdims=True)).sum(1) for f in flats),
+    }
+
+
+@pytest.mark.parametrize(("form", "stream"), [("accumulated", False), ("accumulated", True), ("per-sequence", False)],
+                         ids=["accumulated", "accumulated-stream-layers", "per-sequence"])
+def test_criteria_match_the_paper_formulas(form: str, stream: bool, model, data: Path, root: Path) -> None:
+    """Each gradient criterion on the collected file against its formula applied directly to the gradients of
+    `loss.backward()`: of the whole calibration set's summed loss (accumulated: the paper's), or per sequence."""
+    src = model("qwen3_moe")
+    out = root / f"signals-{form}-{stream}.safetensors"
+    stats = run(src, data, out, gradients=form, stream_layers=stream, samples=3, holdout=0, batch_size=2)
+    assert stats.calibration["gradients"] == form and stats.calibration["sampling"] == "packed"
+    grads = _gradients(src, main_ids(src, data, 3), form == "accumulated")
+    count = stats.get(stats.layers[0], "grad_hidden_count")[0]
+    assert count == (1 if form == "accumulated" else 3) * 3 * 32
+    for layer in stats.layers:
+        direct = paper_signals(grads[layer])
+        for name in EGS:
+            got = CRITERIA[name].layer_scores(LayerInput(layer, 8, stats=stats.layer(layer)))
+            np.testing.assert_allclose(got, direct[name], rtol=1e-5, atol=1e-9, err_msg=f"{name} layer {layer}")
+
+
+def test_accumulated_differs_from_per_sequence(model, data: Path, root: Path) -> None:
+    """The two forms are different signals on the same data (else the option would be pointless)."""
+    src = model("qwen3_moe")
+    acc = run(src, data, root / "acc.safetensors", gradients="accumulated", samples=3, holdout=0)
+    seq = run(src, data, root / "seq.safetensors", gradients="per-sequence", samples=3, holdout=0)
+    layer = acc.layers[0]
+    a, b = (CRITERIA["mcs-egs"].layer_scores(LayerInput(layer, 8, stats=s.layer(layer))) for s in (acc, seq))
+    assert not np.allclose(a, b, rtol=1e-3)
+
+
 def test_gradient_pass_leaves_the_model_unchanged(model, data: Path) -> None:
     src = model("qwen3_moe")
     m = load_model(src)
@@ -199,18 +265,23 @@ def test_gradient_pass_leaves_the_model_unchanged(model, data: Path) -> None:
 # 2. torchrun and `stats merge` against one run
 
 
-def test_torchrun_two_ranks_same_as_one_run(model, data: Path, root: Path) -> None:
-    src = model("qwen3_moe")
-    single = run(src, data, root / "single.safetensors", samples=3, holdout=0, batch_size=3)
-    out = root / "torchrun.safetensors"
+def _torchrun(src: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`collect` of 3 sequences on 2 CPU ranks (gloo)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
            "OMP_NUM_THREADS": str(torch.get_num_threads()), "GLOO_SOCKET_IFNAME": "lo"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "surgery.cli", "collect", str(src), "-d", str(data), "-o", str(out), "--samples", "3",
            "--holdout", "0", "--seq-len", str(SEQ), "--batch-size", "1", "--seed", str(RUN["seed"]),
-           "--device", "cpu", "--dtype", "float32", "--gradients"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+           "--device", "cpu", "--dtype", "float32", *extra]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_two_ranks_same_as_one_run(model, data: Path, root: Path) -> None:
+    src = model("qwen3_moe")
+    single = run(src, data, root / "single.safetensors", samples=3, holdout=0, batch_size=3)
+    out = root / "torchrun.safetensors"
+    proc = _torchrun(src, data, out, "--gradients")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert_same(StatsFile(out), as_expected(single), SAME_TOL)
     assert single.get(single.layers[0], "grad_hidden_count")[0] == 3 * 3 * 32  # 3 sequences x 3I (holdout excluded)
@@ -228,6 +299,24 @@ def test_merge_of_two_shards_same_as_one_run(model, rows: list[str], data: Path,
     result = cli("stats", "merge", *parts, "-o", out)
     assert result.exit_code == 0, result.output
     assert_same(StatsFile(out), as_expected(single), SAME_TOL)  # single ran batches of 2: sums over sequences
+
+
+def test_torchrun_accumulated_is_exact(model, data: Path, root: Path) -> None:
+    """Two ranks (2 + 1 sequences) all-reduce the summed gradient before its statistics: the same as one run."""
+    src = model("qwen3_moe")
+    single = run(src, data, root / "acc-single.safetensors", gradients="accumulated", samples=3, holdout=0)
+    out = root / "acc-torchrun.safetensors"
+    proc = _torchrun(src, data, out, "--gradients", "accumulated")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert StatsFile(out).calibration["gradients"] == "accumulated"
+    assert_same(StatsFile(out), as_expected(single), 1e-9)
+
+
+def test_merge_refuses_accumulated_gradients(model, data: Path, root: Path) -> None:
+    acc = run(model("qwen3_moe"), data, root / "acc-merge.safetensors", gradients="accumulated")
+    with pytest.raises(StatsError, match="accumulated gradient .* cannot be merged"):
+        merge([acc, acc])
+    assert merge([acc]).calibration["gradients"] == "accumulated"
 
 
 @pytest.fixture(scope="module")

@@ -360,6 +360,7 @@ def test_merge_calibration_and_holdout_rules(tmp_path: Path, model: Model) -> No
         "seq_len": 10,
         "seed": None,
         "holdout_sequences": 1,
+        "sampling": "packed",  # files from before the key were packed
     }
     assert not merged.has_holdout
     same = merge([a, a])
@@ -611,3 +612,11 @@ def test_docs_mcsuite_table_is_generated_from_schema() -> None:
     from stats_formats.schema import MCSUITE_FIELDS
 
     assert field_table_markdown(MCSUITE_FIELDS) in DOCS.read_text()
+
+
+@pytest.mark.parametrize(("key", "value"), [("sampling", "truncate"), ("gradients", True), ("gradients", "summed")])
+def test_optional_calibration_values_are_checked(key: str, value: object, model: Model, tensors: Tensors) -> None:
+    """calibration.sampling and calibration.gradients (absent in older files) take only their documented values."""
+    StatsFile.from_arrays(model, {**default_calibration(), "sampling": "documents"}, tensors)
+    with pytest.raises(StatsError, match=rf"metadata calibration.{key} is {value!r}, expected one of"):
+        StatsFile.from_arrays(model, {**default_calibration(), key: value}, tensors)

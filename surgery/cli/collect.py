@@ -29,10 +29,6 @@ from surgery.errors import UserError
 @click.option("--progressive-plan", "progressive_plan", type=FILE,
               help="Plan JSON (original ids): its layers are pruned in memory while collecting, so later layers see "
                    "the pruned model's inputs; their dropped experts get zero statistics. (Formerly --progressive.)")
-@click.option("--gradients", is_flag=True,
-              help="Also back-propagate each calibration sequence's next-token loss and store per-expert gradient "
-                   "statistics (for the mcs-egs/ege/ego/egn criteria); one extra forward and backward pass, "
-                   "one sequence at a time (with --stream-layers: one layer at a time, keeping every layer's inputs).")
 @click.option("--histogram", is_flag=True,
               help="Also store a log-grid histogram of every routed expert output value (for mcs-eao); "
                    "it bins each value, so it costs several times the other statistics on a GPU.")
@@ -43,8 +39,7 @@ from surgery.errors import UserError
 @overwrite_option
 @revision_option
 def collect(model: str, data: tuple[str, ...], output: Path, collecting: CollectOptions, seed: int, hidden_states: str,
-            progressive_plan: Path | None, gradients: bool, histogram: bool, merge_stats: bool,
-            overwrite: bool,
+            progressive_plan: Path | None, histogram: bool, merge_stats: bool, overwrite: bool,
             revision: str | None) -> None:
     """Run calibration text through MODEL (a folder or a Hub repo id) once and write its per-expert statistics file.
 
@@ -65,7 +60,7 @@ def collect(model: str, data: tuple[str, ...], output: Path, collecting: Collect
 
         progressive = read_plan_for(progressive_plan, model_dir)
     options = replace(collecting, seed=seed, hidden_states=hidden_states, progress=True, progressive=progressive,
-                      gradients=gradients, histogram=histogram, merge_stats=merge_stats)
+                      histogram=histogram, merge_stats=merge_stats)
     summary = run_collect(model_dir, list(data), output, options)
     if summary.rank == 0:
         for line in summary.lines():

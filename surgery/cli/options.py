@@ -200,6 +200,19 @@ eval_results_option = click.option(
     "--eval-results", type=FILE,
     help="JSON written by `moe-surgery eval --json` for this checkpoint: its perplexity and task scores go into the "
          "model card (a results table, and `model-index` metadata for task scores).")
+sampling_option = click.option(
+    "--sampling", type=click.Choice(["packed", "documents"]), default="packed", show_default=True,
+    help="How calibration text becomes sequences: packed = documents joined (EOS between) and cut into "
+         "consecutive windows; documents = one window per document of at least --seq-len tokens, at a seeded "
+         "random offset, no packing (the SparseGPT/Wanda sampler the papers use). Recorded in the statistics file.")
+gradients_option = click.option(
+    "--gradients", type=click.Choice(["per-sequence", "accumulated"]), is_flag=False, flag_value="per-sequence",
+    default=None,
+    help="Also back-propagate the calibration sequences' next-token loss and store per-expert gradient statistics "
+         "(mcs-egs/ege/ego/egn; prune: used by those criteria only): per-sequence (the value when the option is "
+         "given alone) sums each sequence's statistics and merges across files; accumulated takes them of the "
+         "gradient summed over all sequences (the paper's form; such files cannot be merged). One extra forward "
+         "and backward pass, one sequence at a time (with --stream-layers: one layer at a time).")
 
 # --- groups: several options in, one typed object out ------------------------------------------------------
 
@@ -224,10 +237,15 @@ def option_group(target: str, build: Callable[..., Any], *options: Callable) -> 
     return decorate
 
 
-# samples, seq_len, holdout, batch_size, device, dtype, stream_layers → CollectOptions (collect, prune -d)
+# samples, seq_len, holdout, batch_size, device, dtype, stream_layers, sampling, gradients → CollectOptions
+# (collect, prune -d)
 collect_options = option_group(
     "collecting", CollectOptions, samples_option, seq_len_option(2048), holdout_option, batch_size_option(4), device_option,
-    dtype_option, stream_layers_option)
+    dtype_option, stream_layers_option, sampling_option, gradients_option)
+# the calibration pass of `sparsify -d` (one layer at a time, no statistics file): the text-and-device subset
+calibration_options = option_group(
+    "collecting", CollectOptions, samples_option, seq_len_option(2048), batch_size_option(4), device_option,
+    dtype_option, sampling_option)
 
 
 def score_options(required: bool = False) -> Callable:

@@ -10,8 +10,8 @@ import click
 
 from surgery.architectures import supported
 from surgery.cli.options import (
-    FILE, TEXT, collect_options, data_option, eval_results_option, option_group, output_option, private_option,
-    revision_option,
+    COUNT, FILE, TEXT, collect_options, data_option, eval_results_option, option_group, output_option,
+    private_option, revision_option,
     score_options, stats_option, overwrite_option,
 )
 from surgery.pipeline.merge import METHODS, MergeOptions
@@ -26,11 +26,20 @@ rounds_options = option_group(
     click.option("--progressive", is_flag=True,
                  help="With -d: the rounds prune blocks of MoE layers top to bottom instead, each block scored with "
                       "the blocks above it pruned in memory while collecting."),
-    click.option("--heal-between", type=click.Choice(["local", "kd", "both"]),
-                 help="With --rounds: after each round's removal, heal against the checkpoint it was cut from "
-                      "(`heal` stages: layer-local fit, logits distillation, or both) before re-estimating."),
-    click.option("--heal-tokens", type=int, default=65536, show_default=True,
-                 help="With --heal-between: calibration tokens per round's heal."),
+    click.option("--heal-between", type=click.Choice(["local", "kd", "both", "lottery"]),
+                 help="With --rounds: after each round's removal, fine-tune before re-estimating: local, kd or both "
+                      "heal against the checkpoint it was cut from (`heal`'s stages: layer-local fit, logits "
+                      "distillation, or both); lottery is MC-Suite's MoE-Lottery (next-token cross-entropy on -d "
+                      "DATA, every weight, AdamW with cosine decay, batch 8, a fresh optimizer each round)."),
+    click.option("--heal-tokens", type=COUNT,
+                 help="With --heal-between: calibration tokens of round 1's fine-tune (then per --heal-schedule). "
+                      "Default: 65536 for local/kd/both, 200000 (MC-Suite's 0.2M) for lottery."),
+    click.option("--heal-lr", type=click.FloatRange(0, min_open=True),
+                 help="With --heal-between: peak learning rate of every round's fine-tune (local, kd, both: of each "
+                      "stage). Default: heal's (3e-4 local fit, 5e-4 distillation); lottery: 1e-6 (MC-Suite)."),
+    click.option("--heal-schedule", type=click.Choice(["constant", "doubling"]),
+                 help="With --heal-between: --heal-tokens in every round (constant), or doubling each round. "
+                      "Default: doubling for lottery (MC-Suite), constant otherwise."),
 )
 
 write_options = option_group(

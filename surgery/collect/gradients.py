@@ -9,6 +9,14 @@ cross-entropy with respect to expert i's gate, up and down matrices, and add its
 (stats_formats.schema.GRADIENT_FIELDS) over sequences. Sums over sequences do not depend on batches,
 ranks or data shards, so torchrun and `stats merge` are exact.
 
+`--gradients accumulated` is the paper's own form (Sec. 2.5): the gradients of all sequences are added
+first, G_i = sum_s G_{s,i} (the gradient of the whole calibration set's summed loss), and the same fields
+are taken of G_i once, as of a single sequence, so every criterion gives the paper's formula. One MoE
+layer's G_i is as large as its experts: with --stream-layers only the layer being walked holds one (during
+its step of the backward walk); with the model in memory every layer's is held beside the model until
+the pass ends. Under torchrun G_i is all-reduced before its statistics are taken, so it stays exact. A file of it cannot be merged with another
+(stats_formats.merge refuses).
+
 Two ways to get G_{s,i}, both plain autograd on one sequence at a time (parameters are never changed):
 the whole model in memory (`gradient_pass`), or one decoder layer at a time (`stream_gradients`):
 a forward sweep keeps every layer's inputs (HiddenStore: accelerator, RAM or disk), the loss is
@@ -37,6 +45,7 @@ from surgery.collect.progressive import RouterMask
 from surgery.model.streaming import HiddenStore, load_frame, load_params, record_calls
 
 OUTLIER_SIGMAS = 3.0  # MC-Suite's c
+FORMS = ("per-sequence", "accumulated")  # `collect --gradients FORM`; recorded as calibration.gradients
 
 Matrices = list[tuple[torch.nn.Parameter, int]]  # (fused expert matrix [E, a, b], its hidden axis)
 
@@ -49,18 +58,49 @@ def expert_matrices(experts: torch.nn.Module, spec: ArchSpec) -> Matrices:
 
 
 class GradientSums:
-    """Float64 sums of the gradient fields for one MoE layer, one sequence's gradients at a time."""
+    """Float64 sums of the gradient fields for one MoE layer, one sequence's gradients at a time; with
+    `accumulated`, the sequences' gradients are summed first and `finish` takes the fields of the sum."""
 
-    def __init__(self, matrices: Matrices, device: torch.device):
+    def __init__(self, matrices: Matrices, device: torch.device, accumulated: bool = False):
         (first, axis), (down, down_axis) = matrices
         num_experts, hidden, inter = first.shape[0], first.shape[axis], down.shape[3 - down_axis]
         self.device = torch.device(device)
         self.cd = torch.float64 if self.device.type == "cpu" else torch.float32  # as in LayerAccumulator
+        self.accumulated = accumulated
+        self.total: list[tuple[torch.Tensor, int]] | None = None  # sum_s G_{s,i} while accumulating
+        self.shapes = [(p.shape, axis) for p, axis in matrices]
         self.sums = {f.name: torch.zeros(field_shape(f.name, num_experts, hidden, inter), dtype=torch.float64,
                                          device=self.device) for f in GRADIENT_FIELDS}
 
     def add(self, grads: list[tuple[torch.Tensor, int]]) -> None:
         """G_{s,i} of one sequence, as (gradient of a fused matrix [E, a, b], its hidden axis) pairs."""
+        if not self.accumulated:
+            self._add_fields(grads)
+        elif self.total is None:
+            self.total = [(g.to(self.cd).clone(), axis) for g, axis in grads]
+        else:
+            for (t, _), (g, _) in zip(self.total, grads):
+                t += g.to(self.cd)
+
+    def finish(self) -> None:
+        """After the last sequence: combine across torch.distributed ranks (the fields for per-sequence
+        sums; the summed gradient itself when accumulated, whose fields are then taken once, on every rank)."""
+        import torch.distributed as dist
+
+        if not self.accumulated:
+            if dist.is_initialized():
+                for t in self.sums.values():
+                    dist.all_reduce(t)
+            return
+        total = self.total or [(torch.zeros(shape, dtype=self.cd, device=self.device), axis)
+                               for shape, axis in self.shapes]  # a rank without sequences adds zeros
+        if dist.is_initialized():
+            for t, _ in total:
+                dist.all_reduce(t)
+        self._add_fields(total)
+        self.total = None
+
+    def _add_fields(self, grads: list[tuple[torch.Tensor, int]]) -> None:
         s, cd = self.sums, self.cd
         gram = torch.zeros_like(s["grad_gram"], dtype=cd)
         hidden_sum = torch.zeros_like(s["grad_hidden_sum"], dtype=cd)
@@ -109,10 +149,10 @@ def _only_these_require_grad(model: torch.nn.Module, params: list[torch.nn.Param
 
 
 def gradient_pass(model: torch.nn.Module, spec: ArchSpec, batches: list[torch.Tensor], device: torch.device,
-                  progress: bool) -> dict[int, GradientSums]:
-    """Gradient statistics of every MoE layer of a model held in memory, one sequence at a time."""
+                  progress: bool, form: str = "per-sequence") -> dict[int, GradientSums]:
+    """Gradient statistics of every MoE layer of a model held in memory, one sequence at a time (`form`: FORMS)."""
     matrices = {b.layer: expert_matrices(b.experts, spec) for b in find_blocks(model, spec)}
-    sums = {layer: GradientSums(mats, device) for layer, mats in matrices.items()}
+    sums = {layer: GradientSums(mats, device, form == "accumulated") for layer, mats in matrices.items()}
     params = [p for mats in matrices.values() for p, _ in mats]
     with _only_these_require_grad(model, params), torch.enable_grad():
         for ids in tqdm(_sequences(batches), desc="Gradients", unit="seq", disable=not progress):
@@ -120,6 +160,8 @@ def gradient_pass(model: torch.nn.Module, spec: ArchSpec, batches: list[torch.Te
             grads = iter(torch.autograd.grad(sequence_loss(model(input_ids=ids, use_cache=False).logits, ids), params))
             for layer, mats in matrices.items():
                 sums[layer].add([(next(grads), axis) for _, axis in mats])
+    for layer_sums in sums.values():
+        layer_sums.finish()
     return sums
 
 
@@ -129,7 +171,7 @@ def gradient_pass(model: torch.nn.Module, spec: ArchSpec, batches: list[torch.Te
 
 def stream_gradients(model_dir: str, config, layout: MoELayout, batches: list[torch.Tensor], device, dtype,
                      masked: dict[int, list[int]], hidden_states: str = "auto", spill_dir: Path | None = None,
-                     progress: bool = True) -> dict[int, GradientSums]:
+                     progress: bool = True, form: str = "per-sequence") -> dict[int, GradientSums]:
     """Gradient statistics with one decoder layer in memory: forward sweep, loss at the top, backward walk."""
     from transformers import AutoModelForCausalLM
 
@@ -143,7 +185,8 @@ def stream_gradients(model_dir: str, config, layout: MoELayout, batches: list[to
     base, layers, prefix, text_config = load_frame(model, config, ckpt, layout, device, dtype)
     _load_head(model, ckpt, layout, device, dtype, tied)
     blocks = {b.layer: b for b in find_blocks(model, layout.spec)}
-    sums = {layer: GradientSums(expert_matrices(b.experts, layout.spec), device) for layer, b in blocks.items()}
+    sums = {layer: GradientSums(expert_matrices(b.experts, layout.spec), device, form == "accumulated")
+            for layer, b in blocks.items()}
     elem = torch.empty((), dtype=dtype).element_size()
     size = sum(ids.numel() for ids in sequences) * text_config.hidden_size * elem
 
@@ -248,4 +291,6 @@ def _backward_layer(layer: torch.nn.Module, calls: list[dict], inputs: HiddenSto
         if sums is not None:
             sums.add([(g, axis) for g, (_, axis) in zip(grads, mats)])
         bar.update(1)
+    if sums is not None:
+        sums.finish()  # while this layer's summed gradient is the only one held
     inputs.close()

@@ -12,9 +12,10 @@ class CollectOptions:
 
     `progressive` ({layer: kept expert ids}): those layers behave as pruned while collecting
     (see surgery.collect.progressive); their dropped experts get zero statistics.
-    `gradients`: also back-propagate each main sequence's loss and write the gradient fields
-    (see surgery.collect.gradients). `histogram`: also write `out_hist` (for mcs-eao). `merge_stats`: also
-    write the merging fields (for prune --merge hc-smoe / mc-smoe).
+    `gradients`: None, or "per-sequence" / "accumulated": also back-propagate each main sequence's loss
+    and write the gradient fields of each sequence's gradient, or of their sum (surgery.collect.gradients).
+    `histogram`: also write `out_hist` (for mcs-eao). `merge_stats`: also write the merging fields (for
+    prune --merge hc-smoe / mc-smoe). `sampling`: "packed" or "documents" (surgery.model.data.build_sequences).
     `device` / `dtype`: None or "auto" choose (cuda when present; bfloat16 on GPU, float32 on CPU).
     `holdout`: None = default_holdout(samples). `stream_layers`: True streams one decoder layer at a
     time, False loads the whole model, None ("auto") streams only when the model does not fit in the
@@ -33,9 +34,16 @@ class CollectOptions:
     hidden_states: str = "auto"
     progress: bool = True
     progressive: Mapping[int, list[int]] | None = None
-    gradients: bool = False
+    gradients: str | None = None
     histogram: bool = False
     merge_stats: bool = False
+    sampling: str = "packed"
+
+    def __post_init__(self) -> None:
+        if self.gradients not in (None, "per-sequence", "accumulated"):
+            raise ValueError(f"gradients={self.gradients!r}: use None, 'per-sequence' or 'accumulated'")
+        if self.sampling not in ("packed", "documents"):
+            raise ValueError(f"sampling={self.sampling!r}: use 'packed' or 'documents'")
 
 
 MAX_HOLDOUT = 32

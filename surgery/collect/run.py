@@ -114,14 +114,11 @@ def _finish_dist(owned: bool) -> None:
         dist.destroy_process_group()
 
 
-def _reduce(accs: dict[int, LayerAccumulator] | dict[int, GradientSums]) -> None:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return
-    for layer in sorted(accs):
-        for name, t in accs[layer].sums.items():
-            all_reduce_field(name, t)
+def _reduce(accs: dict[int, LayerAccumulator]) -> None:
+    if torch.distributed.is_initialized():
+        for layer in sorted(accs):
+            for name, t in accs[layer].sums.items():
+                all_reduce_field(name, t)
 
 
 @dataclass(frozen=True)
@@ -179,7 +176,7 @@ def collect(model_dir: str | Path, data: list[str], output: str | Path, options:
     setup = _setup(str(model_dir), options)
     calib = _calibration(setup, data, options)
     sums = _run(setup, calib, options, Path(output))
-    for accs in (sums.main, sums.held, sums.gradients):
+    for accs in (sums.main, sums.held):  # gradient sums are combined as they finish (GradientSums.finish)
         _reduce(accs)
     summary = _write(setup, calib, sums, data, options, output)
     _finish_dist(setup.owned)
@@ -217,7 +214,7 @@ def _calibration(setup: _Setup, data: list[str], options: CollectOptions) -> _Ca
     samples, holdout = options.samples, options.holdout
     tokenizer = load_tokenizer(setup.model_dir)
     seq_len = cap_seq_len(setup.layout.config, options.seq_len)
-    ids = build_sequences(list(data), tokenizer, samples + holdout, seq_len, options.seed).input_ids
+    ids = build_sequences(list(data), tokenizer, samples + holdout, seq_len, options.seed, options.sampling).input_ids
     n_main = min(samples, ids.shape[0])
     if holdout and ids.shape[0] < samples + holdout:
         # Text ran out: keep a share aside anyway so that `auto` still has held-out data.
@@ -283,7 +280,7 @@ def _run_streamed(setup: _Setup, calib: _Calibration, options: CollectOptions, t
     if options.gradients:
         grad_sums = stream_gradients(setup.model_dir, calib.config, layout, calib.batches, dev, setup.dtype,
                                      setup.masked, hidden_states=options.hidden_states, spill_dir=spill_dir,
-                                     progress=progress)
+                                     progress=progress, form=options.gradients)
     return main_accs, held_accs, grad_sums
 
 
@@ -312,7 +309,7 @@ def _run_loaded(setup: _Setup, calib: _Calibration, options: CollectOptions, tol
                     bar.update(b.numel())
         inst.restore()  # the gradient pass runs the model's own experts
         if options.gradients:
-            grad_sums = gradient_pass(model, spec, batches, dev, progress)
+            grad_sums = gradient_pass(model, spec, batches, dev, progress, options.gradients)
     finally:
         bar.close()
         mask.restore()
@@ -349,6 +346,8 @@ def _write(setup: _Setup, calib: _Calibration, sums: _Sums, data: list[str], opt
         "seq_len": calib.seq_len,
         "seed": int(options.seed),
         "holdout_sequences": calib.num_held if held_accs else 0,
+        "sampling": options.sampling,
+        **({"gradients": options.gradients} if options.gradients else {}),
     }
     processed = n_tokens + n_held
     calibration["timing"] = {  # this rank's run; optional, readers that do not know it ignore it

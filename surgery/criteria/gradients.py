@@ -4,7 +4,8 @@ The paper takes each signal of the gradient accumulated over the whole calibrati
 of a summed gradient cannot be merged across data shards or ranks, so the statistics file holds
 sums over calibration sequences of per-sequence statistics instead (stats_formats.schema,
 GRADIENT_FIELDS; G_{s,i} is sequence s's gradient for expert i's gate, up and down matrices). Each
-criterion below is the paper's formula applied to that: with one sequence it is the paper's exactly.
+criterion below is the paper's formula applied to that: with one sequence it is the paper's exactly, and
+so with `collect --gradients accumulated`, whose fields are those of the summed gradient taken once.
 - EGS: mean cosine to the other experts from the Gram K^g_ij = sum_s <G_{s,i}, G_{s,j}>;
 - EGE: 1/2 sum_j log v_ij, v_ij the variance of the entries of hidden dimension j pooled over sequences;
 - EGO: entries beyond mean +- 3 std of each G_{s,i}, counted per sequence and summed;

@@ -122,32 +122,37 @@ class CalibrationSet:
         }
 
 
+SAMPLING = ("packed", "documents")  # `collect --sampling`
+
+
 def build_sequences(
     paths: list[str],
     tokenizer,
     num_samples: int,
     seq_len: int,
     seed: int,
-    mode: str = "pack",
+    mode: str = "packed",
 ) -> CalibrationSet:
     """Calibration sequences from the documents of all paths, shuffled together by `seed`.
 
-    "pack": documents joined (EOS between) and cut into consecutive windows of seq_len.
-    "truncate": one sequence per document of at least seq_len tokens, cut to seq_len.
+    "packed": documents joined (EOS between) and cut into consecutive windows of seq_len.
+    "documents": one window of seq_len per document of at least seq_len tokens (shorter ones are
+    skipped), starting at a random offset drawn from `seed`: the sampler of SparseGPT and Wanda's C4
+    loader, which MoE-Pruner and the other pruning papers calibrate with; no window spans two documents.
     When the text runs out, fewer sequences are returned, recorded in `num_requested` and
     warned about.
     """
-    if mode not in ("pack", "truncate"):
-        raise ValueError(f"unknown mode {mode!r} (expected 'pack' or 'truncate')")
+    if mode not in SAMPLING:
+        raise ValueError(f"unknown sampling {mode!r} (expected one of {', '.join(SAMPLING)})")
     if num_samples < 1 or seq_len < 1:
         raise DataError(f"need at least one sample of at least one token (got {num_samples} x {seq_len})")
     docs = [doc for path in paths for doc in read_documents(path)]
     random.Random(seed).shuffle(docs)
     where = ", ".join(str(p) for p in paths)
-    if mode == "pack":
+    if mode == "packed":
         rows = _packed_rows(docs, tokenizer, num_samples, seq_len, where)
     else:
-        rows = _truncated_rows(docs, tokenizer, num_samples, seq_len, where)
+        rows = _document_rows(docs, tokenizer, num_samples, seq_len, where, random.Random(seed + 1))
     if len(rows) < num_samples:
         warnings.warn(
             f"{where}: text ran out after {len(rows)} of {num_samples} sequences of {seq_len} tokens",
@@ -176,18 +181,20 @@ def _packed_rows(docs: list[str], tokenizer, num_samples: int, seq_len: int, whe
     return [tokens[i * seq_len : (i + 1) * seq_len] for i in range(n)]
 
 
-def _truncated_rows(docs: list[str], tokenizer, num_samples: int, seq_len: int, where: str) -> list[list[int]]:
+def _document_rows(docs: list[str], tokenizer, num_samples: int, seq_len: int, where: str,
+                   rng: random.Random) -> list[list[int]]:
     rows, longest = [], 0
     for ids in _tokenize(docs, tokenizer):
         longest = max(longest, len(ids))
         if len(ids) >= seq_len:
-            rows.append(ids[:seq_len])
+            start = rng.randint(0, len(ids) - seq_len)
+            rows.append(ids[start:start + seq_len])
             if len(rows) == num_samples:
                 break
     if not rows:
         raise DataError(
             f"{where}: no document has {seq_len} tokens (longest: {longest}); "
-            "use a smaller --seq-len or pack mode"
+            "use a smaller --seq-len or --sampling packed"
         )
     return rows
 

@@ -24,6 +24,7 @@ from surgery.plan import Plan
 
 Echo = Callable[..., None]
 HEAL_STAGES = {"local": {"kd_steps": 0}, "kd": {"local_steps": 0}, "both": {}}  # --heal-between → heal() stages
+HEAL_TOKENS = 65536  # --heal-tokens of the heal stages; lottery's is MC-Suite's 0.2M (surgery.refine.heal.lottery)
 
 
 def _print(message: str, err: bool = False) -> None:
@@ -33,15 +34,20 @@ def _print(message: str, err: bool = False) -> None:
 @dataclass(frozen=True)
 class RoundsOptions:
     """Collect here instead of reading --stats: `data` text, in `rounds` steps (None: one), `progressive`
-    by layer blocks, healing between rounds (`heal_between`: local, kd or both; `heal_tokens` per round).
-    `work_dir`: where the temporary checkpoints go (default: inside the output's temporary folder)."""
+    by layer blocks, healing between rounds (`heal_between`: local, kd, both or lottery). `heal_tokens`
+    (round 1's), `heal_lr` and `heal_schedule` ("constant" or "doubling" tokens per round) default to the
+    mode's: HEAL_TOKENS, heal's learning rates and constant for local/kd/both; MC-Suite's 0.2M, 1e-6 and
+    doubling for lottery. `work_dir`: where the temporary checkpoints go (default: inside the output's
+    temporary folder)."""
 
     data: tuple[str, ...] = ()
     rounds: int | None = None
     progressive: bool = False
     heal_between: str | None = None
-    heal_tokens: int = 65536
+    heal_tokens: int | None = None
     work_dir: Path | None = None
+    heal_lr: float | None = None
+    heal_schedule: str | None = None
 
     @property
     def collecting(self) -> bool:
@@ -186,22 +192,40 @@ def _round_score(model_dir: Path, stats: Path | None, keep: int, *, scoring: Sco
     return score_plan(model_dir, stats, replace(scoring, ratio=None, keep=keep, global_rank=False))
 
 
-def between_rounds_healer(mode: str, data: tuple[str, ...], tokens: int, collect: CollectOptions, seed: int):
-    """The `--heal-between MODE` callback of surgery.pipeline.rounds: heal(student, teacher, out) → record,
-    kept light (`tokens` for each stage, no teacher samples)."""
-    from surgery.refine.heal.run import heal
+def between_rounds_healer(rounds: RoundsOptions, collect: CollectOptions, seed: int):
+    """The `--heal-between MODE` callback of surgery.pipeline.rounds: heal(student, teacher, out, round index)
+    → record, kept light for the heal stages (no teacher samples)."""
+    lottery = rounds.heal_between == "lottery"
+    schedule = rounds.heal_schedule or ("doubling" if lottery else "constant")
+    if lottery:
+        from surgery.refine.heal.lottery import ROUND1_TOKENS, LotteryOptions, lottery as run_lottery
 
-    return partial(_heal_round, heal=heal, data=list(data), tokens=tokens, collect=collect, seed=seed,
-                   stages=HEAL_STAGES[mode])
+        options = LotteryOptions(tokens=rounds.heal_tokens or ROUND1_TOKENS, seq_len=collect.seq_len,
+                                 device=collect.device, seed=seed, progress=False,
+                                 **({"lr": rounds.heal_lr} if rounds.heal_lr else {}))
+        return partial(_lottery_round, run=run_lottery, data=list(rounds.data), options=options, schedule=schedule)
+    from surgery.refine.heal.run import HealOptions, heal
+
+    lrs = {"lr": rounds.heal_lr, "local_lr": rounds.heal_lr} if rounds.heal_lr else {}
+    options = HealOptions(tokens=rounds.heal_tokens or HEAL_TOKENS, seq_len=collect.seq_len,
+                          batch_size=collect.batch_size, device=collect.device, seed=seed, synthesize=False,
+                          progress=False, **lrs, **HEAL_STAGES[rounds.heal_between])
+    return partial(_heal_round, heal=heal, data=list(rounds.data), options=options, schedule=schedule)
 
 
-def _heal_round(student: Path, teacher: Path, out: Path, *, heal, data: list[str], tokens: int,
-                collect: CollectOptions, seed: int, stages: dict) -> dict:
-    from surgery.refine.heal.run import HealOptions
+def _heal_round(student: Path, teacher: Path, out: Path, index: int, *, heal, data: list[str], options,
+                schedule: str) -> dict:
+    from surgery.refine.heal.lottery import round_tokens
 
-    return heal(student, teacher, data, out, HealOptions(tokens=tokens, kd_tokens=tokens, seq_len=collect.seq_len,
-                                                         batch_size=collect.batch_size, device=collect.device, seed=seed,
-                                                         synthesize=False, progress=False, **stages))
+    tokens = round_tokens(options.tokens, index, schedule)
+    return heal(student, teacher, data, out, replace(options, tokens=tokens, kd_tokens=tokens))
+
+
+def _lottery_round(student: Path, teacher: Path, out: Path, index: int, *, run, data: list[str], options,
+                   schedule: str) -> dict:
+    from surgery.refine.heal.lottery import round_tokens
+
+    return run(student, teacher, data, out, replace(options, tokens=round_tokens(options.tokens, index, schedule)))
 
 
 def prune_rounds(model_dir: Path, out_dir: Path, scoring: ScoreOptions, rounds: RoundsOptions,
@@ -214,7 +238,7 @@ def prune_rounds(model_dir: Path, out_dir: Path, scoring: ScoreOptions, rounds: 
     if rounds.heal_between is not None:
         if not rounds.rounds:
             raise UserError("--heal-between goes with --rounds N (it heals between rounds)")
-        heal = between_rounds_healer(rounds.heal_between, rounds.data, rounds.heal_tokens, collect, scoring.seed)
+        heal = between_rounds_healer(rounds, collect, scoring.seed)
     rewrite_kw = {"overwrite": write.overwrite, "hash_shards": write.hash_shards}
     if rounds.work_dir is not None:
         rewrite_kw["work_dir"] = rounds.work_dir

@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from surgery.architectures import resolve
@@ -39,8 +40,8 @@ NOVICE_STATS = "novice-stats.safetensors"  # the first round's statistics, kept 
 Scorer = Callable[[Path, Path | None, int], Plan]
 # (model_dir, statistics file to write, progressive plan or None) -> None
 Collector = Callable[[Path, Path, dict[int, list[int]] | None], None]
-# (pruned student, the checkpoint it was pruned from, output folder) -> the heal record
-Healer = Callable[[Path, Path, Path], dict]
+# (pruned student, the checkpoint it was pruned from, output folder, round index from 0) -> the heal record
+Healer = Callable[[Path, Path, Path, int], dict]
 
 
 @dataclass
@@ -161,7 +162,8 @@ def iterative(model_dir: Path, out_dir: Path | DerivedCheckpoint, *, rounds: int
             result.rounds.append(_round_entry(r, criterion, count, step))
             _keep_or_drop(stats, r, novices)
             if heal is not None:
-                current = _healed_checkpoint(current, step, tmp / f"round{r + 1}", heal, result, model_dir, tmp)
+                current = _healed_checkpoint(current, step, tmp / f"round{r + 1}", partial(heal, index=r), result,
+                                             model_dir, tmp)
             elif r + 1 < len(counts):
                 current = _next_checkpoint(model_dir, kept, tmp / f"round{r + 1}", current, result, tmp)
         result.keep = kept
@@ -308,7 +310,8 @@ def prune_in_rounds(model_dir: Path, out_dir: Path, *, data: list[str], rounds: 
     target = keep_count(shape.num_experts, shape.top_k, ratio=ratio, keep=keep)
     calibration: dict = {}
     # mcs-eg* read `collect --gradients`, mcs-eao `collect --histogram`
-    options = replace(collect_options, gradients=criterion in GRADIENT_SIGNALS, histogram=criterion == "mcs-eao")
+    gradients = (collect_options.gradients or "per-sequence") if criterion in GRADIENT_SIGNALS else None
+    options = replace(collect_options, gradients=gradients, histogram=criterion == "mcs-eao")
     collector = make_collector(data, options, seed, calibration) if crit.needs == "stats" or novices else None
     if heal is not None and (progressive_mode or novices):
         raise PlanError("--heal-between heals the checkpoints of plain --rounds: not with --progressive or --novices")
