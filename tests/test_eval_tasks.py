@@ -276,7 +276,7 @@ class RecordingApi:
         self.files: dict[str, bytes] = {}
 
     def create_repo(self, *args, **kwargs) -> None:
-        pass
+        """The repository exists for this fake: nothing to record."""
 
     def create_commit(self, repo_id: str, operations, **kwargs):
         from types import SimpleNamespace
