@@ -179,7 +179,7 @@ def part_a(args, steps: list[str]) -> None:
         shutil.rmtree(healed, ignore_errors=True)
         step(f"gpt-oss heal --kd-tokens {args.kd_tokens}", {"argv": [
             "heal", str(pruned), "--teacher", str(model), "-d", str(data), "-o", str(healed), "--kd-tokens",
-            str(args.kd_tokens), "--seq-len", str(args.seq_len), "--device", args.device],
+            str(args.kd_tokens), "--seq-len", str(args.seq_len), "--device", args.device, *args.heal_args.split()],
             "record": f"heal:{healed}"}, args.out)
     if not args.keep:
         shutil.rmtree(work)
@@ -269,6 +269,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--kd-tokens", type=int, default=1_000_000)
+    ap.add_argument("--heal-args", default="", help='More `heal` options, e.g. "--lora 16 --local-steps 0".')
     ap.add_argument("--ds-vocab", type=int, default=32768, help="DeepSeek-V3 vocabulary (published: 129280).")
     ap.add_argument("--steps", default=DEFAULT_STEPS, help=f"Comma-separated, from {', '.join(A_STEPS + B_STEPS)} "
                     f"(default: all but heal).")
