@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 20 on one GPU after the heal spill and the writer's read-ahead: heal --kd-steps 0's host peak on the
 # 7.5B random Qwen3-MoE, and prune --stats (25%) against cp -r with a cold page cache, three rounds.
-#   OUT=/tmp/o bash bench/issue20_device.sh
+#   OUT=/tmp/o bash bench/issue20_device.sh          # COLD=0 skips the cold-cache prune rounds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -9,6 +9,7 @@ OUT=${OUT:-/tmp/issue20_out}; W=${WORK:-/tmp/mg}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python bench/memory_gpu.py --workdir "$W" --steps stream,prune,heal --out "$OUT/memory_gpu-heal.json" | tee "$OUT/steps.jsonl"
 rm -rf "$W/healed"
+[ "${COLD:-1}" = 1 ] || exit 0  # COLD=0: the heal figures only
 M=$(ls -d "$W"/model-h*)
 cold() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 for i in 1 2 3; do
