@@ -1,0 +1,98 @@
+"""Decoding quantized weights with torch from their raw bytes (surgery.model.dequant, what the reader does
+on the device) is bit-identical to the host numpy dequantization (surgery.io.quantization.dequantize):
+every element code, every weight of every scheme in tests/quantized_models.py whole and per expert slab,
+and every quantized piece of a loaded model after its transforms and the cast to bf16."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from quantized_models import BUILDERS
+from surgery.architectures import resolve
+from surgery.io import Checkpoint
+from surgery.io.quant_formats import FP8_TABLES, unpack_e2m1
+from surgery.io.quantization import SCALE_SUFFIXES, dequantize, encoded, is_quantized
+from surgery.model.dequant import _e2m1, _floats, decode
+from surgery.model.load import fill_model
+from surgery.model.reader import _pread_into
+from surgery.model.weights import apply_transform, plain_config, plan_module
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().contiguous()
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()]).numpy()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("device-dequant")
+    return {scheme: build(root / scheme) for scheme, build in BUILDERS.items()}
+
+
+@pytest.mark.parametrize("dtype", sorted(FP8_TABLES))
+def test_every_fp8_code_equals_the_table(dtype: str) -> None:
+    codes = torch.arange(256, dtype=torch.uint8)
+    assert np.array_equal(_bits(_floats(codes, dtype, (256,))), FP8_TABLES[dtype].view(np.int32))
+
+
+def test_every_e2m1_byte_equals_the_table() -> None:
+    packed = torch.arange(256, dtype=torch.uint8).reshape(16, 16)
+    assert np.array_equal(_bits(_e2m1(packed)), unpack_e2m1(packed.numpy()).view(np.int32))
+
+
+def _raw(enc) -> dict[str, torch.Tensor]:
+    out = {}
+    for role, span in enc.parts.items():
+        out[role] = torch.empty(span.nbytes, dtype=torch.uint8)
+        _pread_into(span.file, span.begin, out[role].numpy())
+    return out
+
+
+def _weights(ckpt: Checkpoint) -> list[str]:
+    """Every quantized weight, named as `dequantize` takes it."""
+    return sorted({n.removesuffix("_blocks").removesuffix("_packed") for n in ckpt.weight_map
+                   if is_quantized(ckpt, n) and not n.endswith(SCALE_SUFFIXES)})
+
+
+@pytest.mark.parametrize("scheme", sorted(BUILDERS))
+def test_decode_equals_dequantize(scheme: str, checkpoints) -> None:
+    with Checkpoint(checkpoints[scheme]) as ckpt:
+        names = _weights(ckpt)
+        assert names
+        slabs = 0
+        for name in names:
+            whole = dequantize(ckpt, name)
+            indices = [None] + (list(range(whole.shape[0])) if whole.ndim > 2 else [])
+            slabs += len(indices) - 1
+            for index in indices:
+                enc = encoded(ckpt, name, index)
+                got = decode(enc, _raw(enc))
+                want = whole if index is None else dequantize(ckpt, name, index)
+                assert got.dtype == torch.float32 and tuple(got.shape) == want.shape, (name, index)
+                assert np.array_equal(_bits(got), want.view(np.int32)), (name, index)
+        if scheme in ("qwen3_fp8_fused", "gpt_oss_mxfp4"):
+            assert slabs  # fused experts are checked one slab at a time too
+
+
+@pytest.mark.parametrize("scheme", sorted(BUILDERS))
+def test_loaded_pieces_equal_host_dequantization(scheme: str, checkpoints) -> None:
+    """Through the planner and the reader: transforms (transpose, deinterleave) and the bf16 cast."""
+    path = checkpoints[scheme]
+    config = plain_config(AutoConfig.from_pretrained(path))
+    with Checkpoint(path) as ckpt:
+        layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        fill_model(model, config, ckpt, layout, torch.device("cpu"))
+        pieces = [p for p in plan_module(model, "", ckpt, layout, None) if p.quantized is not None]
+        assert pieces
+        for p in pieces:
+            host = torch.from_numpy(np.ascontiguousarray(dequantize(ckpt, p.quantized, p.index)))
+            want = apply_transform(host, p.transform).to(torch.bfloat16)
+            assert np.array_equal(_bits(p.target), _bits(want)), (p.quantized, p.index, p.transform)
+        assert any(p.transform for p in pieces) or scheme not in ("gpt_oss_mxfp4",)
