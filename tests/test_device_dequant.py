@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from quantized_models import BUILDERS
+from quantized_models import BUILDERS, _load, _save
 from surgery.architectures import resolve
 from surgery.io import Checkpoint
-from surgery.io.quant_formats import FP8_TABLES, unpack_e2m1
+from surgery.io.quant_formats import FP8_TABLES, quantize_nvfp4, unpack_e2m1
 from surgery.io.quantization import SCALE_SUFFIXES, dequantize, encoded, is_quantized
 from surgery.model.dequant import _e2m1, _floats, decode
 from surgery.model.load import fill_model
@@ -96,3 +96,33 @@ def test_loaded_pieces_equal_host_dequantization(scheme: str, checkpoints) -> No
             want = apply_transform(host, p.transform).to(torch.bfloat16)
             assert np.array_equal(_bits(p.target), _bits(want)), (p.quantized, p.index, p.transform)
         assert any(p.transform for p in pieces) or scheme not in ("gpt_oss_mxfp4",)
+
+
+def _with_extra(src: Path, out: Path, extra: dict[str, torch.Tensor]) -> Path:
+    config, tensors = _load(src)
+    return _save(out, config, {**tensors, **extra})
+
+
+def test_rare_layouts_equal_dequantize(checkpoints, tmp_path: Path) -> None:
+    """Layouts the tiny models do not have: fused NVFP4 (one global scale per expert), FP8 e5m2 codes with
+    e8m0 block scales and every code (NaN and inf included), BF16 block scales."""
+    gen = torch.Generator().manual_seed(1)
+    packed, scale, global_scale = quantize_nvfp4(torch.randn(3, 8, 32, generator=gen).numpy())
+    nvfp4 = _with_extra(checkpoints["qwen3_nvfp4"], tmp_path / "nvfp4", {
+        "model.extra.weight_packed": torch.from_numpy(packed), "model.extra.weight_global_scale":
+        torch.from_numpy(global_scale), "model.extra.weight_scale": torch.from_numpy(scale).view(torch.float8_e4m3fn)})
+    codes = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8, generator=gen)  # deepseek_fp8 blocks: 16 x 24
+    fp8 = _with_extra(checkpoints["deepseek_fp8"], tmp_path / "fp8", {
+        "model.e5m2.weight": codes.view(torch.float8_e5m2),
+        "model.e5m2.weight_scale_inv": torch.randint(110, 140, (3, 3, 3), dtype=torch.uint8,
+                                                     generator=gen).view(torch.float8_e8m0fnu),
+        "model.bf16.weight": codes[0].clone().view(torch.float8_e4m3fn),
+        "model.bf16.weight_scale_inv": torch.rand(3, 3, generator=gen).to(torch.bfloat16)})
+    for path, names in ((nvfp4, ["model.extra.weight"]), (fp8, ["model.e5m2.weight", "model.bf16.weight"])):
+        with Checkpoint(path) as ckpt:
+            for name in names:
+                whole = dequantize(ckpt, name)
+                for index in [None] + list(range(whole.shape[0]) if whole.ndim > 2 else []):
+                    enc = encoded(ckpt, name, index)
+                    want = whole if index is None else dequantize(ckpt, name, index)
+                    assert np.array_equal(_bits(decode(enc, _raw(enc))), want.view(np.int32)), (name, index)
