@@ -23,8 +23,11 @@ from surgery.model.reader import _pread_into
 from surgery.model.weights import apply_transform, plain_config, plan_module
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # on a GPU host: the CUDA kernels too
+
+
 def _bits(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().contiguous()
+    t = t.detach().cpu().contiguous()
     return t.view({4: torch.int32, 2: torch.int16}[t.element_size()]).numpy()
 
 
@@ -45,12 +48,21 @@ def test_every_e2m1_byte_equals_the_table() -> None:
     assert np.array_equal(_bits(_e2m1(packed)), unpack_e2m1(packed.numpy()).view(np.int32))
 
 
-def _raw(enc) -> dict[str, torch.Tensor]:
+def _raw(enc, device: str = "cpu") -> dict[str, torch.Tensor]:
     out = {}
     for role, span in enc.parts.items():
         out[role] = torch.empty(span.nbytes, dtype=torch.uint8)
         _pread_into(span.file, span.begin, out[role].numpy())
-    return out
+    return {role: t.to(device) for role, t in out.items()}
+
+
+def _same(got: torch.Tensor, want: np.ndarray, device: str) -> bool:
+    """Bit for bit; on CUDA NaNs only as NaNs (a CUDA product of a NaN drops its payload bits)."""
+    a, b = _bits(got), want.view(np.int32)
+    if device == "cpu":
+        return np.array_equal(a, b)
+    nan = np.isnan(want)
+    return np.array_equal(np.isnan(got.cpu().numpy()), nan) and np.array_equal(a[~nan], b[~nan])
 
 
 def _weights(ckpt: Checkpoint) -> list[str]:
@@ -59,8 +71,9 @@ def _weights(ckpt: Checkpoint) -> list[str]:
                    if is_quantized(ckpt, n) and not n.endswith(SCALE_SUFFIXES)})
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scheme", sorted(BUILDERS))
-def test_decode_equals_dequantize(scheme: str, checkpoints) -> None:
+def test_decode_equals_dequantize(scheme: str, device: str, checkpoints) -> None:
     with Checkpoint(checkpoints[scheme]) as ckpt:
         names = _weights(ckpt)
         assert names
@@ -71,16 +84,17 @@ def test_decode_equals_dequantize(scheme: str, checkpoints) -> None:
             slabs += len(indices) - 1
             for index in indices:
                 enc = encoded(ckpt, name, index)
-                got = decode(enc, _raw(enc))
+                got = decode(enc, _raw(enc, device))
                 want = whole if index is None else dequantize(ckpt, name, index)
                 assert got.dtype == torch.float32 and tuple(got.shape) == want.shape, (name, index)
-                assert np.array_equal(_bits(got), want.view(np.int32)), (name, index)
+                assert _same(got, want, device), (name, index)
         if scheme in ("qwen3_fp8_fused", "gpt_oss_mxfp4"):
             assert slabs  # fused experts are checked one slab at a time too
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scheme", sorted(BUILDERS))
-def test_loaded_pieces_equal_host_dequantization(scheme: str, checkpoints) -> None:
+def test_loaded_pieces_equal_host_dequantization(scheme: str, device: str, checkpoints) -> None:
     """Through the planner and the reader: transforms (transpose, deinterleave) and the bf16 cast."""
     path = checkpoints[scheme]
     config = plain_config(AutoConfig.from_pretrained(path))
@@ -88,7 +102,7 @@ def test_loaded_pieces_equal_host_dequantization(scheme: str, checkpoints) -> No
         layout = resolve(ckpt.config, ckpt.names(), str(ckpt.config_path))
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        fill_model(model, config, ckpt, layout, torch.device("cpu"))
+        fill_model(model, config, ckpt, layout, torch.device(device))
         pieces = [p for p in plan_module(model, "", ckpt, layout, None) if p.quantized is not None]
         assert pieces
         for p in pieces:
@@ -103,7 +117,8 @@ def _with_extra(src: Path, out: Path, extra: dict[str, torch.Tensor]) -> Path:
     return _save(out, config, {**tensors, **extra})
 
 
-def test_rare_layouts_equal_dequantize(checkpoints, tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_rare_layouts_equal_dequantize(device: str, checkpoints, tmp_path: Path) -> None:
     """Layouts the tiny models do not have: fused NVFP4 (one global scale per expert), FP8 e5m2 codes with
     e8m0 block scales and every code (NaN and inf included), BF16 block scales."""
     gen = torch.Generator().manual_seed(1)
@@ -125,4 +140,4 @@ def test_rare_layouts_equal_dequantize(checkpoints, tmp_path: Path) -> None:
                 for index in [None] + list(range(whole.shape[0]) if whole.ndim > 2 else []):
                     enc = encoded(ckpt, name, index)
                     want = whole if index is None else dequantize(ckpt, name, index)
-                    assert np.array_equal(_bits(decode(enc, _raw(enc))), want.view(np.int32)), (name, index)
+                    assert _same(decode(enc, _raw(enc, device)), want, device), (name, index)
