@@ -110,6 +110,7 @@ class WeightReader:
             p.target.copy_(apply_transform(decode(p.encoded, raw), p.transform))
 
     def _decode_cpu(self, p: Piece) -> None:
+        """A quantized piece on the CPU: its raw parts by positioned reads, decoded by the same torch code."""
         raw = {}
         for role, span in p.encoded.parts.items():
             raw[role] = torch.empty(span.nbytes, dtype=torch.uint8)
