@@ -296,10 +296,10 @@ def dequantize(ckpt: Checkpoint, name: str, index: int | None = None, scheme: Sc
 @dataclass(frozen=True)
 class Encoded:
     """A quantized weight (or one expert slab of it) as stored, for decoders that read the raw bytes
-    themselves (surgery.model.dequant, on the device): `kind` "fp8-block" | "fp8-channel" | "fp8-tensor" |
+    themselves (surgery.model.dequant, on the device): `form` "fp8-block" | "fp8-channel" | "fp8-tensor" |
     "nvfp4" | "mxfp4", and the spans of its parts: "codes", "scale", and "global_scale" (NVFP4)."""
 
-    kind: str
+    form: str
     parts: dict[str, Span]
     block: tuple[int, int] | None = None
     group: int | None = None

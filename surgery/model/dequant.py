@@ -53,17 +53,17 @@ def decode(enc: Encoded, raw: dict[str, torch.Tensor]) -> torch.Tensor:
     """float32 values of `enc` (storage orientation, rows = output features) from `raw`, the bytes of each of
     its parts as contiguous uint8 tensors on the device the result is wanted on."""
     codes = enc.parts["codes"]
-    if enc.kind.startswith("fp8-"):
+    if enc.form.startswith("fp8-"):
         weight = _floats(raw["codes"], codes.dtype, codes.shape)
         scale = raw["scale"]
         scale = _floats(scale, enc.parts["scale"].dtype, tuple(enc.parts["scale"].shape))
-        if enc.kind == "fp8-block":
+        if enc.form == "fp8-block":
             return _fp8_block(weight, scale, enc.block)
-        if enc.kind == "fp8-channel":
+        if enc.form == "fp8-channel":
             return weight * scale.reshape(*weight.shape[:-1], 1)
         return weight * scale.reshape(*weight.shape[:-2], 1, 1)
     packed = raw["codes"].reshape(codes.shape)
-    if enc.kind == "mxfp4":
+    if enc.form == "mxfp4":
         scales = _floats(raw["scale"], "F8_E8M0", enc.parts["scale"].shape)
         values = _e2m1(packed) * scales[..., None]
         return values.reshape(*codes.shape[:-2], codes.shape[-2] * 2 * codes.shape[-1])
