@@ -43,7 +43,13 @@ def _e2m1(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _fp8_block(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """weight [..., R, C] times its block's scale: broadcast over whole blocks, a repeated scale when the
+    edge blocks are ragged (the same float32 products either way)."""
     rows, cols = weight.shape[-2:]
+    (bm, bn), (sr, sc) = block, scale.shape[-2:]
+    if rows == sr * bm and cols == sc * bn:
+        blocks = weight.reshape(*weight.shape[:-2], sr, bm, sc, bn) * scale[..., :, None, :, None]
+        return blocks.reshape(weight.shape)
     s = scale.repeat_interleave(block[0], dim=-2)[..., :rows, :]
     s = s.repeat_interleave(block[1], dim=-1)[..., :cols]
     return weight * s
