@@ -37,6 +37,7 @@ or mis-shaped companion, or scales whose block size disagrees with the config, n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Collection
 
 import numpy as np
@@ -45,9 +46,9 @@ from surgery.io.checkpoint import Checkpoint
 from surgery.io.paths import show
 from surgery.io.quant_scheme import SUPPORTED, Scheme, scheme_for, scheme_of
 from surgery.io.quant_formats import FLOAT_DTYPES, FP8_TABLES, SCALE_DTYPES, decode_fp8, fp8_block, mxfp4, nvfp4
-from surgery.io.safetensors_file import CheckpointError, decode
+from surgery.io.safetensors_file import CheckpointError, SafetensorsFile, decode
 
-__all__ = ["SUPPORTED", "Scheme", "check_quantized", "companions", "dequantize", "is_quantized", "scheme_for",
+__all__ = ["SUPPORTED", "Encoded", "Scheme", "Span", "check_quantized", "encoded", "companions", "dequantize", "is_quantized", "scheme_for",
            "scheme_of", "stored_form", "values_shape"]
 
 # ---------------------------------------------------------------------------------------------
@@ -84,18 +85,33 @@ def _where(ckpt: Checkpoint, name: str) -> str:
     return show(ckpt.file_of(name).path)
 
 
-def _raw(ckpt: Checkpoint, name: str, index: int | None) -> tuple[bytes, str, tuple[int, ...]]:
-    """A tensor's bytes (or those of its `index`-th slab along axis 0), its dtype and that part's shape."""
+@dataclass(frozen=True)
+class Span:
+    """Where a stored tensor (or its slab `index` of axis 0) lies: file, byte range, dtype, shape."""
+
+    file: SafetensorsFile
+    begin: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def _span(ckpt: Checkpoint, name: str, index: int | None) -> Span:
     info = ckpt.info(name)
     f = ckpt.file_of(name)
     if index is None:
-        return f.read_bytes(name), info.dtype, info.shape
+        return Span(f, info.begin, info.nbytes, info.dtype, tuple(info.shape))
     if not info.shape or not 0 <= index < info.shape[0]:
         raise CheckpointError(f"{_where(ckpt, name)}: tensor {name!r} of shape {list(info.shape)} has no "
                               f"slab {index} on axis 0")
     step = info.nbytes // info.shape[0]
-    begin = info.begin + index * step
-    return f.read_range(begin, begin + step), info.dtype, info.shape[1:]
+    return Span(f, info.begin + index * step, step, info.dtype, tuple(info.shape[1:]))
+
+
+def _raw(ckpt: Checkpoint, name: str, index: int | None) -> tuple[bytes, str, tuple[int, ...]]:
+    """A tensor's bytes (or those of its `index`-th slab along axis 0), its dtype and that part's shape."""
+    span = _span(ckpt, name, index)
+    return span.file.read_range(span.begin, span.begin + span.nbytes), span.dtype, span.shape
 
 
 def _check_dtype(ckpt: Checkpoint, name: str, allowed: tuple[str, ...], role: str) -> None:
@@ -275,6 +291,45 @@ def dequantize(ckpt: Checkpoint, name: str, index: int | None = None, scheme: Sc
     if dtype in ("F8_E4M3", "F8_E5M2"):
         return _dequant_fp8(ckpt, name, index, scheme)
     return _numbers(ckpt, name, index, FLOAT_DTYPES, "tensor")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A quantized weight (or one expert slab of it) as stored, for decoders that read the raw bytes
+    themselves (surgery.model.dequant, on the device): `form` "fp8-block" | "fp8-channel" | "fp8-tensor" |
+    "nvfp4" | "mxfp4", and the spans of its parts: "codes", "scale", and "global_scale" (NVFP4)."""
+
+    form: str
+    parts: dict[str, Span]
+    block: tuple[int, int] | None = None
+    group: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.parts.values())
+
+
+def encoded(ckpt: Checkpoint, name: str, index: int | None = None) -> Encoded:
+    """Where quantized weight `name` (named as `dequantize` takes it; `index`: one slab of axis 0) and its
+    companions lie, checked from the headers alone with the same one-line errors as `dequantize`."""
+    scheme = scheme_for(ckpt)
+    names = ckpt.weight_map
+    base = name.removesuffix("_blocks")
+    if f"{base}_blocks" in names and base not in names:
+        blocks_name, scales_name = _mxfp4_parts(ckpt, base, scheme)
+        return Encoded("mxfp4", {"codes": _span(ckpt, blocks_name, index), "scale": _span(ckpt, scales_name, index)})
+    if name.endswith(".weight_packed") or (name.endswith(".weight") and name not in names
+                                            and f"{name}_packed" in names):
+        packed_name, scale_name, gs_name, group = _nvfp4_parts(ckpt, name.rsplit(".", 1)[0], scheme)
+        fused = len(ckpt.info(packed_name).shape) > 2
+        parts = {"codes": _span(ckpt, packed_name, index), "scale": _span(ckpt, scale_name, index),
+                 "global_scale": _span(ckpt, gs_name, index if fused else None)}
+        return Encoded("nvfp4", parts, group=group)
+    if name not in names or ckpt.info(name).dtype not in ("F8_E4M3", "F8_E5M2"):
+        raise CheckpointError(f"{show(ckpt.dir)}: tensor {name!r} is not stored quantized")
+    scale_name, layout = fp8_scale(ckpt, name, scheme)
+    parts = {"codes": _span(ckpt, name, index), "scale": _span(ckpt, scale_name, index)}
+    return Encoded(f"fp8-{layout}", parts, block=scheme.block if layout == "block" else None)
 
 
 def is_quantized(ckpt: Checkpoint, name: str) -> bool:

@@ -5,21 +5,21 @@ on the CPU straight into the destination tensor's memory when dtypes agree; on a
 small ring of pinned host buffers and asynchronous copies on a side stream (`fill` returns a CUDA event
 the compute stream waits on). `WeightReader.submit` runs `fill` on a background thread, so the next
 decoder layer is read while the current one computes (surgery.model.streaming). Quantized pieces are
-dequantized on the host by a pool of threads (numpy releases the GIL), one tensor or expert each, in order.
+read the same way as raw bytes (their codes and scales, 0.5-1 byte per value) and decoded on the device
+by torch (surgery.model.dequant), a batch of at most `QUANT_BATCH_BYTES` of codes at a time.
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from surgery.errors import UserError
 from surgery.io.safetensors_file import SafetensorsFile
+from surgery.model.dequant import decode
 from surgery.model.weights import TORCH_DTYPES, Piece, apply_transform
 
 
@@ -33,7 +33,7 @@ def _pread_into(file: SafetensorsFile, begin: int, buf: np.ndarray) -> None:
         pos += n
 
 
-DEQUANT_WORKERS = max(1, min(16, os.cpu_count() or 1))
+QUANT_BATCH_BYTES = 1 << 30  # raw codes staged on the device at once (a layer's experts in a few batches)
 
 
 def _bytes_of(t: torch.Tensor) -> np.ndarray:
@@ -51,7 +51,6 @@ class WeightReader:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self._pool: ThreadPoolExecutor | None = None
-        self._dequant: ThreadPoolExecutor | None = None
         if self.cuda:
             self.stream = torch.cuda.Stream(self.device)
             self.ring = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
@@ -69,8 +68,8 @@ class WeightReader:
             for p in pieces:
                 if p.quantized is None:
                     self._fill_cpu(p)
-            for p, value in self._dequantized(pieces):
-                p.target.copy_(value)
+                else:
+                    self._decode_cpu(p)
             return None
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             if after is not None:
@@ -82,33 +81,41 @@ class WeightReader:
                 dest = p.target if p.direct else torch.empty(p.info.shape, dtype=TORCH_DTYPES[p.info.dtype],
                                                              device=self.device)
                 staged.append((p, dest))
-            self._to_device([(p, dest) for p, dest in staged])
+            self._to_device([(p.file, p.info.begin, p.info.nbytes, dest) for p, dest in staged])
             for p, dest in staged:
                 if dest is not p.target:
                     p.target.copy_(apply_transform(dest, p.transform))
-            for p, value in self._dequantized(pieces):  # converted to the target's dtype on the device
-                p.target.copy_(value.to(self.device))
+            batch: list[Piece] = []
+            size = 0
+            for p in pieces:
+                if p.quantized is not None:
+                    batch.append(p)
+                    size += p.encoded.nbytes
+                    if size >= QUANT_BATCH_BYTES:
+                        self._decode_cuda(batch)
+                        batch, size = [], 0
+            self._decode_cuda(batch)
             done = torch.cuda.Event()
             done.record(self.stream)
         return done
 
-    def _dequantized(self, pieces: list[Piece]) -> Iterator[tuple[Piece, torch.Tensor]]:
-        """(piece, float32 host value) of each quantized piece in order, computed on worker threads with at
-        most two per worker in flight (each one tensor or one expert), so host memory stays bounded."""
-        todo = [p for p in pieces if p.quantized is not None]
-        if not todo:
-            return
-        if self._dequant is None:
-            self._dequant = ThreadPoolExecutor(max_workers=DEQUANT_WORKERS, thread_name_prefix="moe-surgery-dequant")
-        ahead: deque[tuple[Piece, Future]] = deque()
-        for p in todo:
-            ahead.append((p, self._dequant.submit(p.dequantized)))
-            if len(ahead) >= 2 * DEQUANT_WORKERS:
-                q, future = ahead.popleft()
-                yield q, future.result()
-        while ahead:
-            q, future = ahead.popleft()
-            yield q, future.result()
+    def _decode_cuda(self, batch: list[Piece]) -> None:
+        """Quantized pieces' codes and scales to the device as bytes (through the ring), then decoded there
+        into their targets, all queued on the side stream (staging freed in stream order)."""
+        raws = [{role: torch.empty(span.nbytes, dtype=torch.uint8, device=self.device)
+                 for role, span in p.encoded.parts.items()} for p in batch]
+        self._to_device([(span.file, span.begin, span.nbytes, raw[role])
+                         for p, raw in zip(batch, raws) for role, span in p.encoded.parts.items()])
+        for p, raw in zip(batch, raws):
+            p.target.copy_(apply_transform(decode(p.encoded, raw), p.transform))
+
+    def _decode_cpu(self, p: Piece) -> None:
+        """A quantized piece on the CPU: its raw parts by positioned reads, decoded by the same torch code."""
+        raw = {}
+        for role, span in p.encoded.parts.items():
+            raw[role] = torch.empty(span.nbytes, dtype=torch.uint8)
+            _pread_into(span.file, span.begin, raw[role].numpy())
+        p.target.copy_(apply_transform(decode(p.encoded, raw), p.transform))
 
     def _fill_cpu(self, p: Piece) -> None:
         if p.direct:
@@ -118,16 +125,16 @@ class WeightReader:
         _pread_into(p.file, p.info.begin, _bytes_of(staged))
         p.target.copy_(apply_transform(staged, p.transform))
 
-    def _to_device(self, work: list[tuple[Piece, torch.Tensor]]) -> None:
-        """Each piece's bytes into its `dest` (contiguous, on the device) through the pinned ring, a wave of
-        `slots` chunks at a time: the wave's reads run in parallel threads (positioned reads release the
-        GIL; one thread cannot keep up with the copy engine), then its copies are queued in order."""
+    def _to_device(self, work: list[tuple[SafetensorsFile, int, int, torch.Tensor]]) -> None:
+        """Each (file, begin, nbytes, dest) byte range into `dest` (contiguous, on the device) through the
+        pinned ring, a wave of `slots` chunks at a time: the wave's reads run in parallel threads (positioned
+        reads release the GIL; one thread cannot keep up with the copy engine), then its copies are queued."""
         chunks = []
-        for p, dest in work:
+        for file, begin, nbytes, dest in work:
             flat = dest.reshape(-1).view(torch.uint8)
-            for pos in range(0, p.info.nbytes, self.slot_bytes):
-                n = min(self.slot_bytes, p.info.nbytes - pos)
-                chunks.append((p.file, p.info.begin + pos, flat[pos:pos + n]))
+            for pos in range(0, nbytes, self.slot_bytes):
+                n = min(self.slot_bytes, nbytes - pos)
+                chunks.append((file, begin + pos, flat[pos:pos + n]))
         slots = len(self.ring)
         for first in range(0, len(chunks), slots):
             wave = chunks[first:first + slots]
@@ -168,9 +175,6 @@ class WeightReader:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        if self._dequant is not None:
-            self._dequant.shutdown(wait=True)
-            self._dequant = None
         if self.cuda:
             self.stream.synchronize()
             self._readers.shutdown(wait=True)

@@ -6,10 +6,10 @@ facts (in-memory renames, per-expert vs fused on disk, fused orientation): nothi
 `surgery.model.reader.WeightReader` then reads those byte ranges onto the device.
 
 Quantized checkpoints (surgery.io.quantization: FP8 block/channel/tensor, NVFP4, MXFP4) are read
-dequantized: a parameter whose on-disk tensor is quantized becomes a piece that `dequantize`s its
-tensor (with its scales) to float32 on the host, one tensor or one expert at a time, and copies it into
-the target in the model's dtype with the same transforms as the unquantized path. The host memory this
-takes is one expert's (or one attention matrix's) float32 values, never the model's.
+dequantized: a parameter whose on-disk tensor is quantized becomes a piece (one tensor, or one expert of
+a fused tensor) carrying where its codes and scales lie (`Encoded`); the reader copies those raw bytes to
+the target's device and decodes them there (surgery.model.dequant), then applies the same transforms as
+the unquantized path and casts to the model's dtype. The host holds only raw codes in flight.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from surgery.architectures import MoELayout
 from surgery.architectures.expert_math import FUSED_DOWN, FUSED_GATE_UP, ROLE_PATTERNS, memory_fused
 from surgery.errors import UserError
 from surgery.io import Checkpoint
-from surgery.io.quantization import companions, dequantize, is_quantized
+from surgery.io.quantization import Encoded, companions, encoded, is_quantized
 from surgery.io.safetensors_file import SafetensorsFile, TensorInfo
 
 TORCH_DTYPES = {
@@ -44,8 +44,8 @@ class Piece:
     ("t": swap the last two axes; "deinterleave": gate = rows ::2, up = rows 1::2, stacked as halves).
 
     A quantized tensor has `quantized` set: the weight's name as `dequantize` takes it (`W.weight`, or the
-    MXFP4 parameter `X`), with `index` the expert slab of a fused tensor (None: the whole tensor) and `ckpt`
-    the checkpoint it is read from; `file`/`info` are then those of its stored codes (for ordering only)."""
+    MXFP4 parameter `X`), with `index` the expert slab of a fused tensor (None: the whole tensor) and
+    `encoded` where its codes and scales lie; `file`/`info` are then those of its stored codes."""
 
     target: torch.Tensor
     file: SafetensorsFile
@@ -53,18 +53,13 @@ class Piece:
     transform: tuple[str, ...] = ()
     quantized: str | None = None
     index: int | None = None
-    ckpt: Checkpoint | None = None
+    encoded: Encoded | None = None
 
     @property
     def direct(self) -> bool:
         """Bytes can go straight into the target's memory."""
         return (self.quantized is None and not self.transform and self.target.dtype == TORCH_DTYPES.get(self.info.dtype)
                 and self.target.is_contiguous() and tuple(self.target.shape) == tuple(self.info.shape))
-
-    def dequantized(self) -> torch.Tensor:
-        """A quantized piece's float32 value on the host, transformed to the target's shape."""
-        value = dequantize(self.ckpt, self.quantized, self.index)
-        return apply_transform(torch.from_numpy(np.ascontiguousarray(value)), self.transform)
 
 
 def _stored(ckpt: Checkpoint, name: str) -> bool:
@@ -132,7 +127,8 @@ def _quantized_piece(ckpt: Checkpoint, name: str, target: torch.Tensor, transfor
         raise StreamingError(f"{ckpt.dir}: {name} dequantizes to shape {list(shape)}, the model expects "
                              f"{list(target.shape)}")
     stored = _codes_name(ckpt, name)
-    return Piece(target, ckpt.file_of(stored), ckpt.info(stored), transform, quantized=name, index=index, ckpt=ckpt)
+    return Piece(target, ckpt.file_of(stored), ckpt.info(stored), transform, quantized=name, index=index,
+                 encoded=encoded(ckpt, name, index))
 
 
 def _mxfp4_transform(transform: tuple[str, ...]) -> tuple[str, ...]:
@@ -143,7 +139,7 @@ def _mxfp4_transform(transform: tuple[str, ...]) -> tuple[str, ...]:
 
 def _pieces(ckpt: Checkpoint, name: str, target: torch.Tensor, transform: tuple[str, ...] = ()) -> list[Piece]:
     """The pieces filling `target` from on-disk `name`: one, or one per expert (axis 0) for a quantized
-    tensor with more than two axes (fused experts), so one expert at a time is dequantized in host memory."""
+    tensor with more than two axes (fused experts), so one expert at a time is decoded."""
     if not _quantized(ckpt, name):
         return [_piece(ckpt, name, target, transform)]
     if _codes_name(ckpt, name).endswith("_blocks"):
