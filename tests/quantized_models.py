@@ -27,7 +27,14 @@ from typing import Callable
 
 import torch
 from safetensors.torch import load_file
-from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+try:
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+except ImportError:  # transformers before 5.2x (the GPU image): the same block-scale formula written out
+    def _dequantize_fp8_weight(weight: torch.Tensor, scale: torch.Tensor, block: list[int],
+                               dtype: torch.dtype) -> torch.Tensor:
+        rows, cols = weight.shape[-2:]
+        full = scale.float().repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)[..., :rows, :cols]
+        return (weight.float() * full).to(dtype)
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 import surgery.io.quant_formats as qf

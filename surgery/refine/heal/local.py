@@ -88,13 +88,17 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: dict[
 
 def fit_block(block: torch.nn.Module, params: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor],
               x: torch.Tensor, y: torch.Tensor, held: tuple[torch.Tensor, torch.Tensor], *, steps: int, lr: float,
-              batch_tokens: int, generator: torch.Generator, check_every: int = 25) -> tuple[list[float], float, int]:
+              batch_tokens: int, generator: torch.Generator, check_every: int | None = None
+              ) -> tuple[list[float], float, int]:
     """Adam on the relative MSE between block(x) and y over random token minibatches.
 
-    The held-out error is measured every `check_every` steps and the block ends in its best state
-    (step 0 = unchanged): early stopping, since a few thousand routed tokens per expert overfit fast.
+    The held-out error is measured every `check_every` steps (default: 20 checks per fit, at most 25 steps
+    apart) and the block ends in its best state (step 0 = unchanged): early stopping, since a few thousand
+    routed tokens per expert overfit fast. On a 7.5B model with 15K tokens the held-out error had already
+    risen by step 25 in every layer, so a check only every 25 steps kept the starting state every time.
     Returns (losses, best held-out error, step it was reached at).
     """
+    check_every = check_every or max(1, min(25, steps // 20))
     opt = torch.optim.Adam(params.values(), lr=lr)
     scale = float((y.float() ** 2).mean()) or 1.0
     best_error, best_step = relative_error(block, *held), 0
@@ -249,8 +253,9 @@ def _walk(result: LocalResult, prefetcher: LayerPrefetcher, t_layers, s_layers, 
                 with torch.no_grad():
                     for b, (xb, m) in enumerate(zip(student_io.x, mids)):
                         s_store.put(b, (m + block_output(block, xb).to(m.dtype)).reshape(shapes[b]))
-            bar.set_postfix(layer=i, error=f"{result.layers[i]['held_out_error_before']:.3f}"
-                                           f"->{result.layers[i]['held_out_error_after']:.3f}")
+            done = result.layers[i]
+            bar.set_postfix(layer=i, error=f"{done['held_out_error_before']:.3f}->{done['held_out_error_after']:.3f}"
+                                           + (" (start kept: held-out error rose)" if done.get("best_step") == 0 else ""))
         s_layer.to("meta")
         bar.update(1)
     bar.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch.nn.utils import parametrize
@@ -55,9 +56,36 @@ class ExpertLoRA(torch.nn.Module):
 
 
 def merge_weight(weight: torch.Tensor, adapter: ExpertLoRA) -> torch.Tensor:
-    """The merged weight in float32 on the CPU: W + scale * B @ A."""
+    """The merged weight in float32, on the weight's device: W + scale * B @ A."""
     with torch.no_grad():
-        return (weight.float() + adapter.delta().float()).to("cpu")
+        return weight.float() + adapter.delta().float()
+
+
+class MergedValues(Mapping[str, torch.Tensor]):
+    """{in-memory parameter name: merged float32 value}, each computed on the device when read: the write
+    takes a layer at a time, so the host never holds the whole merged model (23 GiB for a 7.5B student)."""
+
+    def __init__(self, lora: LoRABlocks):
+        self._lora = lora
+        self._names = [*lora.adapters, *(n for n in lora.params if not n.endswith((".lora_A", ".lora_B")))]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._lora.adapters:
+            block_name, pname = name.split(".experts.")
+            experts = self._lora.blocks[block_name].experts
+            return merge_weight(experts.parametrizations[pname].original, self._lora.adapters[name])
+        if name not in self._names:
+            raise KeyError(name)
+        return self._lora.params[name].detach().float().clone()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names  # Mapping's own would compute the value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def _adapted(forward, *args, **kwargs):
@@ -112,17 +140,9 @@ class LoRABlocks:
         for block in self.blocks.values():
             block.get_submodule(self.router_module).float()
 
-    def merged(self) -> dict[str, torch.Tensor]:
-        """{in-memory parameter name: merged float32 value on the CPU}: expert weights and router rows."""
-        out = {}
-        for name, adapter in self.adapters.items():
-            block_name, pname = name.split(".experts.")
-            experts = self.blocks[block_name].experts
-            out[name] = merge_weight(experts.parametrizations[pname].original, adapter)
-        for name, p in self.params.items():
-            if not name.endswith((".lora_A", ".lora_B")):
-                out[name] = p.detach().to("cpu", torch.float32).clone()
-        return out
+    def merged(self) -> MergedValues:
+        """Expert weights and router rows as trained, merged when read (float32, on the device)."""
+        return MergedValues(self)
 
     def merge_in_place(self) -> None:
         """Write the merged weights into the modules and drop the adapters (forward as trained, plain parameters)."""
