@@ -4,6 +4,8 @@
 #   OUT=$OUT FIXTURE=gpu/fixture NAME=even STEPS=collect,timing,mc DEADLINE=540 bash bench/device_mc.sh
 # carry: gpu/fixture (a copy of a fixture) and bench/work/gpu-bundle.tar.xz (bench/gpu_bundle.sh: lm_eval and
 # the packages the image lacks, the task of bench/mc_task.py, data/calib and data/eval).
+# STEPS is a comma list; steps joined by + run side by side (collect,timing,mc+heal,recipe: the MC evaluation
+# leaves the GPU mostly idle, so the heals run beside it; recipe waits for heal and may not be in a + group).
 # Steps run in the order given; one is skipped ("skipped: deadline") when fewer seconds of DEADLINE are left
 # than it needs (its time in an earlier call on this machine, else NEED_<STEP>), and everything stops at
 # DEADLINE. State lives in $TMPROOT/devmc-NAME: a later call on the same warm machine reuses statistics,
@@ -51,10 +53,17 @@ unpack() {  # the bundle into $W, once per bundle
       [[ $DEVICE == cuda* ]] && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
       python3 -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)"
     } >> $S/env.txt 2>&1
-    if python3 -c "import datasets; from lm_eval.models.huggingface import HFLM" >> $S/env.txt 2>&1; then
-        LM_EVAL=1; echo "lm_eval imports" >> $S/env.txt
+    # lm_eval, datasets 5.2 and the image's pyarrow/fsspec/huggingface_hub: import them and read one task's data
+    if python3 -c "from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import get_task_dict
+from surgery.eval.tasks import resolve_tasks, task_cache
+with task_cache() as cache:
+    tasks, manager = resolve_tasks(['$W/mc-task/mc_code.yaml'], cache)
+    print('lm_eval reads the task:', len(list(next(iter(get_task_dict(tasks, manager).values())).eval_docs)), 'items')
+" 2>&1 | grep -v examples/s >> $S/env.txt; [ ${PIPESTATUS[0]} = 0 ]; then
+        LM_EVAL=1
     else
-        LM_EVAL=0; echo "lm_eval does NOT import: accuracy skipped, perplexity only" >> $S/env.txt
+        LM_EVAL=0; echo "lm_eval does NOT work here: accuracy skipped, perplexity only" >> $S/env.txt
     fi
 }
 mc_jobs() {  # mc_jobs PREFIX "LABEL[=FOLDER]"... -- MC_QUALITY_ARGS...: one bench/mc_quality.py per label
@@ -127,7 +136,7 @@ wait_heal() {  # wait_heal RUN...: wait for these heals; fails when one did not 
 step_heal() {
     heal_inputs || return
     start_heal healed 0.25; start_heal healed 0.5
-    [[ ,$STEPS, == *,recipe,* ]] && start_heal moe-pruner 0.25 --recipe moe-pruner
+    [[ ,${STEPS//+/,}, == *,recipe,* ]] && start_heal moe-pruner 0.25 --recipe moe-pruner
     local rc=0 specs=() r
     wait_heal healed-0.25 healed-0.5 || rc=1
     for r in 0.25 0.5; do [ -f $S/healed-$r/pruning.json ] && specs+=("healed reap $r=$S/healed-$r"); done
@@ -154,16 +163,19 @@ json.dump(r, open(sys.argv[3], 'w'))" $S/recipe/$key.part $(awk "BEGIN {print $E
     for key in "${pids[@]}"; do wait $key || rc=$?; done
     return $rc
 }
-publish() {  # OUT: rows, summary, log tails, timing JSON
-    python3 bench/device_mc_table.py --state $S --rows "$OUT/rows-$NAME.jsonl" > "$OUT/summary-$NAME.md" 2>> $S/env.txt
+publish() {  # OUT: rows, summary, log tails, timing JSON (each written aside, then moved: steps side by side)
+    local tmp=$S/publish.$BASHPID; mkdir -p $tmp
+    python3 bench/device_mc_table.py --state $S --rows $tmp/rows > $tmp/summary 2>> $S/env.txt
     { cat $S/env.txt
       for f in $S/log-*.txt; do
           [ -f "$f" ] || continue
           echo "== ${f##*/}"; tr '\r' '\n' < "$f" | grep -v -E '[0-9]+%\||examples/s\]|^\{"model"|^\||^\s*$' | cut -c1-300 \
               | tail -n ${LOG_LINES:-25}
       done
-    } > "$OUT/log-$NAME.txt"
+    } > $tmp/log
+    mv $tmp/rows "$OUT/rows-$NAME.jsonl"; mv $tmp/summary "$OUT/summary-$NAME.md"; mv $tmp/log "$OUT/log-$NAME.txt"
     [ -f $S/timing/lm_eval_gpu.json ] && cp $S/timing/lm_eval_gpu.json "$OUT/lm_eval_gpu-$NAME.json"
+    rm -rf $tmp
     return 0
 }
 run_step() {  # run_step STEP: skip it when too few seconds are left, else run it and record how it ended
@@ -187,9 +199,17 @@ run_step() {  # run_step STEP: skip it when too few seconds are left, else run i
 }
 
 unpack
-for step in ${STEPS//,/ }; do
-    if [ -z "${NEED[$step]:-}" ]; then echo "unknown step $step" >&2; continue; fi
-    run_step $step
+for group in ${STEPS//,/ }; do
+    for step in ${group//+/ }; do
+        [ -n "${NEED[$step]:-}" ] || { echo "unknown step $step" >&2; exit 2; }
+        [[ $group == *+* && $step == recipe ]] && { echo "recipe waits for heal: not in a + group" >&2; exit 2; }
+    done
+    if [[ $group == *+* ]]; then             # side by side: each step in a subshell that waits for its children
+        for step in ${group//+/ }; do (run_step $step; wait) & done
+        wait
+    else
+        run_step $group
+    fi
 done
 for run in "${!PIDS[@]}"; do wait ${PIDS[$run]}; done   # a moe-pruner heal started without the recipe step
 publish

@@ -70,7 +70,9 @@ def model_table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["step"] == "mc" and r["model"] == "unpruned"), None)
     head = ["step", "model", "geomean ppl", "Δ ppl", "KL", "top-1", "mean acc", "Δ acc", "mean acc_norm",
             "requests", "s / 1k req", "wall s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["(s / 1k req and wall s of these rows: measured with the other models (and the heals, in a + group) on the GPU "
+             "at the same time; the timing table is the clean figure)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r["step"] not in ("mc", "heal", "recipe"):
             continue
