@@ -5,7 +5,7 @@
 # carry: gpu/fixture (a copy of a fixture) and bench/work/gpu-bundle.tar.xz (bench/gpu_bundle.sh: lm_eval and
 # the packages the image lacks, the task of bench/mc_task.py, data/calib and data/eval).
 # STEPS is a comma list; steps joined by + run side by side (collect,timing,mc+heal,recipe: the MC evaluation
-# leaves the GPU mostly idle, so the heals run beside it; recipe waits for heal and may not be in a + group).
+# leaves the GPU mostly idle, so the heals run beside it; collect and recipe may not be in a + group).
 # Steps run in the order given; one is skipped ("skipped: deadline") when fewer seconds of DEADLINE are left
 # than it needs (its time in an earlier call on this machine, else NEED_<STEP>), and everything stops at
 # DEADLINE. State lives in $TMPROOT/devmc-NAME: a later call on the same warm machine reuses statistics,
@@ -181,7 +181,10 @@ publish() {  # OUT: rows, summary, log tails, timing JSON (each written aside, t
 run_step() {  # run_step STEP: skip it when too few seconds are left, else run it and record how it ended
     local step=$1 left=$((DEADLINE - MARGIN - SECONDS)) need t0=$SECONDS rc status
     need=$(cat $S/need-$step 2>/dev/null || echo ${NEED[$step]})
-    [ $step = recipe ] && [ -n "${PIDS[moe-pruner-0.25]:-}" ] && need=0   # its heal runs already: let it finish
+    if [ $step = recipe ]; then              # its heals done: only the evaluations are left; running: let it finish
+        [ -f $S/healed-0.25/pruning.json ] && [ -f $S/moe-pruner-0.25/pruning.json ] && need=${NEED_RECIPE_EVAL:-30}
+        [ -n "${PIDS[moe-pruner-0.25]:-}" ] && need=0
+    fi
     if [ $left -lt $need ]; then
         status="skipped: deadline ($left s left, about $need s needed)"
     else
@@ -198,12 +201,14 @@ run_step() {  # run_step STEP: skip it when too few seconds are left, else run i
     publish
 }
 
-unpack
 for group in ${STEPS//,/ }; do
     for step in ${group//+/ }; do
         [ -n "${NEED[$step]:-}" ] || { echo "unknown step $step" >&2; exit 2; }
-        [[ $group == *+* && $step == recipe ]] && { echo "recipe waits for heal: not in a + group" >&2; exit 2; }
+        [[ $group == *+* && $step =~ ^(collect|recipe)$ ]] && { echo "$step: not in a + group" >&2; exit 2; }
     done
+done
+unpack
+for group in ${STEPS//,/ }; do
     if [[ $group == *+* ]]; then             # side by side: each step in a subshell that waits for its children
         for step in ${group//+/ }; do (run_step $step; wait) & done
         wait
