@@ -124,11 +124,14 @@ def test_memory_formula_term_by_term() -> None:
     common = dict(batch_tokens=4, local_tokens=100, local=False, distill=True)
     full = needed_bytes(SIZES, dtype_bytes=2, lora=0, train_all=False, **common)
     act = 4 * (2 * (16 * 8 + 3 * 16) * 2 + 16 * 50)
-    assert full["weights"] == 4 * 1000 + 2 * 1500 and full["optimizer"] == 12 * 600 and full["activations"] == act
-    assert full["total"] == 4 * 1000 + 2 * 1500 + 12 * 600 + act
-    assert needed_bytes(SIZES, dtype_bytes=2, lora=0, train_all=True, **common)["optimizer"] == 12 * 1000
+    # optimizer: gradient + 2 AdamW states (12 bytes) + the float32 best-state copy (4)
+    assert full["weights"] == 4 * 1000 + 2 * 1500 and full["optimizer"] == 16 * 600 and full["activations"] == act
+    assert full["total"] == 4 * 1000 + 2 * 1500 + 16 * 600 + act
+    assert needed_bytes(SIZES, dtype_bytes=2, lora=0, train_all=True, **common)["optimizer"] == 16 * 1000
+    bf16_copy = needed_bytes(SIZES, dtype_bytes=2, lora=0, train_all=False, snapshot_bytes=2, **common)
+    assert bf16_copy["optimizer"] == 14 * 600
     lora = needed_bytes(SIZES, dtype_bytes=2, lora=8, train_all=False, **common)
-    assert lora["weights"] == 2 * 1000 + 2 * 300 + 2 * 1500 and lora["optimizer"] == 16 * (8 * 20 + 10)
+    assert lora["weights"] == 2 * 1000 + 2 * 300 + 2 * 1500 and lora["optimizer"] == 20 * (8 * 20 + 10)
     assert lora["total"] < full["total"]
     sharded = needed_bytes(SIZES, dtype_bytes=2, lora=0, train_all=False, world=4, **common)
     assert sharded["weights"] == full["weights"] // 4 and sharded["optimizer"] == full["optimizer"] // 4
@@ -267,3 +270,24 @@ def test_sharded_heal_refuses_what_runs_on_one_process(monkeypatch: pytest.Monke
     with pytest.raises(HealError, match="multiple of the 2 ranks"):
         check_sharded(World(0, 2), HealOptions(batch_size=3), sparsified=False)
     check_sharded(World(0, 2), HealOptions(batch_size=4), sparsified=False)
+
+
+def test_best_state_copy_is_bf16_only_when_every_trained_tensor_is_stored_bf16(root: Path, pair) -> None:
+    """The copy is rounded to what the write stores anyway; float32 tensors on disk keep a float32 copy."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from surgery.refine.heal.memory import snapshot_dtype
+    from surgery.refine.heal.pairing import pair as pair_checkpoints
+
+    teacher, student = pair
+    assert snapshot_dtype(pair_checkpoints(student, teacher), train_all=True) == torch.float32
+    bf16 = {}
+    for name, folder in (("student", student), ("teacher", teacher)):
+        bf16[name] = root / f"{name}-bf16"
+        shutil.copytree(folder, bf16[name], dirs_exist_ok=True)
+        for shard in bf16[name].glob("*.safetensors"):
+            save_file({n: t.to(torch.bfloat16) for n, t in load_file(shard).items()}, shard, metadata={"format": "pt"})
+    for train_all in (True, False):
+        assert snapshot_dtype(pair_checkpoints(bf16["student"], bf16["teacher"]), train_all) == torch.bfloat16

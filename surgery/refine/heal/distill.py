@@ -118,13 +118,15 @@ CHECKS = 10  # held-out measurements per run
 def distill_stage(pairing: Pairing, teacher, student, train_batches: list[torch.Tensor],
                   held_batches: list[torch.Tensor], *, steps: int, lr: float, train: str,
                   device: torch.device, seed: int, progress: bool = True, params: dict | None = None,
-                  objective=None) -> DistillResult:
+                  objective=None, snapshot_dtype: torch.dtype | None = None) -> DistillResult:
     """Train `student` in place for `steps` batches (cycling through `train_batches`), ending in the
     state with the lowest held-out KL (the starting state if none is lower).
 
     params: what trains (default: per `train`; surgery.refine.heal.lora passes adapters). objective:
     the training loss `objective(student_logits, teacher_logits, ids)` in place of the KL (a recipe of
-    surgery.refine.heal.recipes; its `record()` joins the stage's record and `restore()` ends it)."""
+    surgery.refine.heal.recipes; its `record()` joins the stage's record and `restore()` ends it).
+    snapshot_dtype: the best state's copy in this dtype (surgery.refine.heal.memory.snapshot_dtype), updated
+    in place: a second float32 copy of every trained weight is what ran a 7.5B full heal out of memory."""
     for p in student.parameters():
         p.requires_grad_(False)
     params = params if params is not None else _trainable(student, pairing, train)
@@ -139,7 +141,8 @@ def distill_stage(pairing: Pairing, teacher, student, train_batches: list[torch.
 
     opt = torch.optim.AdamW(params.values(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     kl_before = held_out_kl(student, teacher, held_batches, device, autocast)
-    best_kl, best_step, best = kl_before, 0, {n: p.detach().clone() for n, p in params.items()}
+    best_kl, best_step = kl_before, 0
+    best = {n: p.detach().to(snapshot_dtype or p.dtype, copy=True) for n, p in params.items()}
     check_every = max(1, steps // CHECKS)
     checks: list[tuple[int, float]] = []
     generator = torch.Generator().manual_seed(seed)
@@ -172,7 +175,9 @@ def distill_stage(pairing: Pairing, teacher, student, train_batches: list[torch.
             checks.append((step + 1, kl))
             if kl < best_kl:
                 best_kl, best_step = kl, step + 1
-                best = {n: p.detach().clone() for n, p in params.items()}
+                with torch.no_grad():
+                    for n, p in params.items():
+                        best[n].copy_(p.detach())
         bar.set_postfix(loss=f"{losses[-1]:.4f}", held_kl=f"{best_kl:.4f}",
                         tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
     bar.close()

@@ -5,10 +5,13 @@ teacher's parameter counts, T the trainable parameters (router rows and experts 
 layers; every parameter with --train all or --recipe moe-pruner), A the adapter parameters
 (r (out + in) per expert matrix) and X the largest pruned layer's expert weights:
 
-    full:  4 P_s + 12 T + b P_t + activations        (float32 master weights; grads and 2 AdamW states on T)
-    lora:  b P_s + 16 (A + R) + b X + b P_t + activations
+    full:  4 P_s + 12 T + c T + b P_t + activations  (float32 master weights; grads and 2 AdamW states on T;
+                                                      the best state's copy, c = 2 when every trained tensor
+                                                      is stored as BF16, else 4)
+    lora:  b P_s + 20 (A + R) + b X + b P_t + activations
                                                      (frozen student; adapters and router rows R with
-                                                      grads and 2 AdamW states; one layer's adapted experts)
+                                                      grads, 2 AdamW states and the best state's copy;
+                                                      one layer's adapted experts)
     activations ~ n (L (16 H + 3 k I) b + 16 V)      (n tokens per step; saved per layer; four float32 logits)
     local stage: 2 b W + 16 B + 4 N H b              (a teacher and a student layer W, the trained block B,
                                                       the cached block inputs and outputs of N tokens)
@@ -97,16 +100,17 @@ def _count(ckpt: Checkpoint) -> int:
 
 
 def needed_bytes(sizes: ModelSizes, *, dtype_bytes: int, lora: int, train_all: bool, batch_tokens: int,
-                 local_tokens: int, local: bool, distill: bool, world: int = 1, local_fit: str = "joint") -> dict[str, int]:
+                 local_tokens: int, local: bool, distill: bool, world: int = 1, local_fit: str = "joint",
+                 snapshot_bytes: int = 4) -> dict[str, int]:
     """The formula of the module docstring, term by term (bytes); "total" is the larger stage's sum."""
     b = dtype_bytes
     act = batch_tokens * (sizes.layers * (16 * sizes.hidden + 3 * sizes.routed_width) * b + 16 * sizes.vocab)
     if lora:
-        trained = 16 * (lora * sizes.adapters_per_rank + sizes.router)
+        trained = 20 * (lora * sizes.adapters_per_rank + sizes.router)
         weights = b * sizes.student + b * sizes.largest_layer + b * sizes.teacher
     else:
         t = sizes.student if train_all else sizes.trainable
-        trained = 12 * t
+        trained = (12 + snapshot_bytes) * t
         weights = 4 * sizes.student + b * sizes.teacher
     kd = {"weights": weights // world, "optimizer": trained // world, "activations": act // world}
     if local_fit == "experts":  # the block in its dtype, one expert and the router rows trained at a time
@@ -117,6 +121,18 @@ def needed_bytes(sizes: ModelSizes, *, dtype_bytes: int, lora: int, train_all: b
     totals = [sum(kd.values())] if distill else []
     totals += [sum(local_terms.values())] if local else []
     return {**kd, **{f"local_{k}": v for k, v in local_terms.items()}, "total": max(totals, default=0)}
+
+
+def snapshot_dtype(pairing: Pairing, train_all: bool) -> torch.dtype:
+    """The dtype of distillation's best-state copy: bfloat16 when every trained tensor is stored as BF16
+    (the write rounds to it anyway, so the copy loses nothing), else float32."""
+    s, layout = pairing.student, pairing.student_layout
+    if train_all:
+        names = list(s.names())
+    else:
+        names = [n for layer in pairing.touched_layers for entry in [layout.layers[layer]]
+                 for n in (*entry.fused, *(m for ms in entry.per_expert.values() for m in ms), *entry.router)]
+    return torch.bfloat16 if names and all(s.info(n).dtype == "BF16" for n in names) else torch.float32
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -138,8 +154,9 @@ def check_memory(pairing: Pairing, device: torch.device, dtype: torch.dtype, opt
     options.local_fit "auto"); refuses (HealError, exit 2) when the run's estimate exceeds the budget."""
     steps = options.kd_steps if options.kd_steps is not None else options.kd_tokens
     sizes = model_sizes(pairing)
-    common = dict(dtype_bytes=torch.empty((), dtype=dtype).element_size(), lora=options.lora,
-                  train_all=options.train == "all" or options.recipe == "moe-pruner",
+    train_all = options.train == "all" or options.recipe == "moe-pruner"
+    common = dict(dtype_bytes=torch.empty((), dtype=dtype).element_size(), lora=options.lora, train_all=train_all,
+                  snapshot_bytes=torch.empty((), dtype=snapshot_dtype(pairing, train_all)).element_size(),
                   batch_tokens=options.batch_size * options.seq_len, local_tokens=options.local_tokens,
                   local=options.local_steps > 0 and options.recipe == "default", distill=steps > 0,
                   world=int(os.environ.get("WORLD_SIZE", "1")))

@@ -29,7 +29,7 @@ from surgery.refine.heal.distributed import World, barrier, broadcast, check_sha
 from surgery.refine.heal.distributed import start as join_ranks
 from surgery.refine.heal.export import OUTPUT_DTYPES
 from surgery.refine.heal.lora import check_lora, lora_fit, lora_student
-from surgery.refine.heal.memory import check_memory
+from surgery.refine.heal.memory import check_memory, snapshot_dtype
 from surgery.refine.heal.recipes import RECIPE_LR, RECIPES, MoEPrunerObjective
 from surgery.refine.heal.pairing import HealError, Pairing, pair
 from surgery.refine.heal.spill import SPILL_DIR, Spill
@@ -311,7 +311,8 @@ def _distill(run: _Run) -> None:
                        list(run.held_ids.split(o.batch_size)), steps=run.kd_steps,
                        lr=o.lr or RECIPE_LR[o.recipe], train=train, device=run.device, seed=o.seed,
                        progress=o.progress and run.world.rank == 0,
-                       params=lora.params if lora else None, objective=recipe)
+                       params=lora.params if lora else None, objective=recipe,
+                       snapshot_dtype=None if lora else snapshot_dtype(run.pairing, train == "all"))
     values = lora.merged() if lora else kd.params
     kd.record["tokens"] = total(kd.record["tokens"], run.world)
     if lora:
