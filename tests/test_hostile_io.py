@@ -978,3 +978,22 @@ def test_config_or_index_as_a_directory(tmp_path: Path, name: str) -> None:
     with pytest.raises(CheckpointError) as e:
         Checkpoint(m)
     assert one_line(e) == f"{m / name}: a directory, not a file"
+
+
+def test_a_validated_header_is_reused_only_for_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second open of an unchanged shard skips the JSON parse; a header edited in place (same file size)
+    is parsed and refused again."""
+    import surgery.io.safetensors_file as sf
+    from safetensors.numpy import save_file
+    import numpy as np
+
+    path = tmp_path / "a.safetensors"
+    save_file({"w": np.arange(6, dtype=np.float32)}, str(path))
+    first = sf.SafetensorsFile(path)
+    monkeypatch.setattr(sf, "strict_json", lambda text: pytest.fail("parsed again"))
+    assert sf.SafetensorsFile(path).tensors == first.tensors
+    monkeypatch.undo()
+    raw = path.read_bytes()
+    path.write_bytes(raw.replace(b'"F32"', b'"F3X"'))  # same length, different header
+    with pytest.raises(sf.CheckpointError, match="unknown dtype"):
+        sf.SafetensorsFile(path)

@@ -113,6 +113,11 @@ class TensorInfo:
         return self.end - self.begin
 
 
+_VALIDATED: dict[tuple[bytes, int], tuple[dict[str, "TensorInfo"], dict[str, str]]] = {}
+"""Headers this process validated, by (header bytes, file size): the same shard is opened by the rewrite and
+then by the model card's counts, and a header's validity depends on nothing else."""
+
+
 class SafetensorsFile:
     """A safetensors file whose header has been fully validated on open."""
 
@@ -159,11 +164,16 @@ class SafetensorsFile:
             raise self._fail(f"cannot read ({e.strerror})") from None
         finally:
             os.close(fd)
+        if (raw, size) in _VALIDATED:
+            tensors, meta = _VALIDATED[raw, size]
+            self.tensors, self.metadata = dict(tensors), dict(meta)
+            return
         try:
             header = strict_json(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise self._fail(f"corrupt header JSON ({e.__class__.__name__}: {one_line(e)[:200]})") from None
         self._validate(header, size - 8 - hlen, 8 + hlen)
+        _VALIDATED[raw, size] = (dict(self.tensors), dict(self.metadata))
 
     def _validate(self, header: object, data_len: int, data_start: int) -> None:
         if not isinstance(header, dict):
