@@ -115,6 +115,12 @@ def _trainable(student: torch.nn.Module, pairing: Pairing, train: str) -> dict[s
 CHECKS = 10  # held-out measurements per run
 
 
+def _copy_into(dst: dict[str, torch.Tensor], src: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for n, t in dst.items():
+            t.copy_(src[n].detach())
+
+
 def distill_stage(pairing: Pairing, teacher, student, train_batches: list[torch.Tensor],
                   held_batches: list[torch.Tensor], *, steps: int, lr: float, train: str,
                   device: torch.device, seed: int, progress: bool = True, params: dict | None = None,
@@ -175,9 +181,7 @@ def distill_stage(pairing: Pairing, teacher, student, train_batches: list[torch.
             checks.append((step + 1, kl))
             if kl < best_kl:
                 best_kl, best_step = kl, step + 1
-                with torch.no_grad():
-                    for n, p in params.items():
-                        best[n].copy_(p.detach())
+                _copy_into(best, params)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", held_kl=f"{best_kl:.4f}",
                         tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
     bar.close()
@@ -185,9 +189,7 @@ def distill_stage(pairing: Pairing, teacher, student, train_batches: list[torch.
     for ending in (expert_wise, objective):
         if ending is not None:
             ending.restore()
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(best[n])
+    _copy_into(params, best)
     record = {"steps": steps, "tokens": tokens, "lr": lr, "train": train, "first_loss": losses[0] if losses else None,
               "last_loss": losses[-1] if losses else None, "held_out_kl_before": kl_before,
               "held_out_kl_after": best_kl, "best_step": best_step,
