@@ -145,7 +145,9 @@ def distill_stage(pairing: Pairing, teacher, student, train_batches: list[torch.
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
-    opt = torch.optim.AdamW(params.values(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    # fused on a GPU: the default foreach update allocates temporaries as large as the trained weights
+    fused = device.type == "cuda" and not any(hasattr(p, "device_mesh") for p in params.values())
+    opt = torch.optim.AdamW(params.values(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0, fused=fused or None)
     kl_before = held_out_kl(student, teacher, held_batches, device, autocast)
     best_kl, best_step = kl_before, 0
     best = {n: p.detach().to(snapshot_dtype or p.dtype, copy=True) for n, p in params.items()}
