@@ -126,7 +126,9 @@ def test_memory_formula_term_by_term() -> None:
     act = 4 * (2 * (16 * 8 + 3 * 16) * 2 + 16 * 50)
     # optimizer: gradient + 2 AdamW states (12 bytes) + the float32 best-state copy (4)
     assert full["weights"] == 4 * 1000 + 2 * 1500 and full["optimizer"] == 16 * 600 and full["activations"] == act
-    assert full["total"] == 4 * 1000 + 2 * 1500 + 16 * 600 + act
+    assert full["casts"] == 2 * 600  # bf16 autocast copies of the float32 masters
+    assert full["total"] == 4 * 1000 + 2 * 1500 + 16 * 600 + 2 * 600 + act
+    assert needed_bytes(SIZES, dtype_bytes=4, lora=0, train_all=False, **common)["casts"] == 0
     assert needed_bytes(SIZES, dtype_bytes=2, lora=0, train_all=True, **common)["optimizer"] == 16 * 1000
     bf16_copy = needed_bytes(SIZES, dtype_bytes=2, lora=0, train_all=False, snapshot_bytes=2, **common)
     assert bf16_copy["optimizer"] == 14 * 600

@@ -5,9 +5,11 @@ teacher's parameter counts, T the trainable parameters (router rows and experts 
 layers; every parameter with --train all or --recipe moe-pruner), A the adapter parameters
 (r (out + in) per expert matrix) and X the largest pruned layer's expert weights:
 
-    full:  4 P_s + 12 T + c T + b P_t + activations  (float32 master weights; grads and 2 AdamW states on T;
+    full:  4 P_s + 12 T + c T + b' T + b P_t + activations
+                                                     (float32 master weights; grads and 2 AdamW states on T;
                                                       the best state's copy, c = 2 when every trained tensor
-                                                      is stored as BF16, else 4)
+                                                      is stored as BF16, else 4; b' = b when b < 4: the
+                                                      autocast copies of the trained weights)
     lora:  b P_s + 20 (A + R) + b X + b P_t + activations
                                                      (frozen student; adapters and router rows R with
                                                       grads, 2 AdamW states and the best state's copy;
@@ -19,7 +21,9 @@ layers; every parameter with --train all or --recipe moe-pruner), A the adapter 
 A run sharded over G ranks (torchrun) divides the model, gradient and optimizer terms by G, and
 each rank's activations are those of its share (1/G) of the batch. The
 estimate is compared with `--memory-budget` or the device's free memory (the host's available
-memory on a CPU) and the run is refused up front, with the figure, when it does not fit.
+memory on a CPU; 5% of it left to the allocator's fragmentation) and the run is refused up front, with
+the figure, when it does not fit. Measured on one H200 (7.5B model, 25% removed, full-parameter, 1M
+tokens): the run died at 137.7 GiB allocated where this estimate gives 136.1 GiB.
 """
 
 from __future__ import annotations
@@ -112,7 +116,10 @@ def needed_bytes(sizes: ModelSizes, *, dtype_bytes: int, lora: int, train_all: b
         t = sizes.student if train_all else sizes.trainable
         trained = (12 + snapshot_bytes) * t
         weights = 4 * sizes.student + b * sizes.teacher
-    kd = {"weights": weights // world, "optimizer": trained // world, "activations": act // world}
+    # float32 masters under bf16 autocast: each expert slice is cast anew and the copy kept for the backward
+    casts = 0 if lora or b >= 4 else b * (sizes.student if train_all else sizes.trainable)
+    kd = {"weights": weights // world, "optimizer": trained // world, "casts": casts // world,
+          "activations": act // world}
     if local_fit == "experts":  # the block in its dtype, one expert and the router rows trained at a time
         block = b * sizes.largest_block + 16 * max(sizes.largest_expert, sizes.router)
     else:
@@ -160,7 +167,8 @@ def check_memory(pairing: Pairing, device: torch.device, dtype: torch.dtype, opt
                   batch_tokens=options.batch_size * options.seq_len, local_tokens=options.local_tokens,
                   local=options.local_steps > 0 and options.recipe == "default", distill=steps > 0,
                   world=int(os.environ.get("WORLD_SIZE", "1")))
-    budget = options.memory_budget * GIB if options.memory_budget is not None else available_bytes(device)
+    free = available_bytes(device)
+    budget = options.memory_budget * GIB if options.memory_budget is not None else free and int(0.95 * free)
     fits = ["joint", "experts"] if options.local_fit == "auto" else [options.local_fit]
     for fit in fits:
         need = needed_bytes(sizes, local_fit=fit, **common)
