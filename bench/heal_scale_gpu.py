@@ -66,14 +66,16 @@ def step(name: str, argv: list[str], record: str, timeout: float) -> dict:
 
 def estimate(pruned: Path, model: Path, args, lora: int) -> dict:
     """surgery.refine.heal.memory's figure for this run (GiB per term)."""
-    from surgery.refine.heal.memory import GIB, model_sizes, needed_bytes
+    import torch
+
+    from surgery.refine.heal.memory import GIB, model_sizes, needed_bytes, snapshot_dtype
     from surgery.refine.heal.pairing import pair
 
     with pair(pruned, model) as p:
-        sizes = model_sizes(p)
+        sizes, copy = model_sizes(p), snapshot_dtype(p, train_all=False)
     need = needed_bytes(sizes, dtype_bytes=2 if args.device.startswith("cuda") else 4, lora=lora, train_all=False,
                         batch_tokens=args.batch_size * args.seq_len, local_tokens=2**18, local=args.local_steps > 0,
-                        distill=True)
+                        distill=True, snapshot_bytes=4 if lora else torch.empty((), dtype=copy).element_size())
     return {k: round(v / GIB, 2) for k, v in need.items()}
 
 
