@@ -26,8 +26,8 @@ set -u
 FIXTURE=${FIXTURE:-gpu/fixture}; NAME=${NAME:-even}; STEPS=${STEPS:-collect,timing,mc}; DEADLINE=${DEADLINE:-540}
 DEVICE=${DEVICE:-cuda}; BUNDLE=${BUNDLE:-bench/work/gpu-bundle.tar.xz}; TMPROOT=${TMPROOT:-/tmp}
 BATCH=${BATCH:-64}; LIMIT=${LIMIT:-}; SAMPLES=${SAMPLES:-256}; MAX_TOKENS=${MAX_TOKENS:-16384}; JOBS=${JOBS:-5}
-# BATCH 64: the MC rows are scored in float32, and at 256 five side-by-side evaluations (46 GiB each with the
-# 152K-entry vocabulary's logits) and two heals ran out of the H200's memory
+# BATCH 64: the rows are scored in float32, and at 256 the perplexity windows' attention (4 GiB a call) of five
+# side-by-side evaluations (46 GiB each) and two heals ran out of the H200's memory
 CRITERION=${CRITERION:-recon}; NOVICE_CRITERION=${NOVICE_CRITERION:-mone}; HEAL_SAMPLES=${HEAL_SAMPLES:-128}
 KD_TOKENS=${KD_TOKENS:-}; HEAL_EXTRA=${HEAL_EXTRA:-}; HEAL_REMOVAL=${HEAL_REMOVAL:-1}
 TIMING_LIMIT=${TIMING_LIMIT-100}; TIMING_BATCHES=${TIMING_BATCHES:-8 64 256}; TIMING_DTYPE=${TIMING_DTYPE:-bfloat16}
