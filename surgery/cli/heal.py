@@ -61,7 +61,7 @@ heal_options = option_group(
                       "whole block's fit does not fit in the memory budget."),
     click.option("--memory-budget", type=click.FloatRange(min=0, min_open=True), default=None,
                  help="GiB the run may use on its device; heal refuses up front, with its estimate, when the run "
-                      "needs more. Default: the device's free memory (the host's available memory on a CPU)."),
+                      "needs more. Default: 95% of the device's free memory (the host's available memory on a CPU)."),
     seq_len_option(1024), batch_size_option(8), device_option, dtype_option, output_dtype_option, seed_option,
     overwrite_option,
 )
