@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -72,8 +73,10 @@ class ExpertWiseLoss:
             return original(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
         return forward
 
-    def __call__(self) -> torch.Tensor:
-        total = None
+    def pairs(self, student_inputs: dict[int, torch.Tensor] | None = None
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(student expert j's output, teacher expert keep[j]'s output) in float32 on the tokens the teacher
+        routes to keep[j]; the student sees its own block input where `student_inputs` gives it."""
         for layer, (x, idx) in self.seen.items():
             teacher_experts = self.teacher_blocks[layer].experts
             student_experts = self.student_blocks[layer].experts
@@ -81,12 +84,17 @@ class ExpertWiseLoss:
                 rows = (idx == t_id).any(dim=-1).nonzero().squeeze(-1)
                 if rows.numel() == 0:
                     continue
-                xe = x[rows]
                 with torch.no_grad():
-                    target = expert_forward(teacher_experts, self.kind, t_id, xe)[1].float()
-                ours = expert_forward(student_experts, self.kind, j, xe.to(student_experts.down_proj.dtype))[1].float()
-                term = self.term(ours, target)
-                total = term if total is None else total + term
+                    target = expert_forward(teacher_experts, self.kind, t_id, x[rows])[1].float()
+                xs = (student_inputs[layer][rows] if student_inputs is not None
+                      else x[rows].to(student_experts.down_proj.dtype))
+                yield expert_forward(student_experts, self.kind, j, xs)[1].float(), target
+
+    def __call__(self) -> torch.Tensor:
+        total = None
+        for ours, target in self.pairs():
+            term = self.term(ours, target)
+            total = term if total is None else total + term
         self.seen.clear()
         return total if total is not None else torch.zeros(())
 

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from surgery.model.expert_math import expert_forward
 
 from surgery.refine.heal.distill import ExpertWiseLoss
 from surgery.refine.heal.pairing import Pairing
@@ -54,18 +53,8 @@ class _ExpertMSE(ExpertWiseLoss):
     def __call__(self) -> torch.Tensor:
         total = torch.zeros(())
         with parametrize.cached():  # LoRA students: the adapted weight once per layer, not once per expert
-            for layer, (x, idx) in self.seen.items():
-                xs = self.student_seen[layer]
-                teacher_experts = self.teacher_blocks[layer].experts
-                student_experts = self.student_blocks[layer].experts
-                for j, t_id in enumerate(self.map[layer]):
-                    rows = (idx == t_id).any(dim=-1).nonzero().squeeze(-1)
-                    if rows.numel() == 0:
-                        continue
-                    with torch.no_grad():
-                        target = expert_forward(teacher_experts, self.kind, t_id, x[rows])[1].float()
-                    ours = expert_forward(student_experts, self.kind, j, xs[rows])[1].float()
-                    total = total.to(ours.device) + F.mse_loss(ours, target)
+            for ours, target in self.pairs(self.student_seen):
+                total = total.to(ours.device) + F.mse_loss(ours, target)
         self.seen.clear()
         self.student_seen.clear()
         return total
