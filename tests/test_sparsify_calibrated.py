@@ -170,6 +170,7 @@ def test_cli_sparsegpt_two_four(model: Path, data: Path, root: Path, cli) -> Non
     assert doc["method"] == "sparsegpt" and doc["sequential"] and doc["calibration"]["samples"] == 6
     assert doc["achieved"] == pytest.approx(0.5) and check_nm(out) == []
     assert cli("verify", out).exit_code == 0
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the pass's spill folder went with it
 
 
 @pytest.mark.parametrize(("args", "message"), [

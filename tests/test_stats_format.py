@@ -570,6 +570,9 @@ def test_file_without_mcsuite_fields_is_read_and_merges_without_them(tmp_path: P
     merged = merge([new, old])
     assert merged.optional_fields == ()
     np.testing.assert_array_equal(merged.get(0, "count"), StatsFile(old).get(0, "count") + StatsFile(new).get(0, "count"))
+    result = CliRunner().invoke(main, ["stats", "merge", str(new), str(old), "-o", str(tmp_path / "m.safetensors")])
+    assert result.exit_code == 0, result.output  # documented: kept only when every input has them; but said aloud
+    assert "Warning: out_hist, token_bits dropped (not in every input)" in result.stderr
 
 
 def _mcsuite_tensors(vocab_model: Model) -> Tensors:

@@ -34,6 +34,10 @@ def merge_command(files: tuple[Path, ...], output: Path, overwrite: bool) -> Non
     merged = merge(list(files), label=str(output))
     merged.save(output)
     click.echo(f"{output}: merged {len(files)} files, {merged.calibration['num_tokens']} calibration tokens")
+    dropped = sorted({n for f in files for n in StatsFile(f).optional_fields} - set(merged.optional_fields))
+    if dropped:  # kept only when every input has them: say so, since criteria that need them will now refuse
+        click.echo(f"Warning: {', '.join(dropped)} dropped (not in every input); criteria that need them "
+                   "cannot score the merged file", err=True)
 
 
 @stats.command()

@@ -188,8 +188,9 @@ def calibrated_sparsify(model_dir: str | Path, data: list[str], out_dir: str | P
                 written[name] = to_bytes(stored, ckpt.info(name).dtype)
 
         with out:
-            spill = Path(tempfile.mkdtemp(prefix=".sparsify-", dir=out.tmp.resolve()))
-            unrouted = _walk(ckpt, layout, batches, calibration, keep, method, sequential, sparsity, pattern, spill)
+            with tempfile.TemporaryDirectory(prefix=".sparsify-", dir=out.tmp.resolve()) as spill:
+                unrouted = _walk(ckpt, layout, batches, calibration, keep, method, sequential, sparsity, pattern,
+                                 Path(spill))
             missing = sorted(set(targets) - set(written))
             if missing:
                 raise SparsifyError(f"{ckpt.dir}: no sparsified value for {missing[0]} (the model's experts module "
