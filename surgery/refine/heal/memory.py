@@ -177,6 +177,7 @@ def check_memory(pairing: Pairing, device: torch.device, dtype: torch.dtype, opt
     mode = f"--lora {options.lora}" if options.lora else "full-parameter"
     where = "--memory-budget" if options.memory_budget is not None else f"free on {device}"
     parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in need.items() if k != "total" and v)
+    advice = "a smaller --lora rank" if options.lora else "--lora"
     raise HealError(f"{pairing.student.dir}: heal ({mode}) needs about {need['total'] / GIB:.2f} GiB "
-                    f"({parts} GiB), more than the {budget / GIB:.2f} GiB {where}; try --lora, a smaller "
-                    "--batch-size, or torchrun over more devices")
+                    f"({parts} GiB), more than the {budget / GIB:.3g} GiB {where}; try {advice}, a smaller "
+                    "--batch-size or --local-tokens, or torchrun over more devices")
