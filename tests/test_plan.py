@@ -216,6 +216,12 @@ def test_score_writes_a_plan(tmp_path: Path) -> None:
     assert doc["keep"] == {
         l: sorted(np.lexsort((np.arange(8), -np.array(s)))[:6].tolist()) for l, s in doc["scores"].items()
     }
+    again = run(["score", str(stats), "--criterion", "frequency", "--ratio", "0.5", "-o", str(out)])
+    assert again.exit_code == 2 and again.stderr.strip().splitlines() == [
+        f"Error: {out}: already exists; pass --overwrite to replace it"]
+    assert json.loads(out.read_text())["criterion"] == "reap"  # untouched
+    replaced = run(["score", str(stats), "--criterion", "frequency", "--ratio", "0.5", "-o", str(out), "--overwrite"])
+    assert replaced.exit_code == 0 and json.loads(out.read_text())["criterion"] == "frequency"
 
 
 def test_score_global_warns_and_is_non_uniform(tmp_path: Path) -> None:
@@ -235,14 +241,14 @@ def test_score_groups_from_stats_metadata(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     for ids in json.loads(out.read_text())["keep"].values():
         assert [i // 2 for i in ids] == [0, 1, 2, 3]
-    result = run(["score", str(stats), "--criterion", "man", "--keep", "6", "-o", str(out)])
+    result = run(["score", str(stats), "--criterion", "man", "--keep", "6", "-o", str(out), "--overwrite"])
     assert result.exit_code == 2 and result.output.startswith("Error: ") and "valid keep counts: [4, 8]" in result.output
 
 
 def test_score_auto(tmp_path: Path) -> None:
     stats = write_stats(tmp_path / "s.safetensors")
     out = tmp_path / "plan.json"
-    result = run(["score", str(stats), "--criterion", "auto", "--keep", "4", "-o", str(out)])
+    result = run(["score", str(stats), "--criterion", "auto", "--keep", "4", "-o", str(out), "--overwrite"])
     assert result.exit_code == 0, result.output
     auto = json.loads(out.read_text())["auto"]
     assert len(auto["errors"]) == 9 and auto["errors"][auto["winner"]] == min(auto["errors"].values())
@@ -300,5 +306,5 @@ def test_score_weight_criteria_from_the_checkpoint(tmp_path: Path) -> None:
                                 for p in ("gate", "up", "down")]).astype(np.float64)
             assert s == pytest.approx(-np.abs(w).mean() / np.sqrt((w**2).mean()), rel=1e-9)
     assert doc["stats_sha256"] is None and doc["keep_per_layer"] == 4
-    result = run(["score", "--criterion", "random", "--keep", "4", "--model", str(model_dir), "-o", str(out)])
+    result = run(["score", "--criterion", "random", "--keep", "4", "--model", str(model_dir), "-o", str(out), "--overwrite"])
     assert result.exit_code == 0, result.output

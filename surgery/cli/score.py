@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
-from surgery.cli.options import output_option, score_options
+from stats_formats import atomic_write_text
+
+from surgery.cli.options import output_option, overwrite_option, score_options
 from surgery.errors import UserError
 from surgery.pipeline.score import GLOBAL_WARNING, ScoreOptions, build_plan, criterion, load_source
 from surgery.plan import Plan
@@ -32,7 +34,9 @@ def _summary(plan: Plan, output: Path) -> str:
               help="Checkpoint folder, for the weight criteria (weight_norm, aimer, mcs-ewn, mcs-wsr, mcs-ews, "
                    "mcs-rwn) and random without STATS.")
 @output_option()
-def score_cmd(stats_path: Path | None, scoring: ScoreOptions, model_dir: Path | None, output: Path) -> None:
+@overwrite_option
+def score_cmd(stats_path: Path | None, scoring: ScoreOptions, model_dir: Path | None, output: Path,
+              overwrite: bool) -> None:
     """Score experts and write a keep plan for `moe-surgery prune`.
 
     Give exactly one of --ratio and --keep; every layer keeps at least top_k experts.
@@ -41,12 +45,14 @@ def score_cmd(stats_path: Path | None, scoring: ScoreOptions, model_dir: Path | 
     --global gives non-uniform plans, which vanilla transformers cannot load.
     STATS may be left out for weight-only criteria (aimer, weight_norm, ...) and random with --model.
     """
+    if output.exists() and not overwrite:
+        raise UserError(f"{output}: already exists; pass --overwrite to replace it")
     if scoring.global_rank:
         click.echo(GLOBAL_WARNING, err=True)
     crit = criterion(scoring.criterion)
     plan = build_plan(crit, load_source(crit, stats_path, model_dir), scoring)
     try:
-        output.write_text(json.dumps(plan.to_json(), indent=1) + "\n")
+        atomic_write_text(output, json.dumps(plan.to_json(), indent=1) + "\n")  # never a half-written plan
     except OSError as e:
         raise UserError(f"{output}: cannot write ({e.strerror or e})") from e
     click.echo(_summary(plan, output))
