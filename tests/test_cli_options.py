@@ -151,6 +151,8 @@ def test_values_are_validated_as_they_are_parsed(tmp_path: Path) -> None:
     bad_criterion = runner.invoke(main, ["score", "--criterion", "nope", "--ratio", "0.5", "-o", str(tmp_path / "p")])
     assert bad_criterion.exit_code == 2 and "unknown criterion 'nope'" in bad_criterion.output
     assert "reap" in bad_criterion.output and "mcs-egn" in bad_criterion.output  # the names are listed
+    bad_member = runner.invoke(main, ["score", "--criterion", "family:1,3,1", "--ratio", "0.5", "-o", str(tmp_path / "p")])
+    assert bad_member.exit_code == 2 and "'family:1,3,1' is not family:M,A,B" in bad_member.output
     for device in ("auto", "cpu", "cuda", "cuda:1", "mps"):
         ctx = _commands()["eval"].make_context("eval", ["m", "-d", "x", "--device", device])
         assert ctx.params["device"] == device

@@ -50,9 +50,12 @@ class CriterionType(click.ParamType):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         from surgery.criteria import CRITERIA, is_criterion
+        from surgery.criteria.family import FAMILY_PREFIX, FAMILY_SYNTAX
 
         if is_criterion(value):
             return value
+        if value.startswith(FAMILY_PREFIX):  # say what is wrong with the member, not that it is unknown
+            self.fail(f"criterion {value!r} is not {FAMILY_SYNTAX}", param, ctx)
         self.fail(f"unknown criterion {value!r}; choose from {', '.join(CRITERIA)}, or family:M,A,B", param, ctx)
 
 

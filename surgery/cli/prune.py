@@ -53,7 +53,7 @@ write_options = option_group(
                       "bytes, CPU-bound; free for Hub-cache inputs, whose blobs are named by it). Header hashes are "
                       "always recorded."),
     click.option("--novices", is_flag=True,
-                 help="With --stats: replace each removed expert by its mean output (a MoNE novice); keeps expert "
+                 help="With --stats or -d DATA: replace each removed expert by its mean output (a MoNE novice); keeps expert "
                       "ids, router and config expert count, in the format vLLM serves (approximate_experts)."),
 )
 
