@@ -19,7 +19,8 @@ from surgery.refine.sparsify import METHODS
 sparsify_options = option_group(
     "options", SparsifyOptions,
     click.option("--sparsity", type=float,
-                 help="Fraction of weights zeroed in every output row of every expert matrix (N:M implies 1 - N/M)."),
+                 help="Fraction of weights zeroed in every output row of every expert matrix; required unless "
+                      "--pattern is N:M (which implies 1 - N/M)."),
     click.option("--pattern", default="unstructured", show_default=True,
                  help="unstructured, or N:M (2:4, 4:8): at most N non-zeros in every M consecutive inputs of a row."),
     click.option("--method", type=click.Choice([*METHODS, "sparsegpt"]), default="moe-pruner", show_default=True,

@@ -47,7 +47,9 @@ def check_sparsity(sparsity: float | None, pattern: str) -> float:
         if sparsity is not None and not math.isclose(sparsity, implied, abs_tol=1e-9):
             raise SparsifyError(f"pattern {pattern} means sparsity {implied:g}, not {sparsity:g}")
         return implied
-    if sparsity is None or not 0 <= sparsity < 1:
+    if sparsity is None:
+        raise SparsifyError("unstructured sparsity needs --sparsity S (a fraction in [0, 1)), or give an N:M --pattern")
+    if not 0 <= sparsity < 1:
         raise SparsifyError(f"unstructured sparsity must be in [0, 1), got {sparsity}")
     return sparsity
 
