@@ -19,6 +19,8 @@
 #            its defaults (both side by side), then accuracy + perplexity of the healed and removal checkpoints
 #   recipe   issue 22: heal reap-0.25 with --recipe moe-pruner (started beside the heal step's runs when both
 #            steps are asked), then perplexity, KL and top-1 against the fixture: removal, default, moe-pruner
+#   lora     issue 21: heal reap-0.25 and reap-0.5 with --lora R (R in LORA_RANKS) and with full distillation, all
+#            side by side, then perplexity, KL and top-1 of each and of the removal checkpoints
 # OUT gets rows-NAME.jsonl (every row), summary-NAME.md (the tables, also printed), log-NAME.txt (steps and
 # log tails) and lm_eval_gpu-NAME.json. CPU smoke test: DEVICE=cpu LIMIT=1 SAMPLES=8 MAX_TOKENS=512 ...
 set -u
@@ -32,7 +34,8 @@ CRITERION=${CRITERION:-recon}; NOVICE_CRITERION=${NOVICE_CRITERION:-mone}; HEAL_
 KD_TOKENS=${KD_TOKENS:-}; HEAL_EXTRA=${HEAL_EXTRA:-}; HEAL_REMOVAL=${HEAL_REMOVAL:-1}
 TIMING_LIMIT=${TIMING_LIMIT-100}; TIMING_BATCHES=${TIMING_BATCHES:-8 64 256}; TIMING_DTYPE=${TIMING_DTYPE:-bfloat16}
 declare -A NEED=([collect]=${NEED_COLLECT:-45} [mc]=${NEED_MC:-90} [timing]=${NEED_TIMING:-60}
-                 [heal]=${NEED_HEAL:-240} [recipe]=${NEED_RECIPE:-200})
+                 [heal]=${NEED_HEAL:-240} [recipe]=${NEED_RECIPE:-200} [lora]=${NEED_LORA:-300})
+LORA_RANKS=${LORA_RANKS:-8 16 64}
 MARGIN=10                                   # seconds kept at the end to write OUT
 W=$TMPROOT/devmc; S=$TMPROOT/devmc-$NAME; CALL=$(date +%H:%M:%S)
 mkdir -p "$OUT" "$S/rows" "$S/recipe"
@@ -146,23 +149,42 @@ step_heal() {
     mc_jobs heal "${specs[@]}" -- --no-unpruned --ratios || rc=$?
     return $rc
 }
-step_recipe() {
-    heal_inputs || return
-    start_heal healed 0.25; start_heal moe-pruner 0.25 --recipe moe-pruner
-    local rc=0 key folder pids=()
-    wait_heal healed-0.25 moe-pruner-0.25 || rc=1
-    for key in removal:reap-0.25 default:healed-0.25 moe-pruner:moe-pruner-0.25; do
-        folder=$S/${key#*:}; key=${key%%:*}
+eval_runs() {  # eval_runs KEY:FOLDER...: perplexity, KL and top-1 against the fixture into recipe/eval-KEY.json
+    local spec key folder rc=0 pid pids=()
+    for spec in "$@"; do
+        key=${spec%%:*}; folder=$S/${spec#*:}
         [ -f $S/recipe/eval-$key.json ] || [ ! -f $folder/pruning.json ] && continue
+        while [ $(jobs -rp | wc -l) -ge $((JOBS + ${#PIDS[@]})) ]; do wait -n; done
         ( start=$EPOCHREALTIME
           tmo $cli eval $folder -d $W/data/eval --reference "$FIXTURE" --dtype float32 --max-tokens $MAX_TOKENS \
-              --batch-size $BATCH --device $DEVICE --json > $S/recipe/$key.part 2> $S/log-recipe-$key.txt || exit
+              --batch-size $BATCH --device $DEVICE --json > $S/recipe/$key.part 2> $S/log-eval-$key.txt || exit
           python3 -c "import json, sys; r = json.load(open(sys.argv[1])); r['wall_seconds'] = round(float(sys.argv[2]), 1)
 json.dump(r, open(sys.argv[3], 'w'))" $S/recipe/$key.part $(awk "BEGIN {print $EPOCHREALTIME - $start}") \
               $S/recipe/eval-$key.json ) &
         pids+=($!)
     done
-    for key in "${pids[@]}"; do wait $key || rc=$?; done
+    for pid in "${pids[@]}"; do wait $pid || rc=$?; done
+    return $rc
+}
+step_recipe() {
+    heal_inputs || return
+    start_heal healed 0.25; start_heal moe-pruner 0.25 --recipe moe-pruner
+    local rc=0
+    wait_heal healed-0.25 moe-pruner-0.25 || rc=1
+    eval_runs removal:reap-0.25 default:healed-0.25 moe-pruner:moe-pruner-0.25 || rc=$?
+    return $rc
+}
+step_lora() {  # issue 21: heal --lora R for R in LORA_RANKS against full distillation, reap 0.25 and 0.5
+    heal_inputs || return
+    local r rank rc=0 runs=() specs=()
+    for r in 0.25 0.5; do
+        start_heal healed $r; runs+=(healed-$r); specs+=(removal-$r:reap-$r full-$r:healed-$r)
+        for rank in $LORA_RANKS; do
+            start_heal lora$rank $r --lora $rank; runs+=(lora$rank-$r); specs+=(lora$rank-$r:lora$rank-$r)
+        done
+    done
+    wait_heal "${runs[@]}" || rc=1
+    eval_runs "${specs[@]}" || rc=$?
     return $rc
 }
 publish() {  # OUT: rows, summary, log tails, timing JSON (each written aside, then moved: steps side by side)

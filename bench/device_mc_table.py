@@ -14,10 +14,20 @@ import argparse
 import json
 from pathlib import Path
 
-HEALS = {"healed reap 0.25": "healed-0.25", "healed reap 0.5": "healed-0.5",
-         "healed reap 0.25 (moe-pruner)": "moe-pruner-0.25"}
+HEALS = {"healed-0.25": "healed reap 0.25", "healed-0.5": "healed reap 0.5",
+         "moe-pruner-0.25": "healed reap 0.25 (moe-pruner)"}
 RECIPE = {"removal": "removal reap 0.25", "default": "healed reap 0.25 (default)",
           "moe-pruner": "healed reap 0.25 (moe-pruner)"}
+
+
+def run_label(name: str) -> str:
+    """'lora16-0.5' -> 'reap 0.5, heal --lora 16'; 'full-0.5' -> 'reap 0.5, full heal'; known names as above."""
+    if name in HEALS or name in RECIPE:
+        return HEALS.get(name) or RECIPE[name]
+    kind, _, ratio = name.rpartition("-")
+    if kind.startswith("lora"):
+        return f"reap {ratio}, heal --lora {kind[4:]}"
+    return {"full": f"reap {ratio}, full heal", "removal": f"reap {ratio}, removal"}.get(kind, name)
 BIG_KEYS = {"layers", "held_out_kl_checks", "tensors_written", "data", "held_out_error_checks"}
 
 
@@ -46,15 +56,15 @@ def collect_rows(state: Path) -> list[dict]:
     if timing.is_file():
         rows.append({"step": "timing", "model": "unpruned", **json.loads(timing.read_text())})
     walls = {r["run"]: r for r in jsonl(state / "heal-walls.jsonl")}
-    for label, name in HEALS.items():
+    for name in dict.fromkeys([*HEALS, *walls]):
         record = heal_record(state / name)
         if record is not None or name in walls:
-            rows.append({"step": "heal-record", "model": label, "wall": walls.get(name), "heal": record})
-    for key, label in RECIPE.items():
-        path = state / "recipe" / f"eval-{key}.json"
+            rows.append({"step": "heal-record", "model": run_label(name), "wall": walls.get(name), "heal": record})
+    for path in sorted((state / "recipe").glob("eval-*.json")):
         if path.is_file():
             result = json.loads(path.read_text())
-            rows.append({"step": "recipe", "model": label, "geomean_ppl": result.get("geomean_ppl"),
+            rows.append({"step": "eval", "model": run_label(path.stem.removeprefix("eval-")),
+                         "geomean_ppl": result.get("geomean_ppl"),
                          "kl": result.get("kl"), "top1": result.get("top1"), "seconds": result.get("wall_seconds"),
                          "ppl": {f["domain"]: f["ppl"] for f in result.get("files", [])},
                          "ppl_tokens_per_file": max((f["tokens"] for f in result.get("files", [])), default=None)})
@@ -74,7 +84,7 @@ def model_table(rows: list[dict]) -> str:
              "at the same time; the timing table is the clean figure)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        if r["step"] not in ("mc", "heal", "recipe"):
+        if r["step"] not in ("mc", "heal", "eval"):
             continue
         ppl, acc, timing = r.get("geomean_ppl"), r.get("mean_acc"), r.get("timing") or {}
         other = base is not None and r is not base
