@@ -95,7 +95,12 @@ stats_option = click.option(
     "--stats", "stats_path", type=FILE,
     help="Statistics file from `collect`: what --criterion scores (prune, sparsify), and for sparsify the "
          "router-weighted input norms of moe-pruner and wanda.")
-overwrite_option = click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def overwrite_for(target: str = "OUTPUT"):
+    """--overwrite, its help naming what it replaces (OUTPUT for most commands, demo's --workdir)."""
+    return click.option("--overwrite", is_flag=True, help=f"Replace {target} if it exists.")
+
+
+overwrite_option = overwrite_for()
 revision_option = click.option(
     "--revision",
     help="Hub branch, tag or commit: the one MODEL (heal: --teacher) is read from, or for push the branch "
