@@ -145,7 +145,7 @@ def test_memory_formula_term_by_term() -> None:
     assert by_expert["local_block"] == 2 * 310 + 16 * 70 < local["local_block"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--lora", "4"]])
+@pytest.mark.parametrize("extra", [[], ["--lora", "4"], ["--local-steps", "0"]])
 def test_heal_refuses_up_front_when_the_budget_is_too_small(root: Path, pair, data: Path, extra: list[str]) -> None:
     teacher, student = pair
     out = root / f"too-small{len(extra)}"
@@ -154,7 +154,11 @@ def test_heal_refuses_up_front_when_the_budget_is_too_small(root: Path, pair, da
     assert result.exit_code == 2, (result.output, result.exception)
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "needs about" in lines[0] and "--memory-budget" in lines[0], result.output
-    assert ("--lora 4" in lines[0]) == bool(extra)
+    assert ("--lora 4" in lines[0]) == ("--lora" in extra)
+    # the stage that runs out is named with its own terms: here the local stage's cache of 262,144 tokens,
+    # and with the stage off, distillation's terms only
+    stage = "distillation (weights" if "--local-steps" in extra else "layer-local stage (layers"
+    assert f"in its {stage}" in lines[0] and ("cache" in lines[0]) == ("--local-steps" not in extra), lines[0]
     assert not out.exists() and not [p for p in root.iterdir() if p.name.startswith(f".{out.name}.")]
 
 

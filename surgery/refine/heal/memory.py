@@ -176,8 +176,18 @@ def check_memory(pairing: Pairing, device: torch.device, dtype: torch.dtype, opt
             return fit
     mode = f"--lora {options.lora}" if options.lora else "full-parameter"
     where = "--memory-budget" if options.memory_budget is not None else f"free on {device}"
-    parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in need.items() if k != "total" and v)
+    stage, terms = _largest_stage(need, common["distill"])
+    parts = ", ".join(f"{k.removeprefix('local_')} {need[k] / GIB:.2f}" for k in terms if need[k])
     advice = "a smaller --lora rank" if options.lora else "--lora"
-    raise HealError(f"{pairing.student.dir}: heal ({mode}) needs about {need['total'] / GIB:.2f} GiB "
+    raise HealError(f"{pairing.student.dir}: heal ({mode}) needs about {need['total'] / GIB:.2f} GiB in its {stage} "
                     f"({parts} GiB), more than the {budget / GIB:.3g} GiB {where}; try {advice}, a smaller "
                     "--batch-size or --local-tokens, or torchrun over more devices")
+
+
+def _largest_stage(need: dict[str, int], distill: bool) -> tuple[str, list[str]]:
+    """The stage whose terms make `need["total"]`, and those terms (a refusal lists only the stage that runs
+    out, not a stage that is off)."""
+    kd = ["weights", "optimizer", "casts", "activations"]
+    if distill and sum(need[k] for k in kd) == need["total"]:
+        return "distillation", kd
+    return "layer-local stage", [k for k in need if k.startswith("local_")]
