@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from surgery.cli.options import overwrite_for, ratio_option
+from surgery.cli.options import overwrite_option, ratio_option
 
 
 @click.command()
@@ -15,7 +15,7 @@ from surgery.cli.options import overwrite_for, ratio_option
 @ratio_option(0.5)
 @click.option("--steps", type=click.IntRange(min=0), default=300, show_default=True,
               help="Training steps of the built-in model.")
-@overwrite_for("--workdir (only a folder an earlier demo wrote)")
+@overwrite_option
 def demo(workdir: Path, ratio: float, steps: int, overwrite: bool) -> None:
     """Build a small Qwen3-MoE (trained briefly on generated text), collect statistics, prune it
     with several criteria, and compare perplexity and KL against the unpruned model.

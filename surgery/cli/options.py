@@ -95,12 +95,8 @@ stats_option = click.option(
     "--stats", "stats_path", type=FILE,
     help="Statistics file from `collect`: what --criterion scores (prune, sparsify), and for sparsify the "
          "router-weighted input norms of moe-pruner and wanda.")
-def overwrite_for(target: str = "OUTPUT"):
-    """--overwrite, its help naming what it replaces (OUTPUT for most commands, demo's --workdir)."""
-    return click.option("--overwrite", is_flag=True, help=f"Replace {target} if it exists.")
-
-
-overwrite_option = overwrite_for()
+overwrite_option = click.option("--overwrite", is_flag=True,
+                                help="Replace the output (OUTPUT, or demo's --workdir) if it exists.")
 revision_option = click.option(
     "--revision",
     help="Hub branch, tag or commit: the one MODEL (heal: --teacher) is read from, or for push the branch "
