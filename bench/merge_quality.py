@@ -42,6 +42,8 @@ def prune_command(args: argparse.Namespace, criterion: str, ratio: float, varian
         cmd += ["--merge", method]
     if refit:
         cmd += ["--refit", "--refit-tokens", str(args.refit_tokens), "--refit-steps", str(args.refit_steps)]
+    elif criterion == "auto":
+        cmd += ["--no-refit"]
     if refit or criterion == "auto":
         cmd += [x for d in args.calib_text for x in ("--calib-text", d)]
     return cmd
@@ -112,7 +114,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["drop", "lsq", "hc-smoe", "mc-smoe"],
                     help="drop, hc-smoe, mc-smoe or lsq, each optionally +refit; with criterion auto, `auto` lets it choose")
     ap.add_argument("--refit-tokens", type=int, default=65536)
-    ap.add_argument("--refit-steps", type=int, default=100)
+    ap.add_argument("--refit-steps", type=int, default=200)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=4096, help="Tokens per eval file.")
     ap.add_argument("--batch-size", type=int, default=8)

@@ -268,6 +268,21 @@ def test_refit_lowers_held_out_block_error(model_and_stats, root: Path, data_fil
         assert torch.isfinite(load_model(out)(input_ids=torch.tensor([[3, 4, 5]])).logits).all()
 
 
+def test_calibration_text_turns_the_refit_on_unless_told_otherwise(model_and_stats, root: Path, data_file: Path,
+                                                                   cli) -> None:
+    """--calib-text alone refits (the measured winner); --no-refit with it and no auto leaves it unused: refused."""
+    path, stats_path = model_and_stats
+    common = ["prune", path, "--stats", stats_path, "--criterion", "frequency", "--keep", "6", "--calib-text",
+              data_file, "--device", "cpu"]
+    out = root / f"{path.name}-default-refit"
+    result = cli(*common, "--refit-tokens", "768", "--refit-steps", "5", "-o", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "pruning.json").read_text())["refit"] == {"tokens": 768, "steps_per_layer": 5}
+    refused = root / f"{path.name}-no-refit"
+    result = cli(*common, "--no-refit", "-o", refused)
+    assert result.exit_code == 2 and "--no-refit" in result.output and not refused.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # auto by the real loss
 
@@ -302,7 +317,7 @@ def test_auto_by_loss_through_prune_records_every_candidate(model_and_stats, roo
     path, stats_path = model_and_stats
     out = root / f"{path.name}-auto"
     result = cli("prune", path, "--stats", stats_path, "--criterion", "auto", "--keep", "6", "--calib-text",
-                 data_file, "-o", out, "--overwrite")
+                 data_file, "--no-refit", "-o", out, "--overwrite")
     assert result.exit_code == 0, result.output
     auto = json.loads((out / "pruning.json").read_text())["plan"]["auto"]
     assert auto["by"] == "held-out loss" and {"hc-smoe", "mc-smoe", "recon/drop", "reap/lsq"} <= set(auto["losses"])

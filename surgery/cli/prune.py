@@ -65,15 +65,16 @@ merge_options = option_group(
                       "neurons; `collect --merge-stats`) or lsq (the plan's kept experts absorb their most similar "
                       "removed ones, least squares on the routed second moments). Same plain layout, fewer experts; "
                       "pruning.json records which original experts each new one stands for."),
-    click.option("--refit", is_flag=True,
+    click.option("--refit/--no-refit", default=None,
                  help="Then fit the pruned MoE blocks (router rows and experts) to the original's outputs, one layer "
-                      "at a time: heal's layer-local stage, without distillation (needs --calib-text)."),
+                      "at a time: heal's layer-local stage, without distillation. Needs --calib-text; on by default "
+                      "when --calib-text is given (it beat plain removal on every model and ratio measured)."),
     click.option("--calib-text", "text", multiple=True, type=TEXT,
                  help="Calibration text (file or folder, repeatable) for --refit, and for --criterion auto, which "
                       "then ranks every candidate plan (criterion x drop/merge) by its held-out next-token loss."),
     click.option("--refit-tokens", type=int, default=65536, show_default=True,
                  help="With --refit: tokens of --calib-text to fit on (one sequence in 16 held out)."),
-    click.option("--refit-steps", type=int, default=100, show_default=True,
+    click.option("--refit-steps", type=int, default=200, show_default=True,
                  help="With --refit: Adam steps per MoE layer."),
 )
 

@@ -19,32 +19,39 @@ METHODS = ("hc-smoe", "mc-smoe", "lsq")  # surgery.rewrite.merge.METHODS (no num
 @dataclass(frozen=True)
 class MergeOptions:
     """`merge`: None (drop), hc-smoe, mc-smoe or lsq (surgery.rewrite.merge). `refit`: run heal's layer-local
-    stage on `text` (`refit_tokens` tokens, `refit_steps` steps per layer) before writing. `text` also makes
-    `--criterion auto` rank candidate plans by their held-out loss on it (surgery.pipeline.auto_loss)."""
+    stage on `text` (`refit_tokens` tokens, `refit_steps` steps per layer) before writing; None (not said) means
+    on when `text` is given, because the refit won on every measured model and ratio (bench/RESULTS.md, issue
+    23). `text` also makes `--criterion auto` rank candidate plans by their held-out loss on it
+    (surgery.pipeline.auto_loss)."""
 
     merge: str | None = None
-    refit: bool = False
+    refit: bool | None = None
     text: tuple[str, ...] = ()
     refit_tokens: int = 65536
-    refit_steps: int = 100
+    refit_steps: int = 200
+
+    @property
+    def refitting(self) -> bool:
+        return self.refit if self.refit is not None else bool(self.text)
 
     @property
     def active(self) -> bool:
-        return self.merge is not None or self.refit
+        return self.merge is not None or self.refitting
 
 
 def check_merge_request(merging: MergeOptions, stats_path: Path | None, novices: bool, collecting: bool,
                         criterion: str | None = None) -> None:
     """Refuse combinations that cannot work, before anything is written."""
-    if merging.text and not (merging.refit or criterion == "auto"):
-        raise UserError("--calib-text goes with --refit or --criterion auto")
+    if merging.text and merging.refit is False and criterion != "auto":
+        raise UserError("--calib-text is for the refit and --criterion auto: with --no-refit it would go unused")
     if not merging.active:
         return
     if collecting or novices:
-        raise UserError("--merge / --refit work on one plan from --stats or --plan: drop -d/--rounds and --novices")
+        raise UserError("--merge / --refit (on with --calib-text) work on one plan from --stats or --plan: drop "
+                        "-d/--rounds and --novices")
     if merging.merge is not None and stats_path is None:
         raise UserError("--merge needs --stats (the merge weights and groups come from the statistics file)")
-    if merging.refit and not merging.text:
+    if merging.refitting and not merging.text:
         raise UserError("--refit needs calibration text: give --calib-text PATH")
 
 
@@ -61,14 +68,14 @@ def _work_folder(out) -> Iterator[Path]:
 def write_merge_or_refit(model_dir: Path, plan: Plan, out_dir: Path, stats_path: Path | None, merging: MergeOptions,
                          *, overwrite: bool = False, allow_nonuniform: bool = False, hash_shards: bool = False,
                          device: str | None = None, seed: int = 0, progress: bool = True) -> None:
-    """Write OUT_DIR: the plan's experts dropped or merged (`merging.merge`), then refitted (`merging.refit`)."""
+    """Write OUT_DIR: the plan's experts dropped or merged (`merging.merge`), then refitted (`merging.refitting`)."""
     from surgery.io.derived import DerivedCheckpoint, as_output
     from surgery.refine.merge import RefitOptions, refit, write_merged
     from surgery.rewrite.experts import rewrite_checkpoint
 
     out = as_output(out_dir, overwrite, [model_dir])
     with out, _work_folder(out) as work:
-        if not merging.refit:
+        if not merging.refitting:
             from stats_formats import StatsFile
 
             write_merged(model_dir, plan, merging.merge, StatsFile(stats_path), out, work,
