@@ -145,6 +145,19 @@ def test_memory_formula_term_by_term() -> None:
     assert by_expert["local_block"] == 2 * 310 + 16 * 70 < local["local_block"]
 
 
+def test_local_cache_estimate_counts_the_tokens_read() -> None:
+    """The local stage caches at most what --tokens reads (x4 with teacher samples), not --local-tokens."""
+    from types import SimpleNamespace
+
+    from surgery.refine.heal.memory import _local_tokens
+
+    opts = dict(local_tokens=262144, synthesize=False)
+    assert _local_tokens(SimpleNamespace(tokens=None, **opts)) == 262144
+    assert _local_tokens(SimpleNamespace(tokens=16384, **opts)) == 16384
+    assert _local_tokens(SimpleNamespace(tokens=16384, **{**opts, "synthesize": True})) == 4 * 16384
+    assert _local_tokens(SimpleNamespace(tokens=10**7, **opts)) == 262144
+
+
 @pytest.mark.parametrize("extra", [[], ["--lora", "4"], ["--local-steps", "0"]])
 def test_heal_refuses_up_front_when_the_budget_is_too_small(root: Path, pair, data: Path, extra: list[str]) -> None:
     teacher, student = pair

@@ -156,6 +156,16 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
+def _local_tokens(options) -> int:
+    """Tokens the layer-local stage caches: --local-tokens, or fewer when --tokens reads less text (up to
+    1 + SAMPLES_PER_SEQUENCE times it with teacher samples; all of DATA, unknown here, counts as --local-tokens)."""
+    from surgery.refine.heal.run import SAMPLES_PER_SEQUENCE
+
+    if not options.tokens:
+        return options.local_tokens
+    return min(options.local_tokens, options.tokens * (1 + SAMPLES_PER_SEQUENCE if options.synthesize else 1))
+
+
 def check_memory(pairing: Pairing, device: torch.device, dtype: torch.dtype, options) -> str:
     """The layer-local fit to use ("joint", or "experts" when only the expert-by-expert fit fits, with
     options.local_fit "auto"); refuses (HealError, exit 2) when the run's estimate exceeds the budget."""
@@ -164,7 +174,7 @@ def check_memory(pairing: Pairing, device: torch.device, dtype: torch.dtype, opt
     train_all = options.train == "all" or options.recipe == "moe-pruner"
     common = dict(dtype_bytes=torch.empty((), dtype=dtype).element_size(), lora=options.lora, train_all=train_all,
                   snapshot_bytes=torch.empty((), dtype=snapshot_dtype(pairing, train_all)).element_size(),
-                  batch_tokens=options.batch_size * options.seq_len, local_tokens=options.local_tokens,
+                  batch_tokens=options.batch_size * options.seq_len, local_tokens=_local_tokens(options),
                   local=options.local_steps > 0 and options.recipe == "default", distill=steps > 0,
                   world=int(os.environ.get("WORLD_SIZE", "1")))
     free = available_bytes(device)
