@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -154,6 +155,30 @@ def task_cache() -> Iterator[Path]:
         yield Path(tmp)
 
 
+@contextmanager
+def _quiet_git_hash() -> Iterator[None]:
+    """lm-eval records `git describe` of the working folder with git's stderr left on the terminal, so outside a
+    repository every run printed "fatal: not a git repository". The same call with that stderr discarded."""
+    import lm_eval.evaluator as evaluator
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+
+    def quiet() -> str | None:
+        try:
+            out = subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL)  # noqa: S607
+            return out.strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return None
+
+    if original is not None:
+        evaluator.get_git_commit_hash = quiet
+    try:
+        yield
+    finally:
+        if original is not None:
+            evaluator.get_git_commit_hash = original
+
+
 def run_tasks(model, tokenizer, tasks: list, manager, options: TaskOptions, *, batch_size: int = 8) -> dict:
     """Run `tasks` with `manager` (both from `resolve_tasks`) on an already loaded model; one entry per task
     with its metrics and their standard errors, plus the requests run and the seconds they took."""
@@ -166,9 +191,10 @@ def run_tasks(model, tokenizer, tasks: list, manager, options: TaskOptions, *, b
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         counts, spent, cpu = _count_requests(lm)
         start = time.perf_counter()
-        raw = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, num_fewshot=options.num_fewshot, limit=options.limit, log_samples=False,
-            bootstrap_iters=1000, task_manager=manager)
+        with _quiet_git_hash():
+            raw = lm_eval.simple_evaluate(
+                model=lm, tasks=tasks, num_fewshot=options.num_fewshot, limit=options.limit, log_samples=False,
+                bootstrap_iters=1000, task_manager=manager)
         seconds = time.perf_counter() - start
     except (OSError, ValueError, KeyError) as e:  # a missing data file, a bad template or field
         raise TaskError(f"lm-eval could not run the tasks: {_first_line(e)}") from None
