@@ -277,7 +277,13 @@ def test_calibration_text_turns_the_refit_on_unless_told_otherwise(model_and_sta
     out = root / f"{path.name}-default-refit"
     result = cli(*common, "--refit-tokens", "768", "--refit-steps", "5", "-o", out, "--overwrite")
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "pruning.json").read_text())["refit"] == {"tokens": 768, "steps_per_layer": 5}
+    refit = json.loads((out / "pruning.json").read_text())["refit"]
+    assert refit["max_tokens"] == 768 and 0 < refit["tokens"] <= 768 and refit["steps_per_layer"] == 5
+    # more tokens asked for than the text holds: all of the text, not an error
+    short = root / f"{path.name}-short-text"
+    result = cli(*common, "--refit-tokens", str(10**7), "--refit-steps", "2", "-o", short)
+    assert result.exit_code == 0, result.output
+    assert 0 < json.loads((short / "pruning.json").read_text())["refit"]["tokens"] < 10**7
     refused = root / f"{path.name}-no-refit"
     result = cli(*common, "--no-refit", "-o", refused)
     assert result.exit_code == 2 and "--no-refit" in result.output and not refused.exists()

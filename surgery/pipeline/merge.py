@@ -97,6 +97,8 @@ def write_merge_or_refit(model_dir: Path, plan: Plan, out_dir: Path, stats_path:
         from surgery.io import provenance
 
         record = provenance.read(work / "refit")  # heal's record stays under "heal" (a later heal reads it)
-        record["refit"] = {"tokens": merging.refit_tokens, "steps_per_layer": merging.refit_steps}
+        local = next((x for x in record.get("heal", {}).get("stages", []) if x.get("stage") == "local"), {})
+        record["refit"] = {"tokens": local.get("tokens"), "max_tokens": merging.refit_tokens,
+                           "steps_per_layer": merging.refit_steps}
         out.copy_folder(work / "refit")
         out.finish_record(record)

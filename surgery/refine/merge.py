@@ -33,8 +33,8 @@ from surgery.rewrite.merge_groups import Groups, groups_for
 
 @dataclass(frozen=True)
 class RefitOptions:
-    """heal's layer-local stage sized for a CPU: `tokens` of `data` (one sequence in 16 held out to pick each
-    layer's best step), `steps` Adam steps per MoE layer."""
+    """heal's layer-local stage sized for a CPU: at most `tokens` of `data` (all of it when shorter; one sequence
+    in 16 held out to pick each layer's best step), `steps` Adam steps per MoE layer."""
 
     data: tuple[str, ...] = ()
     tokens: int = 65536
@@ -108,7 +108,8 @@ def refit(student_dir: Path, model_dir: Path, out_dir: Path, options: RefitOptio
 
         raise HealError("--refit needs calibration text: give --calib-text PATH")
     return heal(student_dir, model_dir, list(options.data), out_dir,
-                HealOptions(tokens=options.tokens, local_tokens=options.tokens, local_steps=options.steps,
+                HealOptions(tokens=options.tokens, tokens_at_most=True, local_tokens=options.tokens,
+                            local_steps=options.steps,
                             local_lr=options.lr, synthesize=False, kd_steps=0, seq_len=options.seq_len,
                             batch_size=options.batch_size, device=options.device, seed=options.seed,
                             progress=progress))

@@ -44,7 +44,8 @@ LOCAL_FITS = ("auto", "joint", "experts")
 
 @dataclass(frozen=True)
 class HealOptions:
-    """How to heal. tokens None = all the text, up to DEFAULT_TOKENS. local_steps 0 turns the layer-local
+    """How to heal. tokens None = all the text, up to DEFAULT_TOKENS; tokens_at_most: `tokens` is a cap (shorter
+    text is used whole, as `prune`'s refit wants) rather than a demand that fails on short text. local_steps 0 turns the layer-local
     stage off; kd_steps None = as many distillation steps as distil on `kd_tokens` tokens (cycling through
     the training sequences when the text is shorter), 0 turns the stage off. synthesize: when the text gives
     the local stage fewer than `local_tokens` tokens, the teacher's sampled continuations of prefixes of the
@@ -56,6 +57,7 @@ class HealOptions:
     local_fit: "joint", "experts" (surgery.refine.heal.expertwise) or "auto" (experts when the joint fit does not fit)."""
 
     tokens: int | None = None
+    tokens_at_most: bool = False
     output_dtype: str | None = None  # None: the student's own dtypes and scheme; "bf16": quantized weights unquantized
     local_steps: int = 200
     local_tokens: int = 2**18
@@ -183,7 +185,8 @@ def _loaded(run: _Run, model):
 def _start(pairing: Pairing, data: list[str], teacher_dir: str | Path, options: HealOptions, world: World) -> _Run:
     dev = rank_device(pick_device(options.device), world)
     dt = pick_dtype(options.dtype, dev)
-    train_ids, held_ids, seq_len = _sequences(pairing, data, options.tokens, options.seq_len, options.seed)
+    train_ids, held_ids, seq_len = _sequences(pairing, data, options.tokens, options.seq_len, options.seed,
+                                         at_most=options.tokens_at_most)
     record: dict = {
         "created": now(),
         "teacher": str(Path(teacher_dir).resolve()),
@@ -196,8 +199,9 @@ def _start(pairing: Pairing, data: list[str], teacher_dir: str | Path, options: 
     return _Run(pairing, options, dev, dt, train_ids, held_ids, seq_len, record, world=world)
 
 
-def _sequences(pairing: Pairing, data: list[str], tokens: int | None, seq_len: int, seed: int):
-    """(training sequences, held-out sequences, seq_len). tokens None = all the text, up to DEFAULT_TOKENS."""
+def _sequences(pairing: Pairing, data: list[str], tokens: int | None, seq_len: int, seed: int, at_most: bool = False):
+    """(training sequences, held-out sequences, seq_len). tokens None = all the text, up to DEFAULT_TOKENS;
+    at_most: fewer than `tokens` is fine (at least two sequences)."""
     from surgery.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(pairing.teacher.dir)
@@ -208,7 +212,7 @@ def _sequences(pairing: Pairing, data: list[str], tokens: int | None, seq_len: i
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         calib = build_sequences(list(data), tokenizer, wanted, seq_len, seed)
-    need = wanted if tokens else 2
+    need = wanted if tokens and not at_most else 2
     if calib.num_sequences < need:
         asked = f"--tokens asks for {need * seq_len}" if tokens else f"heal needs at least {need * seq_len}"
         raise HealError(f"{', '.join(map(str, data))}: only {calib.num_tokens} tokens of text, {asked} "
