@@ -73,7 +73,8 @@ merge_options = option_group(
                  help="Calibration text (file or folder, repeatable) for --refit, and for --criterion auto, which "
                       "then ranks every candidate plan (criterion x drop/merge) by its held-out next-token loss."),
     click.option("--refit-tokens", type=int, default=65536, show_default=True,
-                 help="With --refit: tokens of --calib-text to fit on (one sequence in 16 held out)."),
+                 help="With --refit: at most this many tokens of --calib-text to fit on (all of it when shorter; "
+                      "one sequence in 16 held out)."),
     click.option("--refit-steps", type=int, default=200, show_default=True,
                  help="With --refit: Adam steps per MoE layer."),
 )

@@ -45,8 +45,8 @@ LOCAL_FITS = ("auto", "joint", "experts")
 @dataclass(frozen=True)
 class HealOptions:
     """How to heal. tokens None = all the text, up to DEFAULT_TOKENS; tokens_at_most: `tokens` is a cap (shorter
-    text is used whole, as `prune`'s refit wants) rather than a demand that fails on short text. local_steps 0 turns the layer-local
-    stage off; kd_steps None = as many distillation steps as distil on `kd_tokens` tokens (cycling through
+    text is used whole, as `prune`'s refit wants) rather than a demand that fails on short text. local_steps 0
+    turns the layer-local stage off; kd_steps None = as many distillation steps as distil on `kd_tokens` tokens (cycling through
     the training sequences when the text is shorter), 0 turns the stage off. synthesize: when the text gives
     the local stage fewer than `local_tokens` tokens, the teacher's sampled continuations of prefixes of the
     text make up the difference, up to SAMPLES_PER_SEQUENCE per real sequence (surgery.refine.heal.synthetic).
