@@ -46,10 +46,10 @@ LOCAL_FITS = ("auto", "joint", "experts")
 class HealOptions:
     """How to heal. tokens None = all the text, up to DEFAULT_TOKENS; tokens_at_most: `tokens` is a cap (shorter
     text is used whole, as `prune`'s refit wants) rather than a demand that fails on short text. local_steps 0
-    turns the layer-local stage off; kd_steps None = as many distillation steps as distil on `kd_tokens` tokens (cycling through
-    the training sequences when the text is shorter), 0 turns the stage off. synthesize: when the text gives
-    the local stage fewer than `local_tokens` tokens, the teacher's sampled continuations of prefixes of the
-    text make up the difference, up to SAMPLES_PER_SEQUENCE per real sequence (surgery.refine.heal.synthetic).
+    turns the layer-local stage off; kd_steps None = as many distillation steps as distil on `kd_tokens` tokens
+    (cycling through the training sequences when the text is shorter), 0 turns the stage off. synthesize: when
+    the text gives the local stage fewer than `local_tokens` tokens, the teacher's sampled continuations of
+    prefixes of the text make up the difference, up to SAMPLES_PER_SEQUENCE per real sequence (surgery.refine.heal.synthetic).
     local_inputs: "student", "teacher" or "both" (surgery.refine.heal.local). train: "experts" or "all".
     lora: adapter rank on the pruned layers' experts, 0 = train the weights themselves (surgery.refine.heal.lora).
     recipe: "default" or "moe-pruner" (surgery.refine.heal.recipes); lr None = the recipe's.
