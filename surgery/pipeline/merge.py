@@ -27,8 +27,8 @@ class MergeOptions:
     merge: str | None = None
     refit: bool | None = None
     text: tuple[str, ...] = ()
-    refit_tokens: int = 65536
-    refit_steps: int = 200
+    refit_tokens: int = 262144
+    refit_steps: int = 600
 
     @property
     def refitting(self) -> bool:

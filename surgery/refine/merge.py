@@ -37,8 +37,8 @@ class RefitOptions:
     in 16 held out to pick each layer's best step), `steps` Adam steps per MoE layer."""
 
     data: tuple[str, ...] = ()
-    tokens: int = 65536
-    steps: int = 100
+    tokens: int = 262144
+    steps: int = 600
     lr: float = 3e-4
     seq_len: int = 512
     batch_size: int = 8

@@ -35,6 +35,7 @@ import torch
 
 from surgery.io import Checkpoint
 from surgery.refine.heal.pairing import HealError, Pairing
+from surgery.refine.heal.synthetic import SAMPLES_PER_SEQUENCE
 
 GIB = 2**30
 
@@ -159,8 +160,6 @@ def available_bytes(device: torch.device) -> int | None:
 def _local_tokens(options) -> int:
     """Tokens the layer-local stage caches: --local-tokens, or fewer when --tokens reads less text (up to
     1 + SAMPLES_PER_SEQUENCE times it with teacher samples; all of DATA, unknown here, counts as --local-tokens)."""
-    from surgery.refine.heal.run import SAMPLES_PER_SEQUENCE
-
     if not options.tokens:
         return options.local_tokens
     return min(options.local_tokens, options.tokens * (1 + SAMPLES_PER_SEQUENCE if options.synthesize else 1))

@@ -30,13 +30,13 @@ from surgery.refine.heal.distributed import start as join_ranks
 from surgery.refine.heal.export import OUTPUT_DTYPES
 from surgery.refine.heal.lora import check_lora, lora_fit, lora_student
 from surgery.refine.heal.memory import check_memory, snapshot_dtype
+from surgery.refine.heal.synthetic import SAMPLES_PER_SEQUENCE, teacher_samples
 from surgery.refine.heal.recipes import RECIPE_LR, RECIPES, MoEPrunerObjective
 from surgery.refine.heal.pairing import HealError, Pairing, pair
 from surgery.refine.heal.spill import SPILL_DIR, Spill
 from surgery.refine.heal.write import LayerWriter, write_output
 
 HELD_OUT_SHARE = 16  # one sequence in 16 is kept aside to measure each stage
-SAMPLES_PER_SEQUENCE = 3  # teacher samples per real sequence at most, when the local stage is short of text
 DEFAULT_TOKENS = 8 * 2**20  # read at most this much text when --tokens is not given, and distil on this many
 TRAIN_CHOICES = ("experts", "all")
 LOCAL_FITS = ("auto", "joint", "experts")
@@ -231,7 +231,6 @@ def _local_ids(run: _Run) -> tuple[torch.Tensor, dict]:
     if not o.synthesize or missing <= 0:
         return local_ids, {}
     from surgery.model.load import load_model
-    from surgery.refine.heal.synthetic import teacher_samples
 
     t0 = time.perf_counter()
     teacher = _loaded(run, load_model(run.pairing.teacher.dir, str(run.device), run.dtype))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
+SAMPLES_PER_SEQUENCE = 3  # teacher samples per real sequence at most, when the local stage is short of text
+
 PREFIX = 32  # real tokens that start each sample
 CHUNK = 128  # samples generated at once
 
