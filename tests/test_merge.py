@@ -287,6 +287,9 @@ def test_calibration_text_turns_the_refit_on_unless_told_otherwise(model_and_sta
     refused = root / f"{path.name}-no-refit"
     result = cli(*common, "--no-refit", "-o", refused)
     assert result.exit_code == 2 and "--no-refit" in result.output and not refused.exists()
+    for option in ("--refit-tokens", "--refit-steps"):  # 0 would read all the text / fit nothing
+        result = cli(*common, option, "0", "-o", refused)
+        assert result.exit_code == 2 and option in result.output and not refused.exists()
 
 
 # ---------------------------------------------------------------------------------------------

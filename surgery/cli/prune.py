@@ -72,10 +72,10 @@ merge_options = option_group(
     click.option("--calib-text", "text", multiple=True, type=TEXT,
                  help="Calibration text (file or folder, repeatable) for --refit, and for --criterion auto, which "
                       "then ranks every candidate plan (criterion x drop/merge) by its held-out next-token loss."),
-    click.option("--refit-tokens", type=int, default=262144, show_default=True,
+    click.option("--refit-tokens", type=click.IntRange(min=1), default=262144, show_default=True,
                  help="With --refit: at most this many tokens of --calib-text to fit on (all of it when shorter; "
                       "one sequence in 16 held out)."),
-    click.option("--refit-steps", type=int, default=600, show_default=True,
+    click.option("--refit-steps", type=click.IntRange(min=1), default=600, show_default=True,
                  help="With --refit: Adam steps per MoE layer."),
 )
 

@@ -67,7 +67,7 @@ def _work_folder(out) -> Iterator[Path]:
 
 def write_merge_or_refit(model_dir: Path, plan: Plan, out_dir: Path, stats_path: Path | None, merging: MergeOptions,
                          *, overwrite: bool = False, allow_nonuniform: bool = False, hash_shards: bool = False,
-                         device: str | None = None, seed: int = 0, progress: bool = True) -> None:
+                         device: str | None = None, seq_len: int = 512, seed: int = 0, progress: bool = True) -> None:
     """Write OUT_DIR: the plan's experts dropped or merged (`merging.merge`), then refitted (`merging.refitting`)."""
     from surgery.io.derived import DerivedCheckpoint, as_output
     from surgery.refine.merge import RefitOptions, refit, write_merged
@@ -92,7 +92,7 @@ def write_merge_or_refit(model_dir: Path, plan: Plan, out_dir: Path, stats_path:
                 write_merged(model_dir, plan, merging.merge, StatsFile(stats_path), merged, work,
                              allow_nonuniform=allow_nonuniform, progress=progress, hash_shards=hash_shards)
         options = RefitOptions(data=merging.text, tokens=merging.refit_tokens, steps=merging.refit_steps,
-                               device=device, seed=seed)
+                               device=device, seq_len=seq_len, seed=seed)
         refit(student, model_dir, work / "refit", options, progress=progress)
         from surgery.io import provenance
 

@@ -214,7 +214,8 @@ def _sequences(pairing: Pairing, data: list[str], tokens: int | None, seq_len: i
         calib = build_sequences(list(data), tokenizer, wanted, seq_len, seed)
     need = wanted if tokens and not at_most else 2
     if calib.num_sequences < need:
-        asked = f"--tokens asks for {need * seq_len}" if tokens else f"heal needs at least {need * seq_len}"
+        asked = (f"--tokens asks for {need * seq_len}" if tokens and not at_most
+                 else f"{'the refit' if at_most else 'heal'} needs at least {need * seq_len}")
         raise HealError(f"{', '.join(map(str, data))}: only {calib.num_tokens} tokens of text, {asked} "
                         f"({need} sequences of {seq_len})")
     wanted = calib.num_sequences
