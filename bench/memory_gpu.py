@@ -5,7 +5,8 @@ top-8, moe_intermediate 768, bf16, per-expert tensors as on the Hub, 8 shards) d
 safetensors, one layer at a time, plus a character-level tokenizer and calibration text; then runs,
 each step in its own process (so peak RSS is the step's own):
 
-  collect (in memory), collect --stream-layers, prune --stats (25%), eval --reference, heal --kd-steps 0
+  collect (in memory), collect --stream-layers, prune --stats (25%), eval --reference, heal --kd-steps 0,
+  and (step `refit`, not by default) prune --stats (25%) --calib-text: prune's default refit
 
 and prints one JSON line per step: wall s, peak host RSS GiB, peak GPU GiB (torch.cuda.max_memory_allocated),
 load s, compute s and tokens/s as the command recorded them; then the streamed / in-memory throughput ratio.
@@ -233,6 +234,18 @@ def main() -> None:
         shutil.rmtree(pruned, ignore_errors=True)
         results["prune"] = step("prune --stats (25%)", ["prune", str(model), "--stats", str(stats), "--criterion",
                                                         "frequency", "--ratio", "0.25", "-o", str(pruned)])
+    if "refit" in wanted:  # issue 23: prune's default when calibration text is given (drop + refit)
+        import shutil
+
+        refitted = work / "pruned-refit"
+        shutil.rmtree(refitted, ignore_errors=True)
+        results["refit"] = step("prune --stats (25%) --calib-text: the default refit",
+                                ["prune", str(model), "--stats", str(stats), "--criterion", "frequency", "--ratio",
+                                 "0.25", "-o", str(refitted), "--calib-text", str(data), "--device", args.device],
+                                f"heal:{refitted}")
+        record = json.loads((refitted / "pruning.json").read_text()) if refitted.exists() else {}
+        print(json.dumps({"refit": record.get("refit"), "heal_seconds": record.get("heal", {}).get("seconds"),
+                          "layers": record.get("heal", {}).get("stages", [{}])[0].get("layers")}), flush=True)
     if "eval" in wanted:
         results["eval"] = step("eval --reference", ["eval", str(pruned), "-d", str(data), "--reference", str(model),
                                                     "--device", args.device, "--max-tokens", str(args.eval_tokens),

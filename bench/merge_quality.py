@@ -38,7 +38,9 @@ def prune_command(args: argparse.Namespace, criterion: str, ratio: float, varian
     method, _, refit = variant.partition("+")
     cmd = [sys.executable, "-m", "surgery.cli", "prune", args.model, "--stats", args.stats, "--criterion", criterion,
            "--ratio", str(ratio), "-o", str(out), "--overwrite", "--device", args.device]
-    if method not in ("drop", "auto"):
+    if method == "novices":
+        cmd += ["--novices"]
+    elif method not in ("drop", "auto"):
         cmd += ["--merge", method]
     if refit:
         cmd += ["--refit", "--refit-tokens", str(args.refit_tokens), "--refit-steps", str(args.refit_steps)]
@@ -112,7 +114,8 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--criteria", nargs="+", default=["gated_sq"])
     ap.add_argument("--variants", nargs="+", default=["drop", "lsq", "hc-smoe", "mc-smoe"],
-                    help="drop, hc-smoe, mc-smoe or lsq, each optionally +refit; with criterion auto, `auto` lets it choose")
+                    help="drop, novices, hc-smoe, mc-smoe or lsq, each optionally +refit; with criterion auto, `auto` lets it "
+                         "choose")
     ap.add_argument("--refit-tokens", type=int, default=65536)
     ap.add_argument("--refit-steps", type=int, default=200)
     ap.add_argument("--seq-len", type=int, default=512)

@@ -20,6 +20,7 @@ from surgery.criteria import rank_by_loss
 from surgery.criteria.auto import holdout_error
 from surgery.io import Checkpoint
 from surgery.io.expert_weights import read_expert
+from surgery.model import load_model as load_novice_model
 from surgery.pipeline import merge as pipeline_merge
 from surgery.pipeline.auto_loss import candidate_loss, model_loss
 from surgery.plan import Plan
@@ -266,6 +267,37 @@ def test_refit_lowers_held_out_block_error(model_and_stats, root: Path, data_fil
     assert any(v["held_out_error_after"] < 0.9 * v["held_out_error_before"] for v in layers.values())
     with torch.no_grad():
         assert torch.isfinite(load_model(out)(input_ids=torch.tensor([[3, 4, 5]])).logits).all()
+
+
+def test_novices_refit_fits_the_kept_experts_and_router_around_the_novices(per_expert, root: Path, data_file: Path,
+                                                                          cli) -> None:
+    """prune --novices --refit: the novice checkpoint's layout, novice values and config unchanged, kept experts and
+    router rows refitted (held-out block error down), novices still weightless; it loads and runs."""
+    path, stats_path = per_expert
+    common = ["prune", path, "--stats", stats_path, "--criterion", "frequency", "--keep", "6", "--novices", "-o"]
+    plain, fitted = root / "novices", root / "novices-refit"
+    assert cli(*common, plain).exit_code == 0
+    result = cli(*common, fitted, "--calib-text", data_file, "--refit-tokens", "768", "--refit-steps", "30",
+                 "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    record = json.loads((fitted / "pruning.json").read_text())
+    assert record["novices"] == json.loads((plain / "pruning.json").read_text())["novices"]
+    assert json.loads((fitted / "config.json").read_text()) == json.loads((plain / "config.json").read_text())
+    layers = record["heal"]["stages"][0]["layers"]
+    assert set(layers) == set(record["novices"]) and record["refit"]["steps_per_layer"] == 30
+    assert all(v["held_out_error_after"] < v["held_out_error_before"] for v in layers.values())
+    with Checkpoint(plain) as a, Checkpoint(fitted) as b:
+        assert sorted(a.names()) == sorted(b.names())
+        changed = {n for n in a.names() if a.read_bytes(n) != b.read_bytes(n)}
+    assert not any(n.endswith("approx_value") for n in changed)
+    assert any(".experts." in n for n in changed) and any(n.endswith("mlp.gate.weight") for n in changed)
+    with torch.no_grad():
+        assert torch.isfinite(load_novice_model(fitted)(input_ids=torch.tensor([[3, 4, 5]])).logits).all()
+    refused = root / "novices-refused"
+    result = cli(*common, refused, "--merge", "lsq")
+    assert result.exit_code == 2 and "--novices" in result.output and not refused.exists()
+    result = cli("heal", plain, "--teacher", path, "-d", data_file, "-o", refused, "--device", "cpu")
+    assert result.exit_code == 2 and "--kd-steps 0" in result.output and not refused.exists()
 
 
 def test_calibration_text_turns_the_refit_on_unless_told_otherwise(model_and_stats, root: Path, data_file: Path,

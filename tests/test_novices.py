@@ -223,12 +223,20 @@ def test_cli_prune_novices_eval_and_collect(model_and_stats, root, cli, data_fil
     assert StatsFile(collected).layers == StatsFile(stats_path).layers
 
 
-def test_streaming_collect_refuses_novices(model_and_stats, root, data_file):
+def test_streaming_collect_runs_the_novices(model_and_stats, root, data_file):
+    """--stream-layers loads novices as zero weights plus their gated constants: the same statistics as the in-memory
+    loader, which test_logits_equal_original_with_constant_experts checks against a direct computation."""
     model_dir, stats_path = model_and_stats("qwen3_moe")
     out = root / "qwen3_moe-stream"
     _write(model_dir, stats_path, out)
-    with pytest.raises(UserError, match="--stream-layers cannot load MoNE novice checkpoints"):
-        collect(out, [str(data_file)], root / "stream.stats.safetensors", stream_layers=True, **RUN)
+    streamed, plain = root / "stream.stats.safetensors", root / "plain.stats.safetensors"
+    collect(out, [str(data_file)], streamed, stream_layers=True, dtype="float32", **RUN)
+    collect(out, [str(data_file)], plain, stream_layers=False, dtype="float32", **RUN)
+    a, e = StatsFile(streamed)._source.all_tensors(), StatsFile(plain)._source.all_tensors()
+    assert sorted(a) == sorted(e)
+    for name in e:
+        x, y = np.asarray(a[name], np.float64), np.asarray(e[name], np.float64)
+        assert np.allclose(x, y, rtol=1e-4, atol=1e-5 * max(float(np.abs(y).max()), 1e-12)), name
 
 
 def test_cli_novices_needs_stats(model_and_stats, root, cli):

@@ -21,7 +21,6 @@ from surgery.io.identity import config_sha256, router_sha256
 from surgery.io import Checkpoint
 from surgery.io.quantization import check_quantized
 from surgery.model.load import load_model
-from surgery.model.novices import is_novice_checkpoint
 from surgery.collect.options import CollectOptions, default_holdout
 from surgery.collect.accumulator import LayerAccumulator, all_reduce_field
 from surgery.collect.gradients import GradientSums, gradient_pass, stream_gradients
@@ -248,8 +247,6 @@ def _stream(setup: _Setup, options: CollectOptions) -> bool:
     """--stream-layers as given; auto (None): stream when the weights do not fit in the device's free memory."""
     if options.stream_layers is not None:
         return bool(options.stream_layers)
-    if is_novice_checkpoint(setup.model_dir):
-        return False
     from surgery.model.load import fits, model_bytes
 
     return not fits(model_bytes(setup.model_dir, setup.dtype), setup.device)
@@ -261,8 +258,6 @@ def _run_streamed(setup: _Setup, calib: _Calibration, options: CollectOptions, t
     first pass's frame (embeddings, norms) is in place: layer weights are read during the compute."""
     from surgery.model.streaming import stream_forward
 
-    if is_novice_checkpoint(setup.model_dir):
-        raise UserError(f"{setup.model_dir}: --stream-layers cannot load MoNE novice checkpoints; collect without it")
     progress = options.progress and setup.rank == 0
     layout, dev = setup.layout, setup.device
     holder: dict = {}

@@ -29,19 +29,11 @@ from surgery.architectures import MoELayout, resolve
 from surgery.model.blocks import find_blocks
 from surgery.errors import UserError
 from surgery.io import INDEX_NAME, Checkpoint
-from surgery.io.novice_format import CONFIG_KEY, VALUE_SUFFIX, value_name
+from surgery.io.novice_format import CONFIG_KEY, VALUE_SUFFIX, novice_experts, value_name
 
 _log = logging.getLogger(__name__)
 ZEROS_SHARD = "moe-surgery-novice-zeros.safetensors"
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def novice_experts(config: dict) -> dict[int, list[int]]:
-    """`approximate_experts` of a config dict, looked up where vLLM looks (text_config, then top level)."""
-    for cfg in (config.get("text_config"), config):
-        if isinstance(cfg, dict) and cfg.get(CONFIG_KEY):
-            return {int(layer): sorted(int(i) for i in ids) for layer, ids in cfg[CONFIG_KEY].items() if ids}
-    return {}
 
 
 def is_novice_checkpoint(path: str | os.PathLike) -> bool:
@@ -146,6 +138,14 @@ def _stage(ckpt: Checkpoint, layout: MoELayout, novices: dict[int, list[int]], t
     weight_map = {n: s for n, s in ckpt.weight_map.items() if not n.endswith(VALUE_SUFFIX)}
     weight_map.update({n: ZEROS_SHARD for n in zeros})
     (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}))
+
+
+def attach_checkpoint_novices(model: torch.nn.Module, ckpt: Checkpoint, layout: MoELayout) -> None:
+    """For models built from config and filled by streaming (surgery.model.weights gives novices zero weights):
+    hook the novices of `ckpt`, if it has any, onto `model`'s experts modules."""
+    novices = novice_experts(ckpt.config, str(ckpt.config_path))
+    if novices:
+        attach_novices(model, layout, _novice_values(ckpt, layout, novices))
 
 
 def attach_novices(model: torch.nn.Module, layout: MoELayout, tables: dict[int, torch.Tensor]) -> None:

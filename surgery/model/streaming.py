@@ -22,6 +22,7 @@ from tqdm import tqdm
 from surgery.architectures import MoELayout
 from surgery.errors import UserError
 from surgery.io import Checkpoint
+from surgery.model.novices import attach_checkpoint_novices
 from surgery.model.reader import WeightReader
 from surgery.model.weights import StreamingError, disk_name, plain_config, plan_module
 
@@ -208,6 +209,7 @@ def stream_forward(model_dir: str, config, layout: MoELayout, batches: list[torc
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
+    attach_checkpoint_novices(model, ckpt, layout)  # MoNE novices (their weights load as zeros)
     if on_model:
         on_model(model)
     base, layers, base_prefix, text_config = load_frame(model, config, ckpt, layout, device, dtype)

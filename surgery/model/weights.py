@@ -24,6 +24,7 @@ from surgery.architectures import MoELayout
 from surgery.architectures.expert_math import FUSED_DOWN, FUSED_GATE_UP, ROLE_PATTERNS, memory_fused
 from surgery.errors import UserError
 from surgery.io import Checkpoint
+from surgery.io.novice_format import novice_experts
 from surgery.io.quantization import Encoded, companions, encoded, is_quantized
 from surgery.io.safetensors_file import SafetensorsFile, TensorInfo
 
@@ -169,7 +170,11 @@ def _fused_pieces(ckpt: Checkpoint, layout: MoELayout, layer: int, key: str, tar
     spec = layout.spec
     if entry.per_expert:
         pieces = []
+        novices = set(novice_experts(ckpt.config, str(ckpt.config_path)).get(layer, ()))
         for e in range(target.shape[0]):
+            if e in novices:  # a MoNE novice has no weights: zeros, whose output the novice hook replaces
+                target[e].zero_()
+                continue
             names = [n.removesuffix("_packed") for n in entry.per_expert.get(e, [])]  # NVFP4 as `W.weight`
             row = 0
             for role in roles:

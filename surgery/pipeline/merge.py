@@ -46,9 +46,15 @@ def check_merge_request(merging: MergeOptions, stats_path: Path | None, novices:
         raise UserError("--calib-text is for the refit and --criterion auto: with --no-refit it would go unused")
     if not merging.active:
         return
-    if collecting or novices:
+    if collecting:
         raise UserError("--merge / --refit (on with --calib-text) work on one plan from --stats or --plan: drop "
-                        "-d/--rounds and --novices")
+                        "-d/--rounds")
+    if novices and criterion == "auto" and merging.text:
+        raise UserError("--criterion auto with --calib-text chooses between dropping and merging; with --novices "
+                        "give a criterion")
+    if novices and merging.merge is not None:
+        raise UserError("--novices keeps the removed experts as constants, --merge folds them into the kept ones: "
+                        "choose one")
     if merging.merge is not None and stats_path is None:
         raise UserError("--merge needs --stats (the merge weights and groups come from the statistics file)")
     if merging.refitting and not merging.text:
@@ -67,8 +73,10 @@ def _work_folder(out) -> Iterator[Path]:
 
 def write_merge_or_refit(model_dir: Path, plan: Plan, out_dir: Path, stats_path: Path | None, merging: MergeOptions,
                          *, overwrite: bool = False, allow_nonuniform: bool = False, hash_shards: bool = False,
-                         device: str | None = None, seq_len: int = 512, seed: int = 0, progress: bool = True) -> None:
-    """Write OUT_DIR: the plan's experts dropped or merged (`merging.merge`), then refitted (`merging.refitting`)."""
+                         device: str | None = None, seq_len: int = 512, seed: int = 0, progress: bool = True,
+                         novices: bool = False) -> None:
+    """Write OUT_DIR: the plan's experts dropped, merged (`merging.merge`) or kept as MoNE novices (`novices`),
+    then refitted (`merging.refitting`)."""
     from surgery.io.derived import DerivedCheckpoint, as_output
     from surgery.refine.merge import RefitOptions, refit, write_merged
     from surgery.rewrite.experts import rewrite_checkpoint
@@ -82,7 +90,15 @@ def write_merge_or_refit(model_dir: Path, plan: Plan, out_dir: Path, stats_path:
                          allow_nonuniform=allow_nonuniform, progress=progress, hash_shards=hash_shards)
             return
         student = work / "pruned"
-        if merging.merge is None:
+        if novices:
+            from stats_formats import StatsFile
+            from surgery.io.identity import check_stats_match
+            from surgery.rewrite.novices import write_novice_checkpoint
+
+            stats = StatsFile(stats_path)
+            check_stats_match(model_dir, stats)
+            write_novice_checkpoint(model_dir, plan, stats, student, progress=progress, hash_shards=hash_shards)
+        elif merging.merge is None:
             rewrite_checkpoint(model_dir, plan, student, allow_nonuniform=allow_nonuniform, progress=progress,
                                hash_shards=hash_shards)
         else:

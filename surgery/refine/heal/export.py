@@ -23,6 +23,7 @@ from surgery.architectures import MoELayout
 from surgery.errors import UserError
 from surgery.architectures.expert_math import ROLE_PATTERNS, FusedMatrix, memory_fused
 from surgery.io import Checkpoint
+from surgery.io.novice_format import novice_experts
 from surgery.io.quantization import scheme_for
 from surgery.io.requantize import Encoded, plain, quantized, requantize, stored_name, stored_shape
 
@@ -59,16 +60,19 @@ def _pack_per_expert(ckpt: Checkpoint, layout: MoELayout, layer: int, which: Fus
     """One nn.Linear weight per expert and role (gate and up are the halves of gate_up_proj)."""
     entry = layout.layers[layer]
     roles = which.roles
+    novices = set(novice_experts(ckpt.config, str(ckpt.config_path)).get(layer, ()))  # no weights on disk
     out: dict[str, torch.Tensor] = {}
     for e in range(value.shape[0]):
+        if e in novices:
+            continue
         parts = dict(zip(roles, value[e].chunk(len(roles), dim=0)))
         for name in dict.fromkeys(n.removesuffix("_packed") for n in entry.per_expert.get(e, [])):
             for role, part in parts.items():
                 if ROLE_PATTERNS[role].search(name):
                     out[name] = part
-    if len(out) != value.shape[0] * len(roles):
-        raise ExportError(f"{ckpt.dir}: layer {layer}: found {len(out)} of {value.shape[0] * len(roles)} "
-                          f"per-expert tensors for {which.memory}")
+    want = (value.shape[0] - len(novices)) * len(roles)
+    if len(out) != want:
+        raise ExportError(f"{ckpt.dir}: layer {layer}: found {len(out)} of {want} per-expert tensors for {which.memory}")
     return out
 
 

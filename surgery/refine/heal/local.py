@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from surgery.model.blocks import find_blocks
+from surgery.model.novices import attach_checkpoint_novices
 from surgery.model.streaming import HiddenStore, LayerPrefetcher, decoder_layers, load_frame, record_calls
 from surgery.refine.heal.pairing import Pairing
 
@@ -179,6 +180,7 @@ def local_stage(pairing: Pairing, batches: list[torch.Tensor], held_tokens: int,
     generator = torch.Generator().manual_seed(seed)
     teacher, t_config = _meta_model(pairing.teacher.dir, dtype)
     student, _ = _meta_model(pairing.student.dir, dtype)
+    attach_checkpoint_novices(student, pairing.student, pairing.student_layout)  # zero weights + gated constants
     t_base, t_layers, prefix, text_config = load_frame(teacher, t_config, pairing.teacher, pairing.teacher_layout,
                                                         device, dtype)
     s_base = student.get_decoder() if hasattr(student, "get_decoder") else student.model

@@ -19,7 +19,7 @@ from surgery.io import Checkpoint, provenance
 from surgery.io.identity import router_mismatch
 from surgery.io.quantization import scheme_for
 from surgery.io.requantize import check_encodable
-from surgery.model.novices import is_novice_checkpoint
+from surgery.io.novice_format import novice_experts
 from surgery.refine.heal.export import TORCH_DTYPES
 # Config keys that expert removal and sparsification leave unchanged.
 _SAME_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
@@ -38,14 +38,15 @@ class Pairing:
     expert_map: dict[int, list[int]]  # MoE layer -> teacher ids of the student's experts, in order
     sparsified: bool  # zeros from `sparsify` must stay zero
     record: dict = field(default_factory=dict)  # the student's pruning.json
+    novices: dict[int, list[int]] = field(default_factory=dict)  # MoNE novice ids per layer (`prune --novices`)
 
     @property
     def touched_layers(self) -> list[int]:
-        """MoE layers pruning changed: experts removed, or weights zeroed."""
+        """MoE layers pruning changed: experts removed or replaced by novices, or weights zeroed."""
         if self.sparsified:
             return sorted(self.student_layout.layers)
-        return sorted(layer for layer, ids in self.expert_map.items()
-                      if len(ids) < self.teacher_layout.num_experts)
+        return sorted({layer for layer, ids in self.expert_map.items() if len(ids) < self.teacher_layout.num_experts}
+                      | set(self.novices))
 
     @property
     def record_path(self) -> Path:
@@ -65,10 +66,25 @@ class Pairing:
 def _read_record(student_dir: Path) -> dict:
     doc = provenance.read(student_dir, needed_for="heal needs the record `prune` or `sparsify` writes to map "
                                                   "student experts to the teacher's")
-    if not (doc.get("expert_map") or doc.get("sparsity")):
+    if not (doc.get("expert_map") or doc.get("sparsity") or doc.get("novices")):
         raise HealError(f"{student_dir / provenance.PRUNING_JSON}: has neither an expert_map (from prune) nor a "
-                        "sparsity record (from sparsify)")
+                        "sparsity record (from sparsify) nor novices (from prune --novices)")
     return doc
+
+
+def _novices(doc: dict, student: Checkpoint, layout: MoELayout) -> dict[int, list[int]]:
+    """A novice student keeps every expert id; config.json's novice lists must be the ones `prune` recorded."""
+    novices = novice_experts(student.config, str(student.config_path))
+    if not novices:
+        return {}
+    recorded = {int(k): sorted(v) for k, v in (doc.get("novices") or {}).items() if v}
+    if recorded != novices:
+        raise HealError(f"{student.config_path}: its novices {novices} are not the ones its "
+                        f"{provenance.PRUNING_JSON} records ({recorded})")
+    bad = sorted(set(novices) - set(layout.layers))
+    if bad:
+        raise HealError(f"{student.config_path}: novices listed for layers {bad}, which have no experts")
+    return novices
 
 
 def _expert_map(doc: dict, student: MoELayout, teacher: MoELayout, student_dir: Path) -> dict[int, list[int]]:
@@ -119,8 +135,6 @@ def _check_dtypes(student: Checkpoint, layout: MoELayout) -> None:
 def pair(student_dir: str | Path, teacher_dir: str | Path) -> Pairing:
     """Open and check the pair; raises HealError naming the file at fault."""
     student_dir, teacher_dir = Path(student_dir), Path(teacher_dir)
-    if is_novice_checkpoint(student_dir):
-        raise HealError(f"{student_dir / 'config.json'}: MoNE novice checkpoints cannot be healed yet")
     doc = _read_record(student_dir)
     if os.path.realpath(student_dir) == os.path.realpath(teacher_dir):
         raise HealError(f"{teacher_dir}: the teacher is the student itself (both name the folder "
@@ -130,7 +144,8 @@ def pair(student_dir: str | Path, teacher_dir: str | Path) -> Pairing:
         s_layout = resolve(student.config, student.names(), str(student.config_path))
         t_layout = resolve(teacher.config, teacher.names(), str(teacher.config_path))
         _check_same(student, teacher, s_layout, t_layout)
-        expert_map = _expert_map(doc, s_layout, t_layout, student_dir)
+        novices = _novices(doc, student, s_layout)
+        expert_map = _expert_map({} if novices else doc, s_layout, t_layout, student_dir)
         _check_dtypes(student, s_layout)
         if not doc.get("heal"):  # a healed student's routers have moved on; a fresh one must match exactly
             bad = router_mismatch(student, s_layout, teacher, expert_map)
@@ -138,4 +153,4 @@ def pair(student_dir: str | Path, teacher_dir: str | Path) -> Pairing:
                 raise HealError(f"{teacher.dir}: {bad} is not the source of the student's ({student_dir}) kept router "
                                 "rows; the teacher must be the checkpoint the student was pruned from")
         opened.pop_all()
-    return Pairing(student, teacher, s_layout, t_layout, expert_map, bool(doc.get("sparsity")), doc)
+    return Pairing(student, teacher, s_layout, t_layout, expert_map, bool(doc.get("sparsity")), doc, novices)

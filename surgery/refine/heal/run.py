@@ -123,6 +123,7 @@ def heal(student_dir: str | Path, teacher_dir: str | Path, data: list[str], out_
         if not pairing.touched_layers:
             raise HealError(f"{pairing.record_path}: no MoE layer was pruned; nothing to heal")
         check_lora(pairing, options.lora, options.train)
+        _check_novices(pairing, options)
         check_sharded(world, options, pairing.sparsified)
         run = _start(pairing, data, teacher_dir, options, world)
         if not _local_on(run) and run.kd_steps <= 0:
@@ -277,11 +278,22 @@ def _share_local(run: _Run) -> None:
             run.spill.put_values(group, values)
 
 
+def _check_novices(pairing: Pairing, options: HealOptions) -> None:
+    """MoNE novice students get the layer-local fit only (`prune --novices --refit`): the distillation and the
+    adapters do not handle novices."""
+    if not pairing.novices:
+        return
+    if options.kd_steps != 0 or options.lora:
+        raise HealError(f"{pairing.student.config_path}: a MoNE novice student is healed by the layer-local stage "
+                        "only: give --kd-steps 0 and no --lora (or use `prune --novices --refit`)")
+
+
 def _local_fit(run: _Run):
     """The block fit: expert by expert when chosen (or when only it fits), adapters with --lora, else the joint fit."""
     from surgery.refine.heal.expertwise import expert_fit, supports
 
-    if run.record["local_fit"] == "experts" and supports(run.pairing.teacher_layout.spec.expert_math):
+    if (run.record["local_fit"] == "experts" and supports(run.pairing.teacher_layout.spec.expert_math)
+            and not run.pairing.novices):  # the expert-by-expert fit knows nothing of the novices' constants
         return expert_fit
     run.record["local_fit"] = "joint"
     return lora_fit(run.options.lora) if run.options.lora else None
