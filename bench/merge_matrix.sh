@@ -45,7 +45,7 @@ if [ -n "${ROWS:-}" ]; then cp "$ROWS" "$rows"; else
     done
 fi
 one() {  # one "criterion variant ratio" row, stopped at the deadline
-    local c=$1 v=$2 r=$3 left=$((END - $(date +%s) - 5)) tag="$1-$2-$3"
+    local c=$1 v=$2 r=$3 left=$((END - $(date +%s) - 5)) tag="$1-${2/+/_}-$3"  # no "+" in names: it does not travel back
     [ $left -gt 20 ] || { echo "skipped: $tag"; return 0; }
     timeout -k 5 $left python3 bench/merge_quality.py --model "$FIXTURE" --stats "$STATS" --eval "$DATA/eval" \
         --calib-text "$DATA/calib" --ratios "$r" --criteria "$c" --variants "$v" --refit-tokens "$REFIT_TOKENS" \

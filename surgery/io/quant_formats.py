@@ -185,7 +185,9 @@ def quantize_fp8(w: np.ndarray, layout: str, block: tuple[int, int] | None, fmt:
     full = scale
     if layout == "block":
         full = np.repeat(np.repeat(scale, block[0], axis=-2)[..., :rows, :], block[1], axis=-1)[..., :cols]
-    q = np.clip(w / full, -top, top)
+    # a scale that underflowed to zero in its dtype decodes every code to 0: write zeros there, not 0/0
+    q = np.clip(np.divide(w, full, out=np.zeros(np.broadcast_shapes(w.shape, full.shape), np.float32),
+                          where=full != 0), -top, top)
     return round_codes(q, fmt), scale, raw
 
 

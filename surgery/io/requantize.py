@@ -67,7 +67,8 @@ def _relative_error(decoded: np.ndarray, value: np.ndarray) -> float:
     return diff / norm if norm else diff
 
 
-def _same(ckpt: Checkpoint, name: str, data: np.ndarray | bytes) -> Encoded:
+def encoded_part(ckpt: Checkpoint, name: str, data: np.ndarray | bytes) -> Encoded:
+    """Stored tensor `name` with new bytes `data`, which must fill exactly its dtype and shape."""
     info = ckpt.info(name)
     raw = data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes()
     if len(raw) != info.nbytes:
@@ -82,7 +83,7 @@ def _fp8(ckpt: Checkpoint, name: str, value: np.ndarray, scheme: Scheme) -> tupl
     codes, scale, scale_bytes = quantize_fp8(value, layout, scheme.block, fmt, scale_dtype)
     weight = decode_fp8(codes, fmt)
     decoded = fp8_block(weight, scale, scheme.block) if layout == "block" else weight * scale
-    return [_same(ckpt, name, codes), _same(ckpt, scale_name, scale_bytes)], _relative_error(decoded, value)
+    return [encoded_part(ckpt, name, codes), encoded_part(ckpt, scale_name, scale_bytes)], _relative_error(decoded, value)
 
 
 def _nvfp4(ckpt: Checkpoint, name: str, value: np.ndarray, scheme: Scheme) -> tuple[list[Encoded], float]:
@@ -98,8 +99,8 @@ def _nvfp4(ckpt: Checkpoint, name: str, value: np.ndarray, scheme: Scheme) -> tu
     packed, scale, global_scale = quantize_nvfp4(value, scheme.fp4_group or 16)
     decoded = nvfp4(packed, decode_fp8(scale, "F8_E4M3"), global_scale if value.ndim > 2 else global_scale.ravel()[0],
                     scheme.fp4_group or 16)
-    out = [_same(ckpt, f"{name}_packed", packed), _same(ckpt, scale_name, scale),
-           _same(ckpt, gs_name, global_scale.astype("<f4"))]
+    out = [encoded_part(ckpt, f"{name}_packed", packed), encoded_part(ckpt, scale_name, scale),
+           encoded_part(ckpt, gs_name, global_scale.astype("<f4"))]
     return out, _relative_error(decoded, value)
 
 
@@ -110,7 +111,7 @@ def _mxfp4(ckpt: Checkpoint, name: str, value: np.ndarray) -> tuple[list[Encoded
                               f"has no companion {scales_name!r}")
     blocks, scales = quantize_mxfp4(value)
     decoded = mxfp4(blocks, scales)
-    return [_same(ckpt, f"{name}_blocks", blocks), _same(ckpt, scales_name, scales)], _relative_error(decoded, value)
+    return [encoded_part(ckpt, f"{name}_blocks", blocks), encoded_part(ckpt, scales_name, scales)], _relative_error(decoded, value)
 
 
 def requantize(ckpt: Checkpoint, name: str, value: np.ndarray, scheme: Scheme | None) -> tuple[list[Encoded], float]:

@@ -26,6 +26,7 @@ from surgery.io import Checkpoint
 from surgery.io.novice_format import novice_experts
 from surgery.io.quantization import scheme_for
 from surgery.io.requantize import Encoded, plain, quantized, requantize, stored_name, stored_shape
+from surgery.model.quant_encode import requantize_on_device
 
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -72,7 +73,8 @@ def _pack_per_expert(ckpt: Checkpoint, layout: MoELayout, layer: int, which: Fus
                     out[name] = part
     want = (value.shape[0] - len(novices)) * len(roles)
     if len(out) != want:
-        raise ExportError(f"{ckpt.dir}: layer {layer}: found {len(out)} of {want} per-expert tensors for {which.memory}")
+        raise ExportError(f"{ckpt.dir}: layer {layer}: found {len(out)} of {want} per-expert tensors for "
+                          f"{which.memory}")
     return out
 
 
@@ -151,6 +153,11 @@ class LayerTensors:
     disk_modules: list[str] = field(default_factory=list)
 
 
+def _shape_ok(ckpt: Checkpoint, name: str, value: torch.Tensor) -> bool:
+    """The device encoders take values of the stored shape only."""
+    return tuple(value.shape) == stored_shape(ckpt, name)
+
+
 def _module(name: str) -> str:
     """`...experts` for an expert weight (fused or per expert: loaders match it as a prefix), else the
     weight's own module."""
@@ -180,8 +187,14 @@ def encode_layer(ckpt: Checkpoint, layout: MoELayout, params: dict[str, torch.Te
                 out.disk_modules.append(disk_name.removesuffix(".weight") if disk_name.endswith(".weight")
                                         else _module(disk_name))
                 continue
-            value32 = _to_storage(ckpt, layout, disk_name, disk_value).detach().to("cpu", torch.float32)
-            encoded, error = requantize(ckpt, disk_name, value32.numpy(), scheme)
+            value32 = _to_storage(ckpt, layout, disk_name, disk_value).detach().float()
+            done = None
+            if _shape_ok(ckpt, disk_name, value32):  # else numpy's requantize names the mismatch
+                try:
+                    done = requantize_on_device(ckpt, disk_name, value32, scheme)
+                except torch.OutOfMemoryError:  # the accelerator is full at the end of a run: the CPU's threads
+                    done = requantize_on_device(ckpt, disk_name, value32.cpu(), scheme)
+            encoded, error = done or requantize(ckpt, disk_name, value32.cpu().numpy(), scheme)
             out.tensors.extend(encoded)
             out.errors[disk_name] = error
     return out
