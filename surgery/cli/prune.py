@@ -54,7 +54,8 @@ write_options = option_group(
                       "always recorded."),
     click.option("--novices", is_flag=True,
                  help="With --stats or -d DATA: replace each removed expert by its mean output (a MoNE novice); keeps expert "
-                      "ids, router and config expert count, in the format vLLM serves (approximate_experts)."),
+                      "ids, router and config expert count, in the format vLLM serves (approximate_experts). With "
+                      "--calib-text the refit then fits the kept experts and router rows around the novices."),
 )
 
 merge_options = option_group(
