@@ -17,7 +17,8 @@ from surgery.architectures import resolve
 from surgery.io import Checkpoint
 from surgery.io.quant_formats import FP8_TABLES, quantize_nvfp4, unpack_e2m1
 from surgery.io.quantization import SCALE_SUFFIXES, dequantize, encoded, is_quantized
-from surgery.model.dequant import _e2m1, _floats, decode
+from surgery.model.dequant import _floats, decode
+from surgery.model.dequant import unpack_e2m1 as device_unpack_e2m1
 from surgery.model.load import fill_model
 from surgery.model.reader import _pread_into
 from surgery.model.weights import apply_transform, plain_config, plan_module
@@ -45,7 +46,7 @@ def test_every_fp8_code_equals_the_table(dtype: str) -> None:
 
 def test_every_e2m1_byte_equals_the_table() -> None:
     packed = torch.arange(256, dtype=torch.uint8).reshape(16, 16)
-    assert np.array_equal(_bits(_e2m1(packed)), unpack_e2m1(packed.numpy()).view(np.int32))
+    assert np.array_equal(_bits(device_unpack_e2m1(packed)), unpack_e2m1(packed.numpy()).view(np.int32))
 
 
 def _raw(enc, device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -35,14 +35,14 @@ def _floats(raw: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> torch.Tens
     return raw.view(_FLOATS[dtype]).to(torch.float32).reshape(shape)
 
 
-def _e2m1(packed: torch.Tensor) -> torch.Tensor:
+def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
     """[..., n] bytes of two e2m1 codes (low nibble first) -> float32 [..., 2n]."""
     table = _table("e2m1", packed.device)
     pair = torch.stack([table[(packed & 0x0F).long()], table[(packed >> 4).long()]], dim=-1)
     return pair.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
 
 
-def _fp8_block(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+def fp8_block(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """weight [..., R, C] times its block's scale: broadcast over whole blocks, a repeated scale when the
     edge blocks are ragged (the same float32 products either way)."""
     rows, cols = weight.shape[-2:]
@@ -64,21 +64,21 @@ def decode(enc: Encoded, raw: dict[str, torch.Tensor]) -> torch.Tensor:
         scale = raw["scale"]
         scale = _floats(scale, enc.parts["scale"].dtype, tuple(enc.parts["scale"].shape))
         if enc.form == "fp8-block":
-            return _fp8_block(weight, scale, enc.block)
+            return fp8_block(weight, scale, enc.block)
         if enc.form == "fp8-channel":
             return weight * scale.reshape(*weight.shape[:-1], 1)
         return weight * scale.reshape(*weight.shape[:-2], 1, 1)
     packed = raw["codes"].reshape(codes.shape)
     if enc.form == "mxfp4":
         scales = _floats(raw["scale"], "F8_E8M0", enc.parts["scale"].shape)
-        values = _e2m1(packed) * scales[..., None]
+        values = unpack_e2m1(packed) * scales[..., None]
         return values.reshape(*codes.shape[:-2], codes.shape[-2] * 2 * codes.shape[-1])
     scale = _floats(raw["scale"], "F8_E4M3", enc.parts["scale"].shape)
     gs = enc.parts["global_scale"]
     global_scale = _floats(raw["global_scale"], gs.dtype, gs.shape)
     lead = scale.shape[:-2]
     eff = scale / (global_scale.reshape(*lead, 1, 1) if lead else global_scale.reshape(-1)[0])
-    values = _e2m1(packed)
+    values = unpack_e2m1(packed)
     shape = values.shape
     out = values.reshape(*shape[:-1], shape[-1] // enc.group, enc.group) * eff[..., None]
     return out.reshape(shape)

@@ -1,7 +1,7 @@
 """MXFP4 and FP8 encoding with torch on the value's own device: the inverse of surgery.model.dequant.
 
 `heal` writes trained weights back in the student's scheme. The numpy encoders (surgery.io.quant_formats)
-round through a sorted-table search at about 5M values/s on one core, so re-encoding the 14B expert values
+round through a sorted-table search at 5–9M values/s on one core, so re-encoding the 14B expert values
 of a gpt-oss-20b student took longer than its whole distillation. These encoders do the same float32
 operations in the same order on the GPU (or with torch's CPU threads), so codes and scales are
 bit-identical to the numpy ones (tests/test_quant_encode.py): e2m1 codes by counting the midpoints a
@@ -18,7 +18,7 @@ from surgery.io.checkpoint import Checkpoint
 from surgery.io.quantization import Scheme, fp8_scale
 from surgery.io.quant_formats import FP8_MAX
 from surgery.io.requantize import Encoded, encoded_part, stored_name
-from surgery.model.dequant import _e2m1, _fp8_block
+from surgery.model.dequant import fp8_block, unpack_e2m1
 
 _FP8 = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _SCALES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -99,7 +99,7 @@ def requantize_on_device(ckpt: Checkpoint, name: str, value: torch.Tensor, schem
     stored = stored_name(ckpt, name)
     if stored.endswith("_blocks"):
         blocks, scales = quantize_mxfp4(value)
-        decoded = (_e2m1(blocks) * _power_of_two(scales.int() - 127)[..., None]).reshape(value.shape)
+        decoded = (unpack_e2m1(blocks) * _power_of_two(scales.int() - 127)[..., None]).reshape(value.shape)
         parts = [encoded_part(ckpt, stored, _bytes(blocks)), encoded_part(ckpt, f"{name}_scales", _bytes(scales))]
         return parts, _relative_error(decoded, value)
     if stored.endswith("_packed"):
@@ -109,7 +109,7 @@ def requantize_on_device(ckpt: Checkpoint, name: str, value: torch.Tensor, schem
     codes, scale, stored_scale = quantize_fp8(value, layout, scheme.block, fmt, scale_dtype)
     weight = codes.view(_FP8[fmt]).float()
     if layout == "block":
-        decoded = _fp8_block(weight, scale, scheme.block)
+        decoded = fp8_block(weight, scale, scheme.block)
     else:
         decoded = weight * scale
     return [encoded_part(ckpt, name, _bytes(codes)), encoded_part(ckpt, scale_name, _bytes(stored_scale))], \
