@@ -218,3 +218,16 @@ def test_prune_plan_imports_no_heavy_module(tmp_path: Path) -> None:
     assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout + run.stderr
     assert (tmp_path / "out" / "README.md").is_file()
     assert json.loads((tmp_path / "out" / "pruning.json").read_text())["num_experts_after"] == 6
+
+
+@pytest.mark.parametrize("args,message", [
+    (["prune", "m", "--ratio", "abc"], "Invalid value for '--ratio'"),
+    (["prune", "m", "--bogus"], "No such option '--bogus'"),
+    (["prune"], "Missing argument 'MODEL'"),
+    (["stats", "merge", "--bogus"], "No such option '--bogus'"),
+])
+def test_usage_errors_are_one_line_with_exit_code_2(cli, args: list[str], message: str) -> None:
+    result = cli(*args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0] and "--help" in lines[0]

@@ -2,8 +2,8 @@
 surgery.pipeline (options from surgery.cli.options, defined once).
 
 Commands are imported only when used, so `prune` and `verify` never import torch (peak memory of a
-rewrite stays tens of MiB). Bad input is turned into one `Error: ...` line and exit code 2 in one
-place, SurgeryGroup.invoke.
+rewrite stays tens of MiB). Bad input, and a subcommand's bad or missing option, is turned into one
+`Error: ...` line and exit code 2 in one place, SurgeryGroup.invoke.
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ class SurgeryGroup(click.Group):
         except _user_errors() as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(2)
+        except click.UsageError as e:  # a subcommand's bad option: one line, not click's usage block
+            hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            click.echo(f"Error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
 
 
 @click.group(cls=SurgeryGroup, context_settings={"help_option_names": ["-h", "--help"]})
