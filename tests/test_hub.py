@@ -520,3 +520,21 @@ def test_bad_stats_file_is_refused_before_upload(pruned: Path, token: None, tmp_
     with pytest.raises(StatsError):
         push_folder(pruned, "me/pruned", include_stats=bogus, api=api)
     assert api.calls == []
+
+
+def test_task_results_add_to_the_cards_perplexity_and_back(fake_hub: FakeSnapshots, tmp_path: Path) -> None:
+    """An `eval --tasks` result written into a card that shows perplexity keeps the perplexity table (and the
+    other way round); a result of the same kind replaces the earlier one."""
+    out = tmp_path / "out"
+    _, prov = prune_from_hub(out)
+    write_model_card(out, REPO, prov, command=COMMAND, eval_result=EVAL)
+    tasks = {"model": {"results": {"arc_easy": {"metrics": {"acc": 0.625}, "stderr": {"acc": 0.01},
+                                                "num_fewshot": 0}}}}
+    assert update_card_eval(out, {"tasks": tasks})
+    text = (out / "README.md").read_text()
+    assert "| wiki | 1,024 | 7.389 |" in text and "| arc_easy | acc | 0.6250 |" in text
+    assert front_matter(text)["model-index"][0]["results"]
+    assert update_card_eval(out, EVAL_REF)  # perplexity again: the new table, the tasks kept
+    text = (out / "README.md").read_text()
+    assert "wiki" not in text and "| code | 512 | 2.718 |" in text and "| arc_easy | acc | 0.6250 |" in text
+    assert text.count("## Evaluation") == 1 and "model-index" in text

@@ -26,16 +26,21 @@ def read_eval_results(path: str | Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise EvalResultsError(f"{path}: not a readable JSON file ({e})") from None
+    check_eval_results(data, str(path))
+    return data
+
+
+def check_eval_results(data, where: str) -> None:
+    """Refuse (one line naming `where`) what is not an `eval --json` result of the shape the card needs."""
     if not isinstance(data, dict) or not ("files" in data or "tasks" in data):
-        raise EvalResultsError(f"{path}: not a `moe-surgery eval --json` result (no `files` or `tasks`)")
+        raise EvalResultsError(f"{where}: not a `moe-surgery eval --json` result (no `files` or `tasks`)")
     try:
         if "files" in data:
             _check_perplexity(data)
         if "tasks" in data:
             _check_tasks(data["tasks"])
     except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise EvalResultsError(f"{path}: malformed `eval --json` result ({type(e).__name__}: {e})") from None
-    return data
+        raise EvalResultsError(f"{where}: malformed `eval --json` result ({type(e).__name__}: {e})") from None
 
 
 def _number(value) -> float:
