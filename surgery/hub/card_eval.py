@@ -1,5 +1,6 @@
 """Evaluation results in a model card: the file `moe-surgery eval --json` writes, checked as untrusted
-input, its task scores as a Markdown table, and as the `model-index` metadata the Hub reads.
+input, its perplexity and task scores as Markdown tables in the card's evaluation block (which carries the results
+it shows, so that a later result of the other kind adds to them), and as the `model-index` metadata the Hub reads.
 
 `model-index` is written as huggingface_hub's `ModelCardData(eval_results=[EvalResult(...)])` writes it
 (task type, dataset name/type/args, metric type/value/name), one result per task.
@@ -9,9 +10,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from surgery.errors import UserError
+
+
+EVAL_BEGIN = "<!-- moe-surgery:eval -->"
+EVAL_END = "<!-- /moe-surgery:eval -->"
+EVAL_DATA = "<!-- moe-surgery:eval-data "
+_EVAL_DATA_RE = re.compile(re.escape(EVAL_DATA) + r"(.*?) -->")
 
 
 class EvalResultsError(UserError):
@@ -114,3 +122,56 @@ def model_index(model_name: str, tasks: dict) -> list[dict]:
         if metrics:
             results.append({"task": {"type": "text-generation"}, "dataset": dataset, "metrics": metrics})
     return [{"name": model_name, "results": results}] if results else []
+
+
+def eval_block(result: dict | None) -> str:
+    """The card's evaluation block; it carries the results it shows (JSON in a comment, no "--" inside) so that a
+    later `eval` of the other kind (perplexity or tasks) adds to them instead of replacing them."""
+    if not result:
+        return f"{EVAL_BEGIN}\n{EVAL_END}"
+    data = json.dumps(result, separators=(",", ":")).replace("--", "-\\u002d")
+    return f"{EVAL_BEGIN}\n{_eval_section(result)}{EVAL_DATA}{data} -->\n{EVAL_END}"
+
+
+def with_earlier(result: dict, card: str) -> dict:
+    """`result` plus the perplexity or task results of the card's block that `result` has no counterpart for."""
+    found = _EVAL_DATA_RE.search(card)
+    try:
+        earlier = json.loads(found.group(1)) if found else {}
+        check_eval_results(earlier, "README.md")
+    except (json.JSONDecodeError, EvalResultsError):  # none, or not ours to trust: the new result alone
+        return result
+    if "tasks" not in result and "tasks" in earlier:
+        return {**result, "tasks": earlier["tasks"]}
+    if "files" not in result and "files" in earlier:
+        return {**{k: v for k, v in earlier.items() if k != "tasks"}, **result}
+    return result
+
+
+def _eval_section(result: dict) -> str:
+    """The `eval` result as tables: perplexity (KL and top-1 columns only when a reference was compared)
+    and task scores, each when present."""
+    parts = (["## Evaluation", ""] + ([_perplexity_table(result)] if "files" in result else [])
+             + ([tasks_section(result["tasks"])] if "tasks" in result else []))
+    return "\n".join(parts)
+
+
+def _perplexity_table(result: dict) -> str:
+    ref = "kl" in result
+    head = "| Data | Tokens | Perplexity |" + (" KL(reference ‖ model) | Top-1 agreement |" if ref else "")
+    rule = "|---|---:|---:|" + ("---:|---:|" if ref else "")
+    rows = [_eval_row(f["domain"], f"{f['tokens']:,}", f, ref) for f in result["files"]]
+    mean = _eval_row("**Geometric mean**", "", {"ppl": result["geomean_ppl"], **result}, ref)
+    stride = result.get("stride") or result["seq_len"]
+    windows = f"windows of {result['seq_len']} tokens" + (f" every {stride}" if stride != result["seq_len"] else "")
+    return "\n".join([
+        f"`moe-surgery eval`, {windows}:",
+        "",
+        head, rule, *rows, mean,
+        "",
+    ]) + "\n"
+
+
+def _eval_row(name: str, tokens: str, values: dict, ref: bool) -> str:
+    cells = [name, tokens, f"{values['ppl']:.4g}"] + ([f"{values['kl']:.4g}", f"{values['top1']:.4f}"] if ref else [])
+    return "| " + " | ".join(cells) + " |"

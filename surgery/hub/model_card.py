@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import re
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from typing import Iterator
 import yaml
 
 from surgery.architectures import resolve
-from surgery.hub.card_eval import EvalResultsError, check_eval_results, model_index, tasks_section
+from surgery.hub.card_eval import EVAL_BEGIN, EVAL_END, eval_block, model_index, with_earlier
 from surgery.hub.client import is_repo_id, parse_repo_id
 from surgery.io import Checkpoint
 from surgery.io.provenance import PRUNING_JSON
@@ -33,11 +32,7 @@ README = "README.md"
 TAGS = ["moe", "expert-pruning", "moe-surgery"]
 # Carried from the source card: the pruned weights are a derivative under the same terms.
 INHERITED_KEYS = ("license", "license_name", "license_link", "language")
-EVAL_BEGIN = "<!-- moe-surgery:eval -->"
-EVAL_END = "<!-- /moe-surgery:eval -->"
 _EVAL_RE = re.compile(re.escape(EVAL_BEGIN) + r".*?" + re.escape(EVAL_END), re.S)
-EVAL_DATA = "<!-- moe-surgery:eval-data "
-_EVAL_DATA_RE = re.compile(re.escape(EVAL_DATA) + r"(.*?) -->")
 _STAMP_RE = re.compile(r"\n<!-- moe-surgery:card sha256=([0-9a-f]{64}) -->\n\Z")
 # huggingface_hub.repocard's REGEX_YAML_BLOCK: the metadata block at the top of a card.
 _YAML_BLOCK_RE = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
@@ -105,7 +100,7 @@ def write_model_card(
         _intro(out_dir.name, source, repo_id, commit, provenance, after),
         _pruning_section(plan, before, after),
         _calibration_section(calibration, plan),
-        _eval_block(eval_result) + "\n",
+        eval_block(eval_result) + "\n",
         _reproduce_section(command, provenance),
     ])
     _save(readme, f"---\n{meta}\n---\n\n{body}")
@@ -132,12 +127,12 @@ def card_with_eval(card: str, eval_result: dict, model_name: str) -> str | None:
         return None
     meta = yaml.safe_load(match.group(2)) or {}
     meta.pop("model-index", None)
-    eval_result = _with_earlier(eval_result, content)
+    eval_result = with_earlier(eval_result, content)
     if "tasks" in eval_result:
         meta["model-index"] = model_index(model_name, eval_result["tasks"]) or None
     meta = {k: v for k, v in meta.items() if v is not None}
     head = f"---\n{yaml.dump(meta, stream=None, allow_unicode=True, sort_keys=False).strip()}\n---\n"
-    block = _eval_block(eval_result)
+    block = eval_block(eval_result)
     return _stamp(_EVAL_RE.sub(lambda _: block, head + content[match.end():], count=1))
 
 
@@ -317,59 +312,6 @@ def _calibration_section(calibration: dict | None, plan: Plan) -> str:
     if stats_sha:
         lines.append(f"- Statistics file sha256: `{stats_sha}`")
     return "\n".join(["## Calibration data", "", *lines, ""])
-
-
-def _eval_block(result: dict | None) -> str:
-    """The card's evaluation block; it carries the results it shows (JSON in a comment, no "--" inside) so that a
-    later `eval` of the other kind (perplexity or tasks) adds to them instead of replacing them."""
-    if not result:
-        return f"{EVAL_BEGIN}\n{EVAL_END}"
-    data = json.dumps(result, separators=(",", ":")).replace("--", "-\\u002d")
-    return f"{EVAL_BEGIN}\n{_eval_section(result)}{EVAL_DATA}{data} -->\n{EVAL_END}"
-
-
-def _with_earlier(result: dict, card: str) -> dict:
-    """`result` plus the perplexity or task results of the card's block that `result` has no counterpart for."""
-    found = _EVAL_DATA_RE.search(card)
-    try:
-        earlier = json.loads(found.group(1)) if found else {}
-        check_eval_results(earlier, README)
-    except (json.JSONDecodeError, EvalResultsError):  # none, or not ours to trust: the new result alone
-        return result
-    if "tasks" not in result and "tasks" in earlier:
-        return {**result, "tasks": earlier["tasks"]}
-    if "files" not in result and "files" in earlier:
-        return {**{k: v for k, v in earlier.items() if k != "tasks"}, **result}
-    return result
-
-
-def _eval_section(result: dict) -> str:
-    """The `eval` result as tables: perplexity (KL and top-1 columns only when a reference was compared)
-    and task scores, each when present."""
-    parts = (["## Evaluation", ""] + ([_perplexity_table(result)] if "files" in result else [])
-             + ([tasks_section(result["tasks"])] if "tasks" in result else []))
-    return "\n".join(parts)
-
-
-def _perplexity_table(result: dict) -> str:
-    ref = "kl" in result
-    head = "| Data | Tokens | Perplexity |" + (" KL(reference ‖ model) | Top-1 agreement |" if ref else "")
-    rule = "|---|---:|---:|" + ("---:|---:|" if ref else "")
-    rows = [_eval_row(f["domain"], f"{f['tokens']:,}", f, ref) for f in result["files"]]
-    mean = _eval_row("**Geometric mean**", "", {"ppl": result["geomean_ppl"], **result}, ref)
-    stride = result.get("stride") or result["seq_len"]
-    windows = f"windows of {result['seq_len']} tokens" + (f" every {stride}" if stride != result["seq_len"] else "")
-    return "\n".join([
-        f"`moe-surgery eval`, {windows}:",
-        "",
-        head, rule, *rows, mean,
-        "",
-    ]) + "\n"
-
-
-def _eval_row(name: str, tokens: str, values: dict, ref: bool) -> str:
-    cells = [name, tokens, f"{values['ppl']:.4g}"] + ([f"{values['kl']:.4g}", f"{values['top1']:.4f}"] if ref else [])
-    return "| " + " | ".join(cells) + " |"
 
 
 def _reproduce_section(command: str, provenance: dict) -> str:
