@@ -19,6 +19,7 @@ from surgery.collect.run import collect
 from surgery.criteria import rank_by_loss
 from surgery.criteria.auto import holdout_error
 from surgery.io import Checkpoint
+from surgery.hub.model_card import update_card_eval
 from surgery.io.expert_weights import read_expert
 from surgery.model import load_model as load_novice_model
 from surgery.pipeline import merge as pipeline_merge
@@ -267,6 +268,25 @@ def test_refit_lowers_held_out_block_error(model_and_stats, root: Path, data_fil
     assert any(v["held_out_error_after"] < 0.9 * v["held_out_error_before"] for v in layers.values())
     with torch.no_grad():
         assert torch.isfinite(load_model(out)(input_ids=torch.tensor([[3, 4, 5]])).logits).all()
+    card = (out / "README.md").read_text()
+    assert "`lsq` merge" in card and "refit fitted" in card and "Nothing was retrained" not in card
+
+
+def test_the_card_says_how_the_weights_came_to_be(model_and_stats, root: Path, data_file: Path, cli) -> None:
+    """A plain prune's card says nothing was retrained; `heal` rewrites that part of the card it copies from its
+    student (still an unedited card of ours afterwards)."""
+    path, stats_path = model_and_stats
+    pruned, healed = root / f"{path.name}-card", root / f"{path.name}-card-healed"
+    assert cli("prune", path, "--stats", stats_path, "--criterion", "frequency", "--keep", "6", "-o", pruned).exit_code == 0
+    card = (pruned / "README.md").read_text()
+    assert "Nothing was retrained." in card and "byte-for-byte copies" in card
+    result = cli("heal", pruned, "--teacher", path, "-d", data_file, "-o", healed, "--device", "cpu", "--seq-len", "24",
+                 "--tokens", "480", "--local-steps", "2", "--kd-steps", "2", "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    card = (healed / "README.md").read_text()
+    assert "`moe-surgery heal` trained them" in card and "a layer-local fit and logits distillation" in card
+    assert "Nothing was retrained" not in card
+    assert update_card_eval(healed, {"tasks": {"model": {"results": {}}}}), "still an unedited card of ours"
 
 
 def test_novices_refit_fits_the_kept_experts_and_router_around_the_novices(per_expert, root: Path, data_file: Path,

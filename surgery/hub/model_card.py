@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import re
 from contextlib import contextmanager
@@ -33,6 +34,8 @@ TAGS = ["moe", "expert-pruning", "moe-surgery"]
 # Carried from the source card: the pruned weights are a derivative under the same terms.
 INHERITED_KEYS = ("license", "license_name", "license_link", "language")
 _EVAL_RE = re.compile(re.escape(EVAL_BEGIN) + r".*?" + re.escape(EVAL_END), re.S)
+WHAT_BEGIN, WHAT_END = "<!-- moe-surgery:weights -->", "<!-- /moe-surgery:weights -->"
+_WHAT_RE = re.compile(re.escape(WHAT_BEGIN) + r".*?" + re.escape(WHAT_END), re.S)
 _STAMP_RE = re.compile(r"\n<!-- moe-surgery:card sha256=([0-9a-f]{64}) -->\n\Z")
 # huggingface_hub.repocard's REGEX_YAML_BLOCK: the metadata block at the top of a card.
 _YAML_BLOCK_RE = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
@@ -241,24 +244,63 @@ def _intro(title: str, source: str, repo_id: str | None, commit: str | None, pro
     else:
         origin = f"the local checkpoint `{source}` (not a Hub repository, so `base_model` is not set)"
     if provenance.get("novices"):
-        what = [
-            f"{origin} with routed experts replaced by moe-surgery: {before_count} → {after_count} full experts per "
-            "MoE layer, the others replaced by constant MoNE \"novices\".",
-            "A novice keeps its router row and expert id and returns its mean calibration output times its gate "
-            "(config key `approximate_experts`, the layout vLLM serves); in transformers load it with "
-            "`surgery.model.load_model`. The kept experts are byte-for-byte copies; nothing was retrained.",
-        ]
+        first = (f"{origin} with routed experts replaced by moe-surgery: {before_count} → {after_count} full experts "
+                 "per MoE layer, the others replaced by constant MoNE \"novices\".")
     else:
-        what = [
-            f"{origin} with routed experts removed by moe-surgery: {before_count} → {after_count} experts per MoE layer.",
-            "The kept experts are byte-for-byte copies of the original ones, renumbered 0..k-1, and the router rows "
-            "were sliced to match; nothing was retrained.",
-        ]
+        first = (f"{origin} with routed experts removed by moe-surgery: {before_count} → {after_count} experts per "
+                 "MoE layer.")
+    what = [first, f"{WHAT_BEGIN}\n{what_was_done(provenance)}\n{WHAT_END}"]
     lines = [f"# {title}", "", *what]
     if len(set(after.experts.values())) > 1:
         lines += ["", "**Non-uniform:** MoE layers keep different numbers of experts (config key "
                   "`moe_surgery_experts_per_layer`); vanilla transformers cannot load this checkpoint."]
     return "\n".join(lines) + "\n"
+
+
+def what_was_done(provenance: dict) -> str:
+    """How the kept experts' weights came to be, from pruning.json: copied, merged, refitted, healed."""
+    lines = []
+    if provenance.get("novices"):
+        lines.append("A novice keeps its router row and expert id and returns its mean calibration output times its "
+                     "gate (config key `approximate_experts`, the layout vLLM serves); in transformers load it with "
+                     "`surgery.model.load_model`.")
+    merge = provenance.get("merge")
+    if merge:
+        lines.append(f"Each kept expert is the `{merge.get('method')}` merge of a group of original experts (`merge` "
+                     "in `pruning.json` lists the groups), in the place and with the router row of the group's "
+                     "representative.")
+    else:
+        lines.append("The kept experts started as byte-for-byte copies of the original ones"
+                     + ("" if provenance.get("novices") else ", renumbered 0..k-1, with the router rows sliced to match")
+                     + ".")
+    refit, heal = provenance.get("refit"), provenance.get("heal") or {}
+    healed = bool(heal) and heal.get("by") != "prune --refit"
+    stages = [x.get("stage") for x in heal.get("stages", [])]
+    if refit:
+        lines.append(f"Then `prune`'s refit fitted the kept experts and the router rows of each MoE layer to the "
+                     f"original layer's output on {refit.get('tokens') or 0:,} calibration tokens, one layer at a time "
+                     "(no end-to-end training).")
+    if healed:
+        done = " and ".join({"local": "a layer-local fit", "distill": "logits distillation"}.get(x, str(x))
+                            for x in stages) or "training"
+        lines.append(f"{'Then' if not refit else 'After that,'} `moe-surgery heal` trained them against the original "
+                     f"model: {done} (`heal` in `pruning.json`).")
+    if not (refit or healed):
+        lines.append("Nothing was retrained.")
+    return " ".join(lines)
+
+
+def refresh_what(folder: str | Path) -> bool:
+    """Re-describe how the weights came to be in `folder`'s card from its pruning.json (after `heal`, whose output
+    keeps the student's card); False when the README is not an unedited card of ours."""
+    readme = Path(folder) / README
+    content = _unstamp(readme.read_text(encoding="utf-8")) if readme.is_file() else None
+    if content is None or not _WHAT_RE.search(content):
+        return False
+    record = json.loads((Path(folder) / PRUNING_JSON).read_text())
+    block = f"{WHAT_BEGIN}\n{what_was_done(record)}\n{WHAT_END}"
+    _save(readme, _WHAT_RE.sub(lambda _: block, content, count=1))
+    return True
 
 
 def _pruning_section(plan: Plan, before: CheckpointNumbers, after: CheckpointNumbers) -> str:

@@ -116,5 +116,6 @@ def write_merge_or_refit(model_dir: Path, plan: Plan, out_dir: Path, stats_path:
         local = next((x for x in record.get("heal", {}).get("stages", []) if x.get("stage") == "local"), {})
         record["refit"] = {"tokens": local.get("tokens"), "max_tokens": merging.refit_tokens,
                            "steps_per_layer": merging.refit_steps}
+        record.setdefault("heal", {})["by"] = "prune --refit"  # a later `heal` replaces this record
         out.copy_folder(work / "refit")
         out.finish_record(record)
