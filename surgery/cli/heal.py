@@ -91,11 +91,13 @@ def heal(student: str, teacher: str, data: tuple[str, ...], output: Path, option
     Under `torchrun --nproc-per-node N -m surgery.cli heal ...` the distillation is sharded (FSDP2).
     """
     from surgery.hub.client import resolve_model
+    from surgery.hub.model_card import refresh_what
     from surgery.refine.heal.run import heal as run_heal
 
     teacher_dir = resolve_model(teacher, revision=revision, purpose="collect")
     record = run_heal(student, teacher_dir, list(data), output, options)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 wrote and reports
+        refresh_what(output)  # the card copied from the student, when ours, now says the weights were trained
         _report(record, output)
 
 

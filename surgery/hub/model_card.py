@@ -14,6 +14,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ def update_card_eval(out_dir: str | Path, eval_result: dict) -> bool:
         if readme.is_file() else None
     if content is None:
         return False
-    readme.write_text(content, encoding="utf-8")
+    _replace(readme, content)
     return True
 
 
@@ -200,7 +201,17 @@ def _sha256(text: str) -> str:
 
 
 def _save(readme: Path, content: str) -> None:
-    readme.write_text(_stamp(content), encoding="utf-8")
+    _replace(readme, _stamp(content))
+
+
+def _replace(readme: Path, text: str) -> None:
+    """Written whole or not at all: cards are also rewritten in finished folders (`eval`, `heal`)."""
+    part = readme.with_name(f".{readme.name}.moe-surgery-part")
+    try:
+        part.write_text(text, encoding="utf-8")
+        os.replace(part, readme)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def _source_metadata(readme: Path) -> dict:

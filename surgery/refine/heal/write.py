@@ -17,7 +17,6 @@ import torch
 
 from surgery.architectures import MoELayout
 from surgery.io import Checkpoint, OutTensor, TensorInfo
-from surgery.hub.model_card import refresh_what
 from surgery.io.derived import DerivedCheckpoint
 from surgery.io.quantization import scheme_for
 from surgery.io.requantize import Encoded, unquantized_config
@@ -101,4 +100,3 @@ def write_output(writer: LayerWriter, out: DerivedCheckpoint, pairing: Pairing, 
     if writer.output_dtype:
         record["output_dtype"] = writer.output_dtype
     out.finish(ckpt, {**pairing.record, "heal": record}, config=config)
-    refresh_what(out.tmp)  # the student's card, when ours, now says the weights were trained
