@@ -1,8 +1,8 @@
 """The model card (README.md) of a pruned checkpoint: Hub metadata, what was removed, how to redo it.
 
-Cards we write end with `<!-- moe-surgery:card sha256=... -->`, the hash of everything before
-it. A README whose hash still matches is ours and may be regenerated; any other README, except a
-byte-for-byte copy of the source model's card, was written or edited by a person and is kept.
+Cards we write carry a stamp (surgery.hub.card_file): a README whose stamp still matches is ours and may be
+regenerated; any other README, except a byte-for-byte copy of the source model's card, was written or edited
+by a person and is kept.
 
 The metadata sets `base_model` but no `base_model_relation`: the Hub defines only "adapter",
 "merge", "quantized" and "finetune", and removing experts without retraining is none of them.
@@ -11,10 +11,8 @@ The metadata sets `base_model` but no `base_model_relation`: the Hub defines onl
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
-import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from typing import Iterator
 import yaml
 
 from surgery.architectures import resolve
+from surgery.hub.card_file import replace_card, save_card, stamp, unstamp
 from surgery.hub.card_eval import EVAL_BEGIN, EVAL_END, eval_block, model_index, with_earlier
 from surgery.hub.client import is_repo_id, parse_repo_id
 from surgery.io import Checkpoint
@@ -37,7 +36,6 @@ INHERITED_KEYS = ("license", "license_name", "license_link", "language")
 _EVAL_RE = re.compile(re.escape(EVAL_BEGIN) + r".*?" + re.escape(EVAL_END), re.S)
 WHAT_BEGIN, WHAT_END = "<!-- moe-surgery:weights -->", "<!-- /moe-surgery:weights -->"
 _WHAT_RE = re.compile(re.escape(WHAT_BEGIN) + r".*?" + re.escape(WHAT_END), re.S)
-_STAMP_RE = re.compile(r"\n<!-- moe-surgery:card sha256=([0-9a-f]{64}) -->\n\Z")
 # huggingface_hub.repocard's REGEX_YAML_BLOCK: the metadata block at the top of a card.
 _YAML_BLOCK_RE = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
 
@@ -107,7 +105,7 @@ def write_model_card(
         eval_block(eval_result) + "\n",
         _reproduce_section(command, provenance),
     ])
-    _save(readme, f"---\n{meta}\n---\n\n{body}")
+    save_card(readme, f"---\n{meta}\n---\n\n{body}")
     return True
 
 
@@ -118,14 +116,14 @@ def update_card_eval(out_dir: str | Path, eval_result: dict) -> bool:
         if readme.is_file() else None
     if content is None:
         return False
-    _replace(readme, content)
+    replace_card(readme, content)
     return True
 
 
 def card_with_eval(card: str, eval_result: dict, model_name: str) -> str | None:
     """`card` (a README we wrote, unedited) with its evaluation section and `model-index` metadata replaced
     by `eval_result`'s; None for any other text (a card a person wrote or edited is not rewritten)."""
-    content = _unstamp(card)
+    content = unstamp(card)
     match = _YAML_BLOCK_RE.search(content) if content is not None else None
     if match is None:
         return None
@@ -137,7 +135,7 @@ def card_with_eval(card: str, eval_result: dict, model_name: str) -> str | None:
     meta = {k: v for k, v in meta.items() if v is not None}
     head = f"---\n{yaml.dump(meta, stream=None, allow_unicode=True, sort_keys=False).strip()}\n---\n"
     block = eval_block(eval_result)
-    return _stamp(_EVAL_RE.sub(lambda _: block, head + content[match.end():], count=1))
+    return stamp(_EVAL_RE.sub(lambda _: block, head + content[match.end():], count=1))
 
 
 def card_for_push(folder: str | Path, eval_result: dict) -> str:
@@ -181,37 +179,7 @@ def _is_user_card(readme: Path, source_dir: Path) -> bool:
     source_card = source_dir / README
     if source_card.is_file() and source_card.read_bytes() == text:
         return False
-    return _unstamp(text.decode("utf-8", errors="replace")) is None
-
-
-def _stamp(content: str) -> str:
-    return f"{content}\n<!-- moe-surgery:card sha256={_sha256(content)} -->\n"
-
-
-def _unstamp(text: str) -> str | None:
-    """The card without its stamp when the stamp matches (an unedited card of ours), else None."""
-    m = _STAMP_RE.search(text)
-    if m is None or _sha256(text[: m.start()]) != m[1]:
-        return None
-    return text[: m.start()]
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _save(readme: Path, content: str) -> None:
-    _replace(readme, _stamp(content))
-
-
-def _replace(readme: Path, text: str) -> None:
-    """Written whole or not at all: cards are also rewritten in finished folders (`eval`, `heal`)."""
-    part = readme.with_name(f".{readme.name}.moe-surgery-part")
-    try:
-        part.write_text(text, encoding="utf-8")
-        os.replace(part, readme)
-    finally:
-        part.unlink(missing_ok=True)
+    return unstamp(text.decode("utf-8", errors="replace")) is None
 
 
 def _source_metadata(readme: Path) -> dict:
@@ -305,12 +273,12 @@ def refresh_what(folder: str | Path) -> bool:
     """Re-describe how the weights came to be in `folder`'s card from its pruning.json (after `heal`, whose output
     keeps the student's card); False when the README is not an unedited card of ours."""
     readme = Path(folder) / README
-    content = _unstamp(readme.read_text(encoding="utf-8")) if readme.is_file() else None
+    content = unstamp(readme.read_text(encoding="utf-8")) if readme.is_file() else None
     if content is None or not _WHAT_RE.search(content):
         return False
     record = json.loads((Path(folder) / PRUNING_JSON).read_text())
     block = f"{WHAT_BEGIN}\n{what_was_done(record)}\n{WHAT_END}"
-    _save(readme, _WHAT_RE.sub(lambda _: block, content, count=1))
+    save_card(readme, _WHAT_RE.sub(lambda _: block, content, count=1))
     return True
 
 
