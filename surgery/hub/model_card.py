@@ -253,8 +253,10 @@ def what_was_done(provenance: dict) -> str:
                      + ("" if provenance.get("novices") else ", renumbered 0..k-1, with the router rows sliced to match")
                      + ".")
     refit, heal = provenance.get("refit"), provenance.get("heal") or {}
-    healed = bool(heal) and heal.get("by") != "prune --refit"
-    stages = [x.get("stage") for x in heal.get("stages", [])]
+    records = heal if isinstance(heal, list) else [heal]  # `--rounds --heal-between`: one record per round
+    healed = bool(heal) and not (isinstance(heal, dict) and heal.get("by") == "prune --refit")
+    stages = list(dict.fromkeys(x.get("stage") for r in records if isinstance(r, dict) for x in r.get("stages", [])
+                                if isinstance(x, dict)))
     if refit:
         lines.append(f"Then `prune`'s refit fitted the kept experts and the router rows of each MoE layer to the "
                      f"original layer's output on {refit.get('tokens') or 0:,} calibration tokens, one layer at a time "
