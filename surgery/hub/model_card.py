@@ -275,7 +275,7 @@ def refresh_what(folder: str | Path) -> bool:
     """Re-describe how the weights came to be in `folder`'s card from its pruning.json (after `heal`, whose output
     keeps the student's card); False when the README is not an unedited card of ours."""
     readme = Path(folder) / README
-    content = unstamp(readme.read_text(encoding="utf-8")) if readme.is_file() else None
+    content = unstamp(readme.read_bytes().decode("utf-8", errors="replace")) if readme.is_file() else None
     if content is None or not _WHAT_RE.search(content):
         return False
     record = json.loads((Path(folder) / PRUNING_JSON).read_text())

@@ -95,7 +95,7 @@ def _relative_error(decoded: torch.Tensor, value: torch.Tensor) -> float:
 def requantize_on_device(ckpt: Checkpoint, name: str, value: torch.Tensor, scheme: Scheme | None
                          ) -> tuple[list[Encoded], float] | None:
     """As surgery.io.requantize.requantize for MXFP4 and FP8 weights, computed where `value` lies (float,
-    storage orientation, finite, shape already checked); None for the schemes left to numpy (NVFP4)."""
+    storage orientation, finite, shape already checked); None for what is left to numpy (NVFP4, E8M0 scales)."""
     stored = stored_name(ckpt, name)
     if stored.endswith("_blocks"):
         blocks, scales = quantize_mxfp4(value)
@@ -106,6 +106,8 @@ def requantize_on_device(ckpt: Checkpoint, name: str, value: torch.Tensor, schem
         return None
     scale_name, layout = fp8_scale(ckpt, name, scheme)
     fmt, scale_dtype = ckpt.info(name).dtype, ckpt.info(scale_name).dtype
+    if scale_dtype not in _SCALES:  # F8_E8M0 scales: numpy's power-of-two rounding
+        return None
     codes, scale, stored_scale = quantize_fp8(value, layout, scheme.block, fmt, scale_dtype)
     weight = codes.view(_FP8[fmt]).float()
     if layout == "block":
