@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from surgery.io import Checkpoint
-from surgery.io.quant_formats import quantize_fp8, quantize_mxfp4
+from surgery.io.quant_formats import quantize_fp8, quantize_mxfp4, quantize_nvfp4
 from surgery.io.quantization import dequantize, scheme_for
 from surgery.io.requantize import requantize
 from surgery.model import quant_encode
-from quantized_models import deepseek_fp8, glm_ct_fp8, gpt_oss_mxfp4, qwen3_fp8
+from quantized_models import deepseek_fp8, glm_ct_fp8, gpt_oss_mxfp4, qwen3_fp8, qwen3_nvfp4
 
 
 def _values(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
@@ -37,6 +37,22 @@ def test_mxfp4_codes_and_scales_equal_numpy() -> None:
     assert np.array_equal(t_blocks.numpy(), blocks) and np.array_equal(t_scales.numpy(), scales)
 
 
+@pytest.mark.parametrize("shape", [(48, 256), (3, 16, 64)])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_nvfp4_codes_and_scales_equal_numpy(shape: tuple[int, ...], seed: int) -> None:
+    """One matrix with rows from 1e-40 to 3e30 (group scales that underflow, saturate at 448), and a stack of
+    matrices each with its own global scale, one of them all zeros."""
+    w = _values((int(np.prod(shape[:-1])), shape[-1]), seed).reshape(shape)
+    if len(shape) == 3:
+        w[1] = 0.0
+    want = quantize_nvfp4(w)
+    got = quant_encode.quantize_nvfp4(torch.from_numpy(w))
+    for g, n in zip(got, want):
+        n = np.asarray(n)
+        assert g.dtype == torch.from_numpy(n).dtype and tuple(g.shape) == n.shape
+        assert g.contiguous().numpy().tobytes() == np.ascontiguousarray(n).tobytes()
+
+
 @pytest.mark.parametrize("fmt", ["F8_E4M3", "F8_E5M2"])
 @pytest.mark.parametrize("scale_dtype", ["F32", "BF16", "F16"])
 @pytest.mark.parametrize("layout,block", [("block", (16, 48)), ("channel", None), ("tensor", None)])
@@ -48,7 +64,7 @@ def test_fp8_codes_and_scales_equal_numpy(fmt: str, scale_dtype: str, layout: st
     assert t_stored.contiguous().view(torch.uint8).numpy().tobytes() == raw
 
 
-@pytest.mark.parametrize("build", [deepseek_fp8, qwen3_fp8, glm_ct_fp8, gpt_oss_mxfp4])
+@pytest.mark.parametrize("build", [deepseek_fp8, qwen3_fp8, glm_ct_fp8, gpt_oss_mxfp4, qwen3_nvfp4])
 def test_checkpoint_weights_encode_as_numpy_does(tmp_path: Path, build) -> None:
     """Every quantized expert weight of a tiny checkpoint, perturbed: the same stored tensors and bytes, and
     the same re-encoding error, as surgery.io.requantize."""

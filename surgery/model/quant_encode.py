@@ -6,8 +6,8 @@ of a gpt-oss-20b student took longer than its whole distillation. These encoders
 operations in the same order on the GPU (or with torch's CPU threads), so codes and scales are
 bit-identical to the numpy ones (tests/test_quant_encode.py): e2m1 codes by counting the midpoints a
 magnitude passes (> where the tie goes to the lower, even code; >= where it goes to the upper one), FP8
-codes through torch's float8 dtypes (round to nearest even, after the same saturating clip).
-NVFP4 stays with the numpy encoder.
+codes through torch's float8 dtypes (round to nearest even, after the same saturating clip); NVFP4 as
+both together (e4m3 group scales, e2m1 codes).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from surgery.io.checkpoint import Checkpoint
 from surgery.io.quantization import Scheme, fp8_scale
-from surgery.io.quant_formats import FP8_MAX
+from surgery.io.quant_formats import FP4_MAX, FP8_MAX
 from surgery.io.requantize import Encoded, encoded_part, stored_name
 from surgery.model.dequant import fp8_block, unpack_e2m1
 
@@ -46,6 +46,24 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     exp = (((amax.view(torch.int32) >> 23) & 0xFF) - 129).clamp(-127, 127)
     codes = e2m1_codes(v / _power_of_two(exp)[..., None])
     return codes[..., 0::2] | (codes[..., 1::2] << 4), (exp + 127).to(torch.uint8)
+
+
+def quantize_nvfp4(w: torch.Tensor, group: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As surgery.io.quant_formats.quantize_nvfp4, per matrix [..., R, C]: (packed [..., R, C/2] uint8, e4m3
+    scale codes [..., R, C/group] uint8, global scale [...] float32)."""
+    w = w.float()
+    v = w.reshape(*w.shape[:-1], w.shape[-1] // group, group)
+    amax = w.abs().amax(dim=(-2, -1))
+    top = torch.tensor(FP8_MAX["F8_E4M3"] * FP4_MAX, dtype=torch.float32)
+    global_scale = torch.where(amax > 0, top / torch.where(amax > 0, amax, 1.0), 1.0)
+    gs = global_scale[..., None, None]
+    scale = torch.minimum(v.abs().amax(dim=-1) / torch.tensor(FP4_MAX, dtype=torch.float32) * gs,
+                          torch.tensor(FP8_MAX["F8_E4M3"], dtype=torch.float32))
+    scale_codes = scale.to(torch.float8_e4m3fn)
+    eff = (scale_codes.float() / gs)[..., None]
+    scaled = torch.where(eff > 0, v / torch.where(eff > 0, eff, 1.0), 0.0)
+    codes = e2m1_codes(scaled).reshape(w.shape)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), scale_codes.view(torch.uint8), global_scale
 
 
 def _power_of_two(exp: torch.Tensor) -> torch.Tensor:
@@ -95,7 +113,8 @@ def _relative_error(decoded: torch.Tensor, value: torch.Tensor) -> float:
 def requantize_on_device(ckpt: Checkpoint, name: str, value: torch.Tensor, scheme: Scheme | None
                          ) -> tuple[list[Encoded], float] | None:
     """As surgery.io.requantize.requantize for MXFP4 and FP8 weights, computed where `value` lies (float,
-    storage orientation, finite, shape already checked); None for what is left to numpy (NVFP4, E8M0 scales)."""
+    storage orientation, finite, shape already checked); None for what is left to numpy (E8M0 scales, and
+    what it checks and refuses)."""
     stored = stored_name(ckpt, name)
     if stored.endswith("_blocks"):
         blocks, scales = quantize_mxfp4(value)
@@ -103,7 +122,7 @@ def requantize_on_device(ckpt: Checkpoint, name: str, value: torch.Tensor, schem
         parts = [encoded_part(ckpt, stored, _bytes(blocks)), encoded_part(ckpt, f"{name}_scales", _bytes(scales))]
         return parts, _relative_error(decoded, value)
     if stored.endswith("_packed"):
-        return None
+        return _nvfp4(ckpt, name, value, scheme)
     scale_name, layout = fp8_scale(ckpt, name, scheme)
     fmt, scale_dtype = ckpt.info(name).dtype, ckpt.info(scale_name).dtype
     if scale_dtype not in _SCALES:  # F8_E8M0 scales: numpy's power-of-two rounding
@@ -118,6 +137,22 @@ def requantize_on_device(ckpt: Checkpoint, name: str, value: torch.Tensor, schem
         _relative_error(decoded, value)
 
 
+def _nvfp4(ckpt: Checkpoint, name: str, value: torch.Tensor, scheme: Scheme | None
+           ) -> tuple[list[Encoded], float] | None:
+    module = name.removesuffix(".weight")
+    scale_name, gs_name = f"{module}.weight_scale", f"{module}.weight_global_scale"
+    if scheme is None or scheme.fp4_group is None or gs_name not in ckpt.weight_map \
+            or scale_name not in ckpt.weight_map or ckpt.info(gs_name).dtype != "F32":
+        return None  # numpy's path names the problem
+    group = scheme.fp4_group
+    packed, scale_codes, global_scale = quantize_nvfp4(value, group)
+    eff = scale_codes.view(torch.float8_e4m3fn).float() / global_scale[..., None, None]
+    values = unpack_e2m1(packed)
+    decoded = (values.reshape(*values.shape[:-1], -1, group) * eff[..., None]).reshape(value.shape)
+    return [encoded_part(ckpt, f"{name}_packed", _bytes(packed)), encoded_part(ckpt, scale_name, _bytes(scale_codes)),
+            encoded_part(ckpt, gs_name, _bytes(global_scale))], _relative_error(decoded, value)
+
+
 def _bytes(t: torch.Tensor) -> bytes:
     """Little-endian bytes of a tensor (through the host)."""
-    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
