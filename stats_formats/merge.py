@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -38,8 +39,24 @@ def _check_gradients(stats: Sequence[StatsFile], optional: list[str]) -> None:
                                  "is exact) or use --gradients per-sequence")
 
 
+def _check_distinct(stats: Sequence[StatsFile]) -> None:
+    """Two inputs with the same sums are the same tokens (a file given twice, or a copy): merged, every
+    statistic would count them twice, silently. Compared on the first layer's fields, which differ for any
+    two different token sets."""
+    seen: dict[str, str] = {}
+    for s in stats:
+        digest = hashlib.sha256()
+        for field in FIELDS:
+            digest.update(np.ascontiguousarray(s.get(s.layers[0], field.name)).tobytes())
+        key = digest.hexdigest()
+        if key in seen:
+            raise StatsError(f"{s.label}: holds the same statistics as {seen[key]}; merged, the same tokens would "
+                             "count twice (give each file once)")
+        seen[key] = s.label
+
+
 def _merge_calibration(calibrations: Sequence[dict[str, Any]], gradients: bool) -> dict[str, Any]:
-    """Sources are concatenated as given: the same source listed twice was sampled twice."""
+    """Sources are concatenated as given: a source listed in two files was sampled in both."""
     seq_lens = {c["seq_len"] for c in calibrations}
     seeds = {c["seed"] for c in calibrations}
     samplings = {c.get("sampling", "packed") for c in calibrations}  # files from before the key packed
@@ -81,6 +98,7 @@ def merge(files: Sequence[StatsFile | PathLike], label: str = MERGED_LABEL) -> S
     holdout = all(s.has_holdout for s in stats)
     optional = [n for n in stats[0].optional_fields if all(n in s.optional_fields for s in stats[1:])]
     _check_gradients(stats, optional)
+    _check_distinct(stats)
     tensors: dict[str, np.ndarray] = {}
     for layer in stats[0].layers:
         for field in (*FIELDS, *(FIELD_BY_NAME[n] for n in optional)):

@@ -363,10 +363,24 @@ def test_merge_calibration_and_holdout_rules(tmp_path: Path, model: Model) -> No
         "sampling": "packed",  # files from before the key were packed
     }
     assert not merged.has_holdout
-    same = merge([a, a])
+    other = StatsFile.from_arrays(model, a.calibration, make_stats(model, 10, seed=5, holdout_tokens=4))
+    same = merge([a, other])
     assert same.calibration["seed"] == 1 and same.calibration["seq_len"] == 5
     assert same.has_holdout
-    np.testing.assert_array_equal(same.get(0, "count", True), 2 * a.get(0, "count", True))
+    np.testing.assert_array_equal(same.get(0, "count", True), a.get(0, "count", True) + other.get(0, "count", True))
+
+
+def test_merge_refuses_the_same_statistics_twice(tmp_path: Path, model: Model, tensors: Tensors) -> None:
+    """A file given twice, or a copy of it: its tokens would count twice."""
+    a = _write(tmp_path / "a.safetensors", model, tensors)
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(a.read_bytes())
+    with pytest.raises(StatsError) as excinfo:
+        merge([a, copy])
+    _assert_one_line_error(excinfo, copy, "same statistics", str(a))
+    result = CliRunner().invoke(main, ["stats", "merge", str(a), str(a), "-o", str(tmp_path / "m.safetensors")])
+    assert result.exit_code == 2 and not (tmp_path / "m.safetensors").exists()
+    assert len(result.stderr.strip().splitlines()) == 1 and "count twice" in result.stderr
 
 
 def test_merge_refuses_a_different_model(tmp_path: Path, model: Model, tensors: Tensors) -> None:
