@@ -336,12 +336,28 @@ def test_calibration_text_turns_the_refit_on_unless_told_otherwise(model_and_sta
     result = cli(*common, "--refit-tokens", str(10**7), "--refit-steps", "2", "-o", short)
     assert result.exit_code == 0, result.output
     assert 0 < json.loads((short / "pruning.json").read_text())["refit"]["tokens"] < 10**7
+    explicit = root / f"{path.name}-refit-seq-len"
+    result = cli(*common, "--refit-tokens", "768", "--refit-steps", "2", "--seq-len", "24", "-o", explicit)
+    assert result.exit_code == 0, result.output
+    assert json.loads((explicit / "pruning.json").read_text())["heal"]["seq_len"] == 24
     refused = root / f"{path.name}-no-refit"
     result = cli(*common, "--no-refit", "-o", refused)
     assert result.exit_code == 2 and "--no-refit" in result.output and not refused.exists()
     for option in ("--refit-tokens", "--refit-steps"):  # 0 would read all the text / fit nothing
         result = cli(*common, option, "0", "-o", refused)
         assert result.exit_code == 2 and option in result.output and not refused.exists()
+
+
+def test_the_refit_uses_its_own_sequence_length_unless_seq_len_is_given(monkeypatch, cli) -> None:
+    """prune's --seq-len default (2048) is the collector's; the refit fits better on 512-token sequences, so
+    it takes those unless --seq-len is given on the command line."""
+    seen = []
+    monkeypatch.setattr("surgery.cli.prune.run_prune", lambda *a, **k: seen.append((k["merging"], k["collect"])))
+    common = ["prune", "model", "--stats", "s", "--criterion", "frequency", "--keep", "6", "-o", "out"]
+    assert cli(*common).exit_code == 0 and cli(*common, "--seq-len", "2048").exit_code == 0
+    (default, collect), (given, _) = seen
+    assert default.seq_len == pipeline_merge.REFIT_SEQ_LEN == 512 and collect.seq_len == 2048
+    assert given.seq_len == 2048
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from surgery.cli.options import (
     private_option, revision_option,
     score_options, stats_option, overwrite_option,
 )
-from surgery.pipeline.merge import METHODS, MergeOptions
+from surgery.pipeline.merge import METHODS, REFIT_SEQ_LEN, MergeOptions
 from surgery.pipeline.prune import PushOptions, RoundsOptions, WriteOptions, prune as run_prune
 
 rounds_options = option_group(
@@ -69,7 +70,8 @@ merge_options = option_group(
     click.option("--refit/--no-refit", default=None,
                  help="Then fit the pruned MoE blocks (router rows and experts) to the original's outputs, one layer "
                       "at a time: heal's layer-local stage, without distillation. Needs --calib-text; on by default "
-                      "when --calib-text is given (it beat plain removal on every model and ratio measured)."),
+                      "when --calib-text is given (it beat plain removal on every model and ratio measured). "
+                      f"Sequences of {REFIT_SEQ_LEN} tokens unless --seq-len is given."),
     click.option("--calib-text", "text", multiple=True, type=TEXT,
                  help="Calibration text (file or folder, repeatable) for --refit, and for --criterion auto, which "
                       "then ranks every candidate plan (criterion x drop/merge) by its held-out next-token loss."),
@@ -120,6 +122,8 @@ def prune(model: str, output: Path, plan_path: Path | None, stats_path: Path | N
     group-limited routers (DeepSeek-V3, GLM-4.5 with n_group > 1). A statistics file collected
     on a different model is refused. Architectures:
     """
+    if click.get_current_context().get_parameter_source("seq_len") is not click.core.ParameterSource.DEFAULT:
+        merging = dataclasses.replace(merging, seq_len=collecting.seq_len)  # else the refit's own default
     run_prune(model, output, scoring=scoring, plan_path=plan_path, stats_path=stats_path, rounds=rounds,
               collect=collecting, write=write, push=push, revision=revision, eval_results=eval_results,
               command=shlex.join(["moe-surgery", *sys.argv[1:]]), echo=click.echo, merging=merging)

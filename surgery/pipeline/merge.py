@@ -14,12 +14,16 @@ from surgery.errors import UserError
 from surgery.plan import Plan
 
 METHODS = ("hc-smoe", "mc-smoe", "lsq")  # surgery.rewrite.merge.METHODS (no numpy import for the CLI)
+# The refit's sequence length unless --seq-len is given: on qwen3-moe-tiny at the default budget, 512-token
+# sequences fitted better than 2048-token ones (+11.0% / +37.9% against +11.9% / +40.7% at 25% / 50% removed,
+# bench/RESULTS.md, issue 23): the same tokens then come from four times as many documents.
+REFIT_SEQ_LEN = 512
 
 
 @dataclass(frozen=True)
 class MergeOptions:
     """`merge`: None (drop), hc-smoe, mc-smoe or lsq (surgery.rewrite.merge). `refit`: run heal's layer-local
-    stage on `text` (`refit_tokens` tokens, `refit_steps` steps per layer) before writing; None (not said) means
+    stage on `text` (`refit_tokens` tokens in sequences of `seq_len`, `refit_steps` steps per layer) before writing; None (not said) means
     on when `text` is given, because the refit won on every measured model and ratio (bench/RESULTS.md, issue
     23). `text` also makes `--criterion auto` rank candidate plans by their held-out loss on it
     (surgery.pipeline.auto_loss)."""
@@ -29,6 +33,7 @@ class MergeOptions:
     text: tuple[str, ...] = ()
     refit_tokens: int = 262144
     refit_steps: int = 600
+    seq_len: int = REFIT_SEQ_LEN
 
     @property
     def refitting(self) -> bool:
@@ -73,7 +78,7 @@ def _work_folder(out) -> Iterator[Path]:
 
 def write_merge_or_refit(model_dir: Path, plan: Plan, out_dir: Path, stats_path: Path | None, merging: MergeOptions,
                          *, overwrite: bool = False, allow_nonuniform: bool = False, hash_shards: bool = False,
-                         device: str | None = None, seq_len: int = 512, seed: int = 0, progress: bool = True,
+                         device: str | None = None, seed: int = 0, progress: bool = True,
                          novices: bool = False) -> None:
     """Write OUT_DIR: the plan's experts dropped, merged (`merging.merge`) or kept as MoNE novices (`novices`),
     then refitted (`merging.refitting`)."""
@@ -108,7 +113,7 @@ def write_merge_or_refit(model_dir: Path, plan: Plan, out_dir: Path, stats_path:
                 write_merged(model_dir, plan, merging.merge, StatsFile(stats_path), merged, work,
                              allow_nonuniform=allow_nonuniform, progress=progress, hash_shards=hash_shards)
         options = RefitOptions(data=merging.text, tokens=merging.refit_tokens, steps=merging.refit_steps,
-                               device=device, seq_len=seq_len, seed=seed)
+                               device=device, seq_len=merging.seq_len, seed=seed)
         refit(student, model_dir, work / "refit", options, progress=progress)
         from surgery.io import provenance
 

@@ -104,7 +104,7 @@ def prune(model: str, out_dir: Path, *, scoring: ScoreOptions, plan_path: Path |
         elif merging.active:
             write_merge_or_refit(model_dir, plan, out_dir, stats_path, merging, overwrite=write.overwrite,
                                  allow_nonuniform=write.allow_nonuniform, hash_shards=write.hash_shards,
-                                 device=collect.device, seq_len=collect.seq_len, seed=scoring.seed,
+                                 device=collect.device, seed=scoring.seed,
                                  novices=write.novices)
         else:
             _write(model_dir, plan, out_dir, stats_path, write, echo)
