@@ -17,6 +17,13 @@ from surgery.model import quant_encode
 from quantized_models import deepseek_fp8, glm_ct_fp8, gpt_oss_mxfp4, qwen3_fp8, qwen3_nvfp4
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # on a GPU host: where heal encodes
+
+
+def _on(w: np.ndarray, device: str) -> torch.Tensor:
+    return torch.from_numpy(w).to(device)
+
+
 def _values(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
     """Rows at very different scales (down to subnormal), an all-zero block, a block of -0.0, and a block of
     every e2m1 midpoint and code value (ties) at a power-of-two scale."""
@@ -30,42 +37,46 @@ def _values(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
     return w
 
 
-def test_mxfp4_codes_and_scales_equal_numpy() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_mxfp4_codes_and_scales_equal_numpy(device: str) -> None:
     w = _values((48, 256))
     blocks, scales = quantize_mxfp4(w)
-    t_blocks, t_scales = quant_encode.quantize_mxfp4(torch.from_numpy(w))
-    assert np.array_equal(t_blocks.numpy(), blocks) and np.array_equal(t_scales.numpy(), scales)
+    t_blocks, t_scales = quant_encode.quantize_mxfp4(_on(w, device))
+    assert np.array_equal(t_blocks.cpu().numpy(), blocks) and np.array_equal(t_scales.cpu().numpy(), scales)
 
 
 @pytest.mark.parametrize("shape", [(48, 256), (3, 16, 64)])
 @pytest.mark.parametrize("seed", [0, 3])
-def test_nvfp4_codes_and_scales_equal_numpy(shape: tuple[int, ...], seed: int) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_nvfp4_codes_and_scales_equal_numpy(shape: tuple[int, ...], seed: int, device: str) -> None:
     """One matrix with rows from 1e-40 to 3e30 (group scales that underflow, saturate at 448), and a stack of
     matrices each with its own global scale, one of them all zeros."""
     w = _values((int(np.prod(shape[:-1])), shape[-1]), seed).reshape(shape)
     if len(shape) == 3:
         w[1] = 0.0
     want = quantize_nvfp4(w)
-    got = quant_encode.quantize_nvfp4(torch.from_numpy(w))
+    got = quant_encode.quantize_nvfp4(_on(w, device))
     for g, n in zip(got, want):
         n = np.asarray(n)
         assert g.dtype == torch.from_numpy(n).dtype and tuple(g.shape) == n.shape
-        assert g.contiguous().numpy().tobytes() == np.ascontiguousarray(n).tobytes()
+        assert g.contiguous().cpu().numpy().tobytes() == np.ascontiguousarray(n).tobytes()
 
 
 @pytest.mark.parametrize("fmt", ["F8_E4M3", "F8_E5M2"])
 @pytest.mark.parametrize("scale_dtype", ["F32", "BF16", "F16"])
 @pytest.mark.parametrize("layout,block", [("block", (16, 48)), ("channel", None), ("tensor", None)])
-def test_fp8_codes_and_scales_equal_numpy(fmt: str, scale_dtype: str, layout: str, block) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_codes_and_scales_equal_numpy(fmt: str, scale_dtype: str, layout: str, block, device: str) -> None:
     w = _values((40, 250), seed=1)  # 250 columns: ragged edge blocks
     codes, _, raw = quantize_fp8(w, layout, block, fmt, scale_dtype)
-    t_codes, _, t_stored = quant_encode.quantize_fp8(torch.from_numpy(w), layout, block, fmt, scale_dtype)
-    assert np.array_equal(t_codes.numpy(), codes)
-    assert t_stored.contiguous().view(torch.uint8).numpy().tobytes() == raw
+    t_codes, _, t_stored = quant_encode.quantize_fp8(_on(w, device), layout, block, fmt, scale_dtype)
+    assert np.array_equal(t_codes.cpu().numpy(), codes)
+    assert t_stored.contiguous().cpu().view(torch.uint8).numpy().tobytes() == raw
 
 
 @pytest.mark.parametrize("build", [deepseek_fp8, qwen3_fp8, glm_ct_fp8, gpt_oss_mxfp4, qwen3_nvfp4])
-def test_checkpoint_weights_encode_as_numpy_does(tmp_path: Path, build) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_checkpoint_weights_encode_as_numpy_does(tmp_path: Path, build, device: str) -> None:
     """Every quantized expert weight of a tiny checkpoint, perturbed: the same stored tensors and bytes, and
     the same re-encoding error, as surgery.io.requantize."""
     path = build(tmp_path / "model")
@@ -79,7 +90,7 @@ def test_checkpoint_weights_encode_as_numpy_does(tmp_path: Path, build) -> None:
         for name in names:
             value = dequantize(ckpt, name) * np.float32(1.01) + rng.standard_normal(1).astype(np.float32) * 1e-4
             want, want_error = requantize(ckpt, name, value, scheme)
-            got, error = quant_encode.requantize_on_device(ckpt, name, torch.from_numpy(value), scheme)
+            got, error = quant_encode.requantize_on_device(ckpt, name, _on(value, device), scheme)
             fields = [[(e.name, e.dtype, e.shape, e.data) for e in encoded] for encoded in (got, want)]
             assert fields[0] == fields[1]
             assert error == pytest.approx(want_error, rel=1e-6, abs=1e-9)

@@ -54,16 +54,20 @@ def quantize_nvfp4(w: torch.Tensor, group: int = 16) -> tuple[torch.Tensor, torc
     w = w.float()
     v = w.reshape(*w.shape[:-1], w.shape[-1] // group, group)
     amax = w.abs().amax(dim=(-2, -1))
-    top = torch.tensor(FP8_MAX["F8_E4M3"] * FP4_MAX, dtype=torch.float32)
-    global_scale = torch.where(amax > 0, top / torch.where(amax > 0, amax, 1.0), 1.0)
+    global_scale = torch.where(amax > 0, _const(FP8_MAX["F8_E4M3"] * FP4_MAX, w) / torch.where(amax > 0, amax, 1.0), 1.0)
     gs = global_scale[..., None, None]
-    scale = torch.minimum(v.abs().amax(dim=-1) / torch.tensor(FP4_MAX, dtype=torch.float32) * gs,
-                          torch.tensor(FP8_MAX["F8_E4M3"], dtype=torch.float32))
+    scale = torch.minimum(v.abs().amax(dim=-1) / _const(FP4_MAX, w) * gs, _const(FP8_MAX["F8_E4M3"], w))
     scale_codes = scale.to(torch.float8_e4m3fn)
     eff = (scale_codes.float() / gs)[..., None]
     scaled = torch.where(eff > 0, v / torch.where(eff > 0, eff, 1.0), 0.0)
     codes = e2m1_codes(scaled).reshape(w.shape)
     return codes[..., 0::2] | (codes[..., 1::2] << 4), scale_codes.view(torch.uint8), global_scale
+
+
+def _const(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A float32 constant on `like`'s device. Not a CPU scalar: CUDA divides by a CPU scalar as a multiplication
+    by its reciprocal, which is not numpy's correctly rounded quotient (F32 scales differed in the last bit)."""
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
 
 
 def _power_of_two(exp: torch.Tensor) -> torch.Tensor:
@@ -94,7 +98,7 @@ def quantize_fp8(w: torch.Tensor, layout: str, block: tuple[int, int] | None, fm
         amax = w.abs().amax(dim=-1, keepdim=True)
     else:
         amax = w.abs().amax(dim=(-2, -1), keepdim=True)
-    scale = torch.where(amax > 0, amax / torch.tensor(top, dtype=torch.float32), torch.ones_like(amax))
+    scale = torch.where(amax > 0, amax / _const(top, w), torch.ones_like(amax))
     scale, stored = _round_scale(scale, scale_dtype)
     full = scale
     if layout == "block":
