@@ -233,11 +233,8 @@ def _walk(result: LocalResult, prefetcher: LayerPrefetcher, t_layers, s_layers, 
             if inputs == "teacher":
                 x, y = torch.cat(teacher_io.x), torch.cat(teacher_io.y)
             else:
-                # what the block must add to the student's mid-layer residual to reach the teacher's output
-                shapes = [s_store.get(b).shape for b in range(len(calls[i]))]
-                mids = [s_store.get(b).reshape(f.shape) - f for b, f in enumerate(student_io.y)]
-                x = torch.cat(student_io.x)
-                y = torch.cat([t_store.get(b).reshape(m.shape) - m for b, m in enumerate(mids)])
+                x, y, mids, shapes = _sequential_pairs(student_io, s_store, t_store)
+                student_x = x.split([m.shape[0] for m in mids])
                 if inputs == "both":  # the teacher's own pairs as extra training data; held-out stays the student's
                     n_fit = x.shape[0] - held_tokens
                     x = torch.cat([x[:n_fit], torch.cat(teacher_io.x)[:n_fit], x[n_fit:]])
@@ -253,7 +250,7 @@ def _walk(result: LocalResult, prefetcher: LayerPrefetcher, t_layers, s_layers, 
             del trained
             if inputs != "teacher":  # the student's next layer sees the healed block's output
                 with torch.no_grad():
-                    for b, (xb, m) in enumerate(zip(student_io.x, mids)):
+                    for b, (xb, m) in enumerate(zip(student_x, mids)):
                         s_store.put(b, (m + block_output(block, xb).to(m.dtype)).reshape(shapes[b]))
             done = result.layers[i]
             bar.set_postfix(layer=i, error=f"{done['held_out_error_before']:.3f}->{done['held_out_error_after']:.3f}"
@@ -261,6 +258,25 @@ def _walk(result: LocalResult, prefetcher: LayerPrefetcher, t_layers, s_layers, 
         s_layer.to("meta")
         bar.update(1)
     bar.close()
+
+
+def _sequential_pairs(student_io: _Captured, s_store: HiddenStore, t_store: HiddenStore
+                      ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Size]]:
+    """(x, y, mids, shapes) for inputs="student": x the student block's inputs, y what the block must add to
+    the student's mid-layer residual (`mids`, per batch) to reach the teacher's layer output; `shapes` the
+    stored hidden states' shapes. The captured lists are emptied as they are used and y is filled in place,
+    so at most one extra copy of the cached tokens exists at a time (this cache is most of the refit's memory)."""
+    shapes = [s_store.get(b).shape for b in range(len(student_io.y))]
+    mids = [s_store.get(b).reshape(f.shape) - f for b, f in enumerate(student_io.y)]
+    student_io.y.clear()
+    x = torch.cat(student_io.x)
+    student_io.x.clear()
+    y = torch.empty_like(x)
+    start = 0
+    for b, m in enumerate(mids):
+        torch.sub(t_store.get(b).reshape(m.shape), m, out=y[start:start + m.shape[0]])
+        start += m.shape[0]
+    return x, y, mids, shapes
 
 
 def _fit(block: torch.nn.Module, name: str, router_module: str, sparsified: bool, x: torch.Tensor, y: torch.Tensor,
