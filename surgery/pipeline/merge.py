@@ -23,10 +23,10 @@ REFIT_SEQ_LEN = 512
 @dataclass(frozen=True)
 class MergeOptions:
     """`merge`: None (drop), hc-smoe, mc-smoe or lsq (surgery.rewrite.merge). `refit`: run heal's layer-local
-    stage on `text` (`refit_tokens` tokens in sequences of `seq_len`, `refit_steps` steps per layer) before writing; None (not said) means
-    on when `text` is given, because the refit won on every measured model and ratio (bench/RESULTS.md, issue
-    23). `text` also makes `--criterion auto` rank candidate plans by their held-out loss on it
-    (surgery.pipeline.auto_loss)."""
+    stage on `text` (`refit_tokens` tokens in sequences of `seq_len`, `refit_steps` steps per layer) before
+    writing; None (not said) means on when `text` is given, because the refit won on every measured model and
+    ratio (bench/RESULTS.md, issue 23). `text` also makes `--criterion auto` rank candidate plans by their
+    held-out loss on it (surgery.pipeline.auto_loss)."""
 
     merge: str | None = None
     refit: bool | None = None
