@@ -130,3 +130,28 @@ def test_a_failed_write_leaves_no_output_and_no_spill(pair, tmp_path: Path, monk
     with pytest.raises(OSError, match="disk full"):
         heal(student, teacher, [str(data)], tmp_path / "out", HealOptions(local_steps=2, kd_steps=0, **FAST))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_local_stage_drops_its_per_batch_captures_and_trims_the_heap(pair, tmp_path: Path, monkeypatch) -> None:
+    """Building the sequential pairs empties the captured per-batch lists (no second copy of the cached tokens
+    stays alive), and freed memory is handed back to the system around them (glibc keeps it otherwise)."""
+    import sys
+
+    from surgery.model import heap
+
+    teacher, student, data = pair
+    trims, emptied = [], []
+    build = local_module._sequential_pairs
+
+    def spy(student_io, s_store, t_store):
+        out = build(student_io, s_store, t_store)
+        emptied.append(not student_io.x and not student_io.y)
+        return out
+
+    monkeypatch.setattr(local_module, "_sequential_pairs", spy)
+    monkeypatch.setattr(local_module, "release_free_memory", lambda: trims.append(1))
+    record = heal(student, teacher, [str(data)], tmp_path / "out", HealOptions(local_steps=2, kd_steps=0, **FAST))
+    fitted = len(record["stages"][0]["layers"])
+    assert emptied == [True] * fitted and fitted == 2
+    assert len(trims) >= 2 * fitted
+    assert (heap._TRIM is not None) == sys.platform.startswith("linux")

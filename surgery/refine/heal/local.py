@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from surgery.model.blocks import find_blocks
+from surgery.model.heap import release_free_memory
 from surgery.model.novices import attach_checkpoint_novices
 from surgery.model.streaming import HiddenStore, LayerPrefetcher, decoder_layers, load_frame, record_calls
 from surgery.refine.heal.pairing import Pairing
@@ -137,6 +138,7 @@ class _Captured:
 
 def _run_layer(layer: torch.nn.Module, block: torch.nn.Module | None, store: HiddenStore, calls: list[dict]) -> _Captured:
     """Every batch through `layer` (outputs replace the stored hidden states); captures `block`'s I/O."""
+    release_free_memory()  # the previous layer's freed caches go back to the system before this layer's grow
     captured = _Captured()
     handle = block.register_forward_hook(captured) if block is not None else None
     with torch.no_grad():
@@ -269,6 +271,7 @@ def _sequential_pairs(student_io: _Captured, s_store: HiddenStore, t_store: Hidd
     shapes = [s_store.get(b).shape for b in range(len(student_io.y))]
     mids = [s_store.get(b).reshape(f.shape) - f for b, f in enumerate(student_io.y)]
     student_io.y.clear()
+    release_free_memory()
     x = torch.cat(student_io.x)
     student_io.x.clear()
     y = torch.empty_like(x)
@@ -276,6 +279,7 @@ def _sequential_pairs(student_io: _Captured, s_store: HiddenStore, t_store: Hidd
     for b, m in enumerate(mids):
         torch.sub(t_store.get(b).reshape(m.shape), m, out=y[start:start + m.shape[0]])
         start += m.shape[0]
+    release_free_memory()
     return x, y, mids, shapes
 
 
