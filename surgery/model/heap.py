@@ -2,7 +2,8 @@
 
 glibc keeps the pages of freed mid-sized tensors (the per-batch hidden states of a streamed layer, a few MiB
 each) for reuse, so a process that frees one layer's caches and builds the next one's holds both: about 1 GiB
-of the fixture refit's 3.5 GiB peak. `malloc_trim(0)` returns them; elsewhere (macOS, musl) it is a no-op.
+of the fixture refit's 3.5 GiB peak, 0.1 GiB of `collect --stream-layers`' 1 GiB. `malloc_trim(0)` returns
+them; elsewhere (macOS, musl) it is a no-op.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from surgery.architectures import MoELayout
 from surgery.errors import UserError
 from surgery.io import Checkpoint
+from surgery.model.heap import release_free_memory
 from surgery.model.novices import attach_checkpoint_novices
 from surgery.model.reader import WeightReader
 from surgery.model.weights import StreamingError, disk_name, plain_config, plan_module
@@ -240,6 +241,7 @@ def stream_forward(model_dir: str, config, layout: MoELayout, batches: list[torc
             calls[i] = []
             if after_layer:
                 after_layer(i)
+            release_free_memory()  # the layer's replaced hidden states and temporaries, before the next layer's
     finally:
         if prefetcher is not None:
             prefetcher.close()
